@@ -1,0 +1,35 @@
+"""efftheory: wide neural networks from first principles, checked against sampled networks.
+
+Theory runs in float64: importing efftheory turns on JAX's 64-bit mode (``jax_enable_x64``).
+The empirical module chooses its dtype explicitly (float32 or float64) per call.
+"""
+
+import jax as _jax
+
+_jax.config.update("jax_enable_x64", True)
+
+from .activations import Activation, get_activation  # noqa: E402
+from .network import MLP  # noqa: E402
+from .theory.infinite import InfiniteWidth, infinite_width  # noqa: E402
+from .theory.criticality import (  # noqa: E402
+    Criticality,
+    chi_parallel,
+    chi_perp,
+    critical_init,
+    fixed_point,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Activation",
+    "MLP",
+    "InfiniteWidth",
+    "infinite_width",
+    "Criticality",
+    "critical_init",
+    "chi_parallel",
+    "chi_perp",
+    "fixed_point",
+    "get_activation",
+]

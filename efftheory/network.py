@@ -1,0 +1,139 @@
+r"""The MLP specification shared by the theory and the empirical module (THEORY.md, "The network").
+
+    z^(1)_{i;a}   = b^(1)_i   + sum_j W^(1)_{ij} x_{j;a}
+    z^(l+1)_{i;a} = b^(l+1)_i + sum_j W^(l+1)_{ij} sigma(z^(l)_{j;a})
+    b^(l) ~ N(0, C_b^(l)),  W^(l)_{ij} ~ N(0, C_W^(l) / n_{l-1})
+
+Gradient descent moves biases with lambda_b^(l) and weights with lambda_W^(l) / n_{l-1}; by
+default lambda = C, under which the NTK equals neural-tangents' "ntk" parameterization.
+
+Layer l = 1..L is stored at index l-1 of every per-layer tuple.  ``width`` gives the hidden widths
+n_1..n_{L-1}; the output width n_L is ``output_width`` (1 by default).  The input width n_0 is a
+property of the data, not of the network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from . import _validate
+from .activations import Activation, get_activation
+
+__all__ = ["MLP"]
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class MLP:
+    """A deep MLP in the PDLT parameterization.
+
+    Args:
+      depth: number of layers L (preactivations z^(1)..z^(L)), >= 1.
+      width: hidden width n (int) for every hidden layer, or a sequence of L-1 hidden widths.
+      activation: a registry name (see :func:`efftheory.activations.registered`), an
+        :class:`~efftheory.activations.Activation`, or any JAX-traceable callable.
+      C_W, C_b: weight and bias variances, scalars or sequences of L per-layer values.
+        C_W > 0, C_b >= 0.
+      lambda_W, lambda_b: learning-rate tensor; default to C_W and C_b.
+      output_width: n_L, 1 by default.
+
+    Attributes (normalised): ``hidden_widths`` (L-1 ints), ``C_Ws``, ``C_bs``, ``lambda_Ws``,
+    ``lambda_bs`` (L floats each), ``sigma`` (the resolved Activation).
+    """
+
+    depth: int
+    hidden_widths: tuple[int, ...]
+    sigma: Activation
+    C_Ws: tuple[float, ...]
+    C_bs: tuple[float, ...]
+    lambda_Ws: tuple[float, ...]
+    lambda_bs: tuple[float, ...]
+    output_width: int
+
+    def __init__(
+        self,
+        depth: int,
+        width: int | Sequence[int] = 1,
+        activation: str | Activation | Callable = "relu",
+        C_W: float | Sequence[float] = 1.0,
+        C_b: float | Sequence[float] = 0.0,
+        lambda_W: float | Sequence[float] | None = None,
+        lambda_b: float | Sequence[float] | None = None,
+        output_width: int = 1,
+    ):
+        L = _validate.positive_int("depth", depth)
+        if isinstance(width, (Sequence, np.ndarray)) and not isinstance(width, str):
+            ws = list(width)
+            if len(ws) != L - 1:
+                raise ValueError(
+                    f"width: expected an int or a sequence of depth-1 = {L - 1} hidden widths, got {len(ws)}"
+                )
+            widths = tuple(_validate.positive_int(f"width[{i}]", w) for i, w in enumerate(ws))
+        else:
+            widths = (_validate.positive_int("width", width),) * (L - 1)
+        C_Ws = _validate.per_layer("C_W", C_W, L, positive=True)
+        C_bs = _validate.per_layer("C_b", C_b, L, nonnegative=True)
+        lW = C_Ws if lambda_W is None else _validate.per_layer("lambda_W", lambda_W, L, nonnegative=True)
+        lb = C_bs if lambda_b is None else _validate.per_layer("lambda_b", lambda_b, L, nonnegative=True)
+        set_ = object.__setattr__
+        set_(self, "depth", L)
+        set_(self, "hidden_widths", widths)
+        set_(self, "sigma", get_activation(activation, "activation"))
+        set_(self, "C_Ws", C_Ws)
+        set_(self, "C_bs", C_bs)
+        set_(self, "lambda_Ws", lW)
+        set_(self, "lambda_bs", lb)
+        set_(self, "output_width", _validate.positive_int("output_width", output_width))
+
+    # ------------------------------------------------------------------ derived views
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """(n_1, ..., n_L): hidden widths followed by the output width."""
+        return self.hidden_widths + (self.output_width,)
+
+    @property
+    def activation(self) -> Activation:
+        return self.sigma
+
+    def layer_widths(self, input_dim: int) -> tuple[int, ...]:
+        """(n_0, n_1, ..., n_L) for inputs of dimension ``input_dim``."""
+        return (_validate.positive_int("input_dim", input_dim),) + self.widths
+
+    def width_ratios(self) -> tuple[float, ...]:
+        """r_l = n_l / n_{l-1} for l = 1..L-1 (index 0 is r_1 = n_1/n_1 = 1 by convention, unused).
+
+        Entry l-1 multiplies the recursion step from layer l to l+1 (THEORY.md: r_l = n_l/n_{l-1});
+        for l = 1 the ratio involves n_0 and never enters because V^(1) = G1^(1) = 0.
+        """
+        ws = self.hidden_widths
+        return (1.0,) + tuple(ws[i] / ws[i - 1] for i in range(1, len(ws)))
+
+    def with_width(self, width: int | Sequence[int]) -> "MLP":
+        """The same network at another hidden width."""
+        return MLP(self.depth, width, self.sigma, self.C_Ws, self.C_bs, self.lambda_Ws, self.lambda_bs,
+                   self.output_width)
+
+    def replace(self, **changes) -> "MLP":
+        """A copy with constructor arguments changed (depth, width, activation, C_W, ...)."""
+        args = dict(depth=self.depth, width=self.hidden_widths if self.depth > 1 else 1,
+                    activation=self.sigma, C_W=self.C_Ws, C_b=self.C_bs, lambda_W=self.lambda_Ws,
+                    lambda_b=self.lambda_bs, output_width=self.output_width)
+        if "depth" in changes and "width" not in changes:
+            args["width"] = self.hidden_widths[0] if self.hidden_widths else 1
+        for k in ("C_W", "C_b", "lambda_W", "lambda_b"):
+            if "depth" in changes and k not in changes:
+                vals = args[k]
+                if len(set(vals)) == 1:
+                    args[k] = vals[0]
+        args.update(changes)
+        return MLP(**args)
+
+    def __repr__(self) -> str:
+        def short(t):
+            return t[0] if len(set(t)) == 1 else t
+        w = short(self.hidden_widths) if self.hidden_widths else "-"
+        return (f"MLP(depth={self.depth}, width={w}, activation={self.sigma.name!r}, "
+                f"C_W={short(self.C_Ws)}, C_b={short(self.C_bs)}, lambda_W={short(self.lambda_Ws)}, "
+                f"lambda_b={short(self.lambda_bs)}, output_width={self.output_width})")
