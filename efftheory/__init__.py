@@ -11,6 +11,7 @@ _jax.config.update("jax_enable_x64", True)
 from .activations import Activation, get_activation  # noqa: E402
 from .network import MLP  # noqa: E402
 from .theory.infinite import InfiniteWidth, infinite_width  # noqa: E402
+from .theory.finite import FiniteWidth, Prediction, finite_width  # noqa: E402
 from .theory.criticality import (  # noqa: E402
     Criticality,
     chi_parallel,
@@ -25,6 +26,9 @@ __all__ = [
     "Activation",
     "MLP",
     "InfiniteWidth",
+    "FiniteWidth",
+    "Prediction",
+    "finite_width",
     "infinite_width",
     "Criticality",
     "critical_init",

@@ -23,6 +23,7 @@ All closed forms stay finite at rho = +-1 and at s = 0 (a zero input with C_b = 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable
 
@@ -65,6 +66,27 @@ class Activation:
     @property
     def has_closed_form(self) -> bool:
         return self.nngp is not None and self.dnngp is not None
+
+    @property
+    def homogeneous(self) -> bool:
+        """True when sigma(lam z) = lam sigma(z) for lam > 0 (relu, leaky_relu, abs, linear).
+
+        Checked numerically once per activation; such activations are integrated exactly in
+        polar coordinates (see :func:`efftheory.gaussian.hermite_moments2`).
+        """
+        return _is_homogeneous(self.fn)
+
+
+@functools.lru_cache(maxsize=256)
+def _is_homogeneous(fn) -> bool:
+    import numpy as np
+
+    z = jnp.asarray(np.random.default_rng(0).normal(size=64) * 3)
+    try:
+        base = fn(z)
+        return all(bool(jnp.allclose(fn(lam * z), lam * base, rtol=1e-12, atol=1e-12)) for lam in (0.37, 2.9))
+    except Exception:  # noqa: BLE001 - a callable that cannot take arrays is simply not homogeneous
+        return False
 
 
 def _angle(k11, k22, k12):

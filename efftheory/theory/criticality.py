@@ -147,12 +147,6 @@ class Criticality:
         return chi_perp(self.activation, K, self.C_W)
 
 
-def _scale_invariant(fn) -> bool:
-    z = jnp.asarray(np.random.default_rng(0).normal(size=64) * 3)
-    base = fn(z)
-    return all(bool(jnp.allclose(fn(lam * z), lam * base, rtol=1e-12, atol=1e-12)) for lam in (0.37, 2.9))
-
-
 def critical_init(activation) -> Criticality:
     """(C_b, C_W) at criticality for any activation, with its universality class (PDLT ch. 5).
 
@@ -161,7 +155,7 @@ def critical_init(activation) -> Criticality:
     act = get_activation(activation)
     name = activation if isinstance(activation, str) else act
     s, ds = act.fn, derivative(act.fn)
-    if _scale_invariant(s):
+    if act.homogeneous:
         C_W = 1.0 / float(chi_perp(act, 1.0, 1.0))
         return Criticality(0.0, C_W, None, name, "scale-invariant")
     z0 = jnp.zeros(())

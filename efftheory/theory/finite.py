@@ -1,0 +1,289 @@
+r"""First order in 1/n at initialization (PDLT ch. 4, 5, 8): G1, V, H1, A, B, D, F for N inputs.
+
+Definitions (THEORY.md; every statistic of layer l carries 1/n_{l-1}):
+
+    E[z_{i1;a1} z_{i2;a2}]             = d_{i1i2} (K + G1/n)_{a1a2}
+    E[z z z z]_connected               = (1/n)[d d V_{(a1a2)(a3a4)} + 2 pairings]
+    E[H_{i1i2;a1a2}]                   = d_{i1i2} (Theta + H1/n)_{a1a2}
+    E[dH_{i1i2;a1a2} dH_{i3i4;a3a4}]   = (1/n)[d_{i1i2}d_{i3i4} A_{(a1a2)(a3a4)}
+                                               + d_{i1i3}d_{i2i4} B_{(a1a3)(a2a4)} + d_{i1i4}d_{i2i3} B_{(a1a4)(a2a3)}]
+    E[dH_{i1i2;a1a2} z_{i3;a3} z_{i4;a4}]_conn = (1/n)[d_{i1i2}d_{i3i4} D_{a1a2a3a4}
+                                               + d_{i1i3}d_{i2i4} F_{a1a3a2a4} + d_{i1i4}d_{i2i3} F_{a1a4a2a3}]
+
+Storage: V[l, a1, a2, a3, a4] = V_{(a1a2)(a3a4)}, A likewise, B[l, a, b, c, d] = B_{(ab)(cd)},
+D[l, a1, a2, a3, a4] = D_{a1a2a3a4} (NTK inputs a1 a2, preactivation inputs a3 a4) and
+F[l, a, b, c, d] = F_{abcd} (NTK inputs a, c; preactivation inputs b, d).  Index 0 is layer 1,
+where all corrections vanish.
+
+Operators, evaluated at K = K^(l) for every pair p = (a1, a2) (THEORY.md):
+
+    R_{p,(g1g2)}  = (C_W/2) <d_g1 d_g2 (sigma_a1 sigma_a2)>        R' : the same with sigma'
+    T_{p,(g1..g4)} =         <d^4 (sigma_a1 sigma_a2)>                T' : the same with sigma'
+    P_{(a b), g}   =         <d_g (sigma'_a sigma_b)>
+    Z_{ab} = C_W <sigma'_a sigma'_b>,   Q = (lambda_W / C_W) R + Theta (.) R'   (rows scaled by Theta_p)
+
+all from Hermite moments in whitened coordinates (:mod:`efftheory.hermite`).  With r = n_l/n_{l-1},
+the recursions from layer l to l+1 (hyperparameters of layer l+1) are
+
+    V'  = C_W^2 cov[ss, ss] + r R V R^T                                               (THEORY.md)
+    G1' = r [R G1 + (C_W/8) T.V]                                                      (THEORY.md)
+    B'_{(ab)(cd)} = C_W^2 Theta_ac Theta_bd <s'_a s'_b s'_c s'_d> + r Z_ab Z_cd B_{(ab)(cd)}
+    F'_{a b c d}  = C_W^2 Theta_ac <s'_a s'_c s_b s_d>
+                    + r C_W^2 sum_{g h} P_{(ab),g} P_{(cd),h} F_{a g c h}
+    D'  = lambda_W C_W cov[ss, ss] + C_W^2 Theta_12 cov[s's', ss] + r [Q V R^T + (Z.D) R^T]
+    A'  = cov[f, f] + r [Q V Q^T + (Z.D) Q^T + Q (Z.D)^T + Z_12 Z_34 A]
+          with f_12 = lambda_W s_1 s_2 + C_W Theta_12 s'_1 s'_2
+    H1' = r [(lambda_W/C_W)(R G1 + (C_W/8) T.V) + Theta (.) (R' G1 + (C_W/8) T'.V) + Z (.) H1
+             + R'.(D + F + F^T)]      with (R'.M)_{12} = sum_g R'_{12,g} (D_{12 g} + F_{1 g1 2 g2} + F_{1 g2 2 g1})
+
+Derivation (docs/finite_width.md has it in full): condition layer l+1 on layer l and average
+W^(l+1) ~ N(0, C_W/n_l) by Wick's theorem; the same-neuron terms give the sources (4-d Gaussian
+integrals at K), the cross-neuron terms couple to layer l's V, A, B, D, F through the cumulant
+expansion E[X g(z)] = (1/2) sum kappa(X, z_g1, z_g2) <d_g1 d_g2 g> (sigma never differentiated
+twice: IBP), and the single-neuron marginal's 1/n shift E[f(z)] = <f> + (1/n)[G1.<dd f>/2 + V.<d^4 f>/8]
+gives G1 and H1.  (cov[f, g] is the single-neuron covariance <f g> - <f><g> over K.)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._pytree import result
+from ..gaussian import derivative, rule_size
+from ..hermite import hermite_moments2, product_moments, whiten2
+from ..network import MLP
+from .infinite import check_net, infinite_width
+
+__all__ = ["FiniteWidth", "Prediction", "finite_width", "layer_step"]
+
+
+@result
+class Prediction:
+    """Statistics predicted at a finite width, to first order in 1/n.
+
+    Attributes (index 0 = layer 1; ``n`` holds n_{l-1} for each layer l, inf for l = 1):
+      metric: (L, N, N) E[z_a z_b] = K + G1/n.
+      four_point: (L, N, N, N, N) connected E[z_i z_i z_j z_j] for i != j: V/n.
+      ntk_mean: (L, N, N) E[H_ii] = Theta + H1/n.
+      ntk_cov: (L, N, N, N, N) Cov(H_ii;a1a2, H_ii;a3a4) = (A_(12)(34) + B_(13)(24) + B_(14)(23))/n.
+      ntk_cross_cov: (L, N, N, N, N) Cov(H_ii;a1a2, H_jj;a3a4), i != j: A/n.
+      n: (L,) the widths n_{l-1} used.
+    """
+
+    metric: jax.Array
+    four_point: jax.Array
+    ntk_mean: jax.Array
+    ntk_cov: jax.Array
+    ntk_cross_cov: jax.Array
+    n: jax.Array
+
+
+@result(meta=("net",))
+class FiniteWidth:
+    """First-order finite-width statistics of every layer (see module docstring for shapes)."""
+
+    K: jax.Array
+    Theta: jax.Array
+    G1: jax.Array
+    V: jax.Array
+    H1: jax.Array
+    A: jax.Array
+    B: jax.Array
+    D: jax.Array
+    F: jax.Array
+    net: MLP
+
+    def at_width(self, n=None) -> Prediction:
+        """Predictions at the network's own widths (n=None) or with hidden widths rescaled so
+        that n_1 = n (uniform networks: every hidden layer has width n)."""
+        ws = np.asarray(self.net.hidden_widths, dtype=np.float64)
+        if n is not None:
+            from .. import _validate
+
+            n = _validate.real("n", n, positive=True)
+            ws = ws * (n / ws[0]) if ws.size else ws
+        nprev = np.concatenate([[np.inf], ws])[: self.K.shape[0]]
+        inv = jnp.asarray(1.0 / nprev)
+        i2, i4 = inv[:, None, None], inv[:, None, None, None, None]
+        B = self.B
+        ntk_cov = self.A + B.transpose(0, 1, 3, 2, 4) + B.transpose(0, 1, 3, 4, 2)
+        return Prediction(
+            metric=self.K + self.G1 * i2,
+            four_point=self.V * i4,
+            ntk_mean=self.Theta + self.H1 * i2,
+            ntk_cov=ntk_cov * i4,
+            ntk_cross_cov=self.A * i4,
+            n=jnp.asarray(nprev),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# pair operators
+
+
+def _pair_index(N):
+    a1, a2 = np.meshgrid(np.arange(N), np.arange(N), indexing="ij")
+    return np.stack([a1, a2], -1)  # (N, N, 2): the inputs (a1, a2) of pair p
+
+
+def _hermite_pairs(act, K, g1, g2, degree, order):
+    N = K.shape[0]
+    d = jnp.diagonal(K)
+    L, Lp = whiten2(d[:, None] + 0 * K, d[None, :] + 0 * K, K, rtol=1e-12 if act.smooth else 1e-9)
+    H = hermite_moments2(g1, g2, L.reshape(-1, 2, 2), degree=degree, order=order).reshape(N, N, 5, 5)
+    return H, Lp
+
+
+def _second(H, Lp):
+    """C[p, a, b] = sum_ij Lp[p,i,a] Lp[p,j,b] <d_wi d_wj F>."""
+    H2 = jnp.stack([jnp.stack([H[..., 2, 0], H[..., 1, 1]], -1), jnp.stack([H[..., 1, 1], H[..., 0, 2]], -1)], -2)
+    return jnp.einsum("...ia,...jb,...ij->...ab", Lp, Lp, H2)
+
+
+def _fourth(H, Lp):
+    counts = np.zeros((2, 2, 2, 2), dtype=np.int64)
+    for idx in np.ndindex(2, 2, 2, 2):
+        counts[idx] = sum(idx)  # number of v's
+    H4 = H[..., 4 - counts, counts]  # (..., 2, 2, 2, 2)
+    return jnp.einsum("...ia,...jb,...kc,...ld,...ijkl->...abcd", Lp, Lp, Lp, Lp, H4)
+
+
+def _first(H, Lp):
+    H1 = jnp.stack([H[..., 1, 0], H[..., 0, 1]], -1)
+    return jnp.einsum("...ia,...i->...a", Lp, H1)
+
+
+def _dense(C2):
+    """Dense (N^2, N^2) operator from per-pair 2x2 coefficients C2 (N, N, 2, 2)."""
+    C2 = np.asarray(C2)
+    N = C2.shape[0]
+    P = _pair_index(N)
+    rows = np.broadcast_to(np.arange(N * N).reshape(N, N, 1, 1), (N, N, 2, 2))
+    ga = P[:, :, :, None]  # (N, N, 2, 1): input of slot a
+    gb = P[:, :, None, :]  # (N, N, 1, 2): input of slot b
+    cols = np.broadcast_to(ga * N + gb, (N, N, 2, 2))
+    M = np.zeros((N * N, N * N))
+    np.add.at(M, (rows.reshape(-1), cols.reshape(-1)), C2.reshape(-1))
+    return M
+
+
+def _contract4(T4, X):
+    """(T.X)_p = sum_abcd T4[p,a,b,c,d] X[g_a, g_b, g_c, g_d] with g = (a1, a2) of pair p."""
+    T4 = np.asarray(T4)
+    N = T4.shape[0]
+    P = _pair_index(N)
+    first, second = (P[..., i][:, :, None, None, None, None] for i in range(2))
+    slot = np.indices((2, 2, 2, 2))[:, None, None]  # which member of the pair each slot takes
+    gath = [np.where(slot[k] == 0, first, second) for k in range(4)]
+    return np.einsum("pqabcd,pqabcd->pq", T4, X[gath[0], gath[1], gath[2], gath[3]])
+
+
+def _pair_gather(X, N):
+    """G[a1, a2, a, b] = X[a1, a2, g_a, g_b] for X (N, N, N, N) and g = (a1, a2)."""
+    P = _pair_index(N)
+    a1 = P[..., 0][:, :, None, None]
+    a2 = P[..., 1][:, :, None, None]
+    ga = P[:, :, :, None]
+    gb = P[:, :, None, :]
+    return X[a1, a2, np.broadcast_to(ga, (N, N, 2, 2)), np.broadcast_to(gb, (N, N, 2, 2))]
+
+
+# ---------------------------------------------------------------------------------------------
+# one layer
+
+
+def layer_step(act, C_W, lam_W, r, K, Theta, G1, V, H1, A, B, D, F):
+    """One step l -> l+1 of every first-order recursion (module docstring); numpy float64 in/out."""
+    N = K.shape[0]
+    Kj = jnp.asarray(K)
+    sig, dsig = act.fn, derivative(act.fn)
+    hom = act.homogeneous
+    order = None if hom else rule_size(act, float(np.max(np.diag(K))))
+    deg = (lambda p: p) if hom else (lambda p: None)
+    Hss, Lp = _hermite_pairs(act, Kj, sig, sig, deg(2), order)
+    Hdd, _ = _hermite_pairs(act, Kj, dsig, dsig, deg(0), order)
+    Hds, _ = _hermite_pairs(act, Kj, dsig, sig, deg(1), order)
+    S, dS = np.asarray(Hss[..., 0, 0]), np.asarray(Hdd[..., 0, 0])
+    Z = C_W * dS
+    R2 = np.asarray(C_W / 2 * _second(Hss, Lp))
+    Rp2 = np.asarray(C_W / 2 * _second(Hdd, Lp))
+    T4 = np.asarray(_fourth(Hss, Lp))
+    Tp4 = np.asarray(_fourth(Hdd, Lp))
+    P1 = np.asarray(_first(Hds, Lp))
+    R, Rp = _dense(R2), _dense(Rp2)
+    th = Theta.reshape(-1)
+    Q = (lam_W / C_W) * R + th[:, None] * Rp
+    n2 = N * N
+
+    # single-neuron four-point moments and covariances
+    Mss = product_moments(act, K, (0, 0, 0, 0))
+    Mds = product_moments(act, K, (1, 1, 0, 0))
+    Mdd = product_moments(act, K, (1, 1, 1, 1))
+    SS = np.einsum("ab,cd->abcd", S, S)
+    cov_ss = Mss - SS
+    cov_ds = Mds - np.einsum("ab,cd->abcd", dS, S)
+    cov_sd = cov_ds.transpose(2, 3, 0, 1)
+    cov_dd = Mdd - np.einsum("ab,cd->abcd", dS, dS)
+    T12 = Theta[:, :, None, None]
+    T34 = Theta[None, None, :, :]
+
+    m = lambda X: X.reshape(n2, n2)  # noqa: E731
+    t = lambda X: X.reshape(N, N, N, N)  # noqa: E731
+    Vm, Dm, Am = m(V), m(D), m(A)
+    zf = Z.reshape(-1)
+
+    V_new = C_W**2 * cov_ss + r * t(R @ Vm @ R.T)
+    TV = _contract4(T4, V)
+    G1_bracket = (R @ G1.reshape(-1)).reshape(N, N) + C_W / 8 * TV
+    G1_new = r * G1_bracket
+    B_new = C_W**2 * Theta[:, None, :, None] * Theta[None, :, None, :] * Mdd \
+        + r * Z[:, :, None, None] * Z[None, None, :, :] * B
+    # F: P-transform of the preactivation slots (b, d) of F_{a b c d}
+    a_ = np.arange(N)[:, None, None, None, None, None]
+    b_ = np.arange(N)[None, :, None, None, None, None]
+    c_ = np.arange(N)[None, None, :, None, None, None]
+    d_ = np.arange(N)[None, None, None, :, None, None]
+    gs = np.arange(2)[None, None, None, None, :, None]
+    hs = np.arange(2)[None, None, None, None, None, :]
+    gi = np.where(gs == 0, a_, b_)
+    hi = np.where(hs == 0, c_, d_)
+    coef = P1[a_, b_, gs] * P1[c_, d_, hs]
+    F_new = C_W**2 * Theta[:, None, :, None] * Mds.transpose(0, 2, 1, 3) \
+        + r * C_W**2 * np.sum(coef * F[a_, gi, c_, hi], axis=(-2, -1))
+    D_new = lam_W * C_W * cov_ss + C_W**2 * T12 * cov_ds + r * t(Q @ Vm @ R.T + zf[:, None] * Dm @ R.T)
+    A_src = lam_W**2 * cov_ss + lam_W * C_W * (T34 * cov_sd + T12 * cov_ds) + C_W**2 * T12 * T34 * cov_dd
+    ZD = zf[:, None] * Dm
+    A_new = A_src + r * t(Q @ Vm @ Q.T + ZD @ Q.T + Q @ ZD.T + zf[:, None] * Am * zf[None, :])
+    # H1
+    TpV = _contract4(Tp4, V)
+    Mx = D + F.transpose(0, 2, 1, 3) + F.transpose(0, 2, 3, 1)  # Mx[a1,a2,g1,g2] = D + F_{1 g1 2 g2} + F_{1 g2 2 g1}
+    RpM = np.einsum("pqab,pqab->pq", Rp2, _pair_gather(Mx, N))
+    H1_new = r * ((lam_W / C_W) * G1_bracket
+                  + Theta * ((Rp @ G1.reshape(-1)).reshape(N, N) + C_W / 8 * TpV)
+                  + Z * H1 + RpM)
+    return G1_new, V_new, H1_new, A_new, B_new, D_new, F_new
+
+
+def finite_width(net: MLP, x) -> FiniteWidth:
+    """First-order finite-width statistics of every layer of ``net`` on inputs x (N, n_0).
+
+    Returns a :class:`FiniteWidth` with K, Theta, G1, H1 (L, N, N) and V, A, B, D, F
+    (L, N, N, N, N), float64.  Width ratios r_l = n_l/n_{l-1} come from ``net``'s hidden widths;
+    use :meth:`FiniteWidth.at_width` for predictions at a width.
+    """
+    net = check_net(net)
+    inf = infinite_width(net, x)
+    Ks, Ts = np.asarray(inf.K), np.asarray(inf.Theta)
+    L, N = Ks.shape[0], Ks.shape[1]
+    z2, z4 = np.zeros((N, N)), np.zeros((N,) * 4)
+    state = (z2, z4, z2, z4, z4, z4, z4)
+    out = [state]
+    ratios = net.width_ratios()
+    for l in range(1, L):
+        state = layer_step(net.sigma, net.C_Ws[l], net.lambda_Ws[l], ratios[l - 1], Ks[l - 1], Ts[l - 1], *state)
+        out.append(state)
+    stack = [jnp.asarray(np.stack([s[i] for s in out])) for i in range(7)]
+    G1, V, H1, A, B, D, F = stack
+    return FiniteWidth(K=inf.K, Theta=inf.Theta, G1=G1, V=V, H1=H1, A=A, B=B, D=D, F=F, net=net)
