@@ -1,0 +1,63 @@
+"""Sampled finite networks, measured the way THEORY.md's predictions are stated.
+
+* :mod:`.networks`   init_params, apply, apply_all, learning_rates (one finite MLP)
+* :mod:`.ntk`        ntk, ntk_full (exact NTK from the layer structure), ntk_autodiff (any apply_fn)
+* :mod:`.moments`    per-network sufficient statistics (averages over one network's neurons)
+* :mod:`.ensemble`   sample, sample_ensemble: M networks per width, chunked, reproducible, resumable
+* :mod:`.statistics` estimators with standard errors over networks: metric, four_point, ntk_mean, ...
+* :mod:`.sweep`      width_sweep_fit, agrees: the a + c1/n + c2/n^2 protocol
+"""
+
+from .cache import CacheMismatchError
+from .ensemble import Ensemble, Sweep, default_chunk, sample, sample_ensemble
+from .moments import STATISTICS
+from .networks import apply, apply_all, init_params, learning_rates
+from .ntk import ntk, ntk_autodiff, ntk_full
+from .statistics import (
+    Estimate,
+    NTKPreactivation,
+    NTKVariance,
+    fourth_moment_ratio,
+    four_point,
+    four_point_same_neuron,
+    jackknife,
+    mean_and_stderr,
+    metric,
+    ntk_mean,
+    ntk_preactivation,
+    ntk_variance,
+)
+from .sweep import WidthFit, agrees, residual_scaling, width_sweep_fit
+
+__all__ = [
+    "CacheMismatchError",
+    "Ensemble",
+    "Estimate",
+    "NTKPreactivation",
+    "NTKVariance",
+    "STATISTICS",
+    "Sweep",
+    "WidthFit",
+    "agrees",
+    "apply",
+    "apply_all",
+    "default_chunk",
+    "fourth_moment_ratio",
+    "four_point",
+    "four_point_same_neuron",
+    "init_params",
+    "jackknife",
+    "learning_rates",
+    "mean_and_stderr",
+    "metric",
+    "ntk",
+    "ntk_autodiff",
+    "ntk_full",
+    "ntk_mean",
+    "ntk_preactivation",
+    "ntk_variance",
+    "residual_scaling",
+    "sample",
+    "sample_ensemble",
+    "width_sweep_fit",
+]

@@ -1,0 +1,302 @@
+r"""Ensembles of finite networks: per-network statistics of M networks at one width or over a width sweep.
+
+Network m (m = 0..M-1) of a run with seed s is drawn from the key ``fold_in(PRNGKey(s), m)``; in a
+width sweep the networks at hidden width n use ``fold_in(fold_in(PRNGKey(s), n), m)`` so that
+different widths are independent samples (the weighted fit of :mod:`.sweep` assumes it).  A chunk of
+networks is drawn at once (``jax.vmap`` over keys, one jitted function per shape), chunks run in a
+Python loop so that memory stays bounded, and the last chunk is padded with extra networks that are
+dropped, so the results do not depend on the chunk size.
+
+Two ways to draw a network (``method``):
+
+* ``"weights"`` (default): W, b from :func:`.networks.init_params`, forward pass, and for NTK
+  statistics the exact NTK of :mod:`.ntk`.
+* ``"conditional"``: preactivations at the N inputs from their exact layer-by-layer conditional law
+  (:func:`.networks.conditional_forward`), O(N n) per layer instead of O(n^2).  Equal in law to
+  "weights" (but other draws); forward statistics only ("metric", "four_point").
+
+Per-network arrays are those of :mod:`.moments`; estimators with standard errors over networks are in
+:mod:`.statistics`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from .. import _validate
+from .._pytree import result
+from ..network import MLP
+from . import cache as _cache
+from . import moments
+from .networks import _init, check_dtype, check_net, check_x, conditional_forward, forward
+from .ntk import backward_vectors, ntk_from_layers
+
+__all__ = ["Ensemble", "Sweep", "sample", "sample_ensemble", "default_chunk"]
+
+_METHODS = ("weights", "conditional")
+_CHUNK_BUDGET_BYTES = 128 * 2**20
+_MAX_CHUNK = 1024
+
+
+@result(meta=("net", "seed", "fold", "statistics", "method", "dtype"))
+class Ensemble:
+    """Per-network statistics of M sampled networks of one architecture.
+
+    Attributes:
+      stats: dict name -> array (M, ...): the per-network arrays of :mod:`.moments`
+        (e.g. ``zz`` (M, L, N, N), ``zz_zz`` (M, L, N, N, N, N), ``H`` (M, N, N)).
+      x: the inputs (N, n_0), float64.
+      net: the MLP (its hidden widths are the sampled ones).
+      seed, fold: network m used the key fold_in(...fold_in(PRNGKey(seed), *fold)..., m).
+      statistics: the statistic groups collected; method: "weights" or "conditional";
+      dtype: "float32" or "float64", the arithmetic of the sampled networks.
+    """
+
+    stats: dict
+    x: np.ndarray
+    net: MLP
+    seed: int
+    fold: tuple
+    statistics: tuple
+    method: str
+    dtype: str
+
+    @property
+    def n_networks(self) -> int:
+        return int(next(iter(self.stats.values())).shape[0])
+
+    @property
+    def fan_in(self) -> tuple[int, ...]:
+        """(n_0, ..., n_{L-1}): the 1/n_{l-1} that multiplies layer l's first-order statistics."""
+        return (int(self.x.shape[1]),) + tuple(self.net.widths[:-1])
+
+
+@result(meta=("widths",))
+class Sweep:
+    """Ensembles at several hidden widths: ``sweep[n]`` is the :class:`Ensemble` at width n."""
+
+    ensembles: tuple
+    widths: tuple
+
+    def __getitem__(self, width: int) -> Ensemble:
+        if width not in self.widths:
+            raise KeyError(f"width {width} not in this sweep's widths {self.widths}")
+        return self.ensembles[self.widths.index(width)]
+
+    def __len__(self) -> int:
+        return len(self.widths)
+
+    def estimate(self, estimator, *args, **kwargs):
+        """Apply ``estimator(ensemble, ...)`` at every width and stack the results: leading axis = width."""
+        outs = [estimator(e, *args, **kwargs) for e in self.ensembles]
+        return jax.tree_util.tree_map(lambda *v: np.stack([np.asarray(u) for u in v]), *outs)
+
+
+# --------------------------------------------------------------------------------------- validation
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
+def _check_method(method, statistics) -> str:
+    if method not in _METHODS:
+        raise ValueError(f"method: expected one of {_METHODS}, got {method!r}")
+    if method == "conditional" and not set(statistics) <= moments.FORWARD_ONLY:
+        raise ValueError(f"method: 'conditional' draws no weights, so it cannot take NTK statistics "
+                         f"{sorted(set(statistics) - moments.FORWARD_ONLY)}; use method='weights'")
+    return method
+
+
+def _per_network_bytes(net: MLP, N: int, n0: int, statistics, method, itemsize: int) -> int:
+    sizes = (n0,) + net.widths
+    acts = N * sum(sizes)
+    stats = net.depth * N**4 * (2 if "four_point" in statistics else 0) + 8 * N**4 + net.depth * N * N
+    if method == "conditional":
+        return itemsize * (4 * acts + 2 * stats)
+    k = net.widths[-1] if any(s.startswith("ntk") for s in statistics) else 0
+    params = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+    return itemsize * (3 * params + (4 + 2 * k) * acts + 2 * stats)
+
+
+def default_chunk(net: MLP, N: int, n0: int, statistics=("metric", "four_point"), method: str = "weights",
+                  dtype=jnp.float64) -> int:
+    """Networks per chunk so that one chunk's working memory stays near 128 MiB (at most 1024)."""
+    itemsize = np.dtype(check_dtype(dtype)).itemsize
+    per = _per_network_bytes(net, N, n0, moments.resolve(statistics), method, itemsize)
+    return int(max(1, min(_MAX_CHUNK, _CHUNK_BUDGET_BYTES // per)))
+
+
+# --------------------------------------------------------------------------------------- sampling
+@functools.lru_cache(maxsize=64)
+def _chunk_fn(net: MLP, statistics: tuple, method: str, dtype_name: str, chunk: int):
+    """jit(vmap(one network -> its per-network arrays)) for networks start..start+chunk-1."""
+    dtype = jnp.dtype(dtype_name)
+    want_ntk = "ntk" in statistics
+
+    def one(key, x):
+        if method == "conditional":
+            zs = conditional_forward(net, key, x, dtype)
+            return moments.layer_moments(zs, statistics)
+        params = _init(net, key, x.shape[1], dtype)
+        inputs, zs = forward(net, params, x)
+        out = moments.layer_moments(zs, statistics)
+        if want_ntk:
+            gs = backward_vectors(net, params, zs, jnp.arange(net.widths[-1]))
+            out.update(moments.ntk_moments(ntk_from_layers(net, inputs, gs), zs[-1], statistics))
+        return out
+
+    def run(base_key, start, x):
+        idx = start + jnp.arange(chunk, dtype=jnp.uint32)
+        keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base_key, idx)
+        return jax.vmap(one, in_axes=(0, None))(keys, x)
+
+    # On CPU, LLVM's expensive passes double XLA compile time (seconds per width) for no speed-up of
+    # this RNG-bound code; other backends keep their defaults.
+    opts = {"xla_llvm_disable_expensive_passes": True} if jax.default_backend() == "cpu" else None
+    return jax.jit(run, compiler_options=opts)
+
+
+def _config(net: MLP, x: np.ndarray, seed: int, fold: tuple, statistics, method, dtype_name) -> dict:
+    """What a cached chunk depends on (not the chunk size nor M: network m's draws depend on neither)."""
+    return {
+        "net": repr(net), "activation": net.sigma.name,
+        "activation_fn": getattr(net.sigma.fn, "__qualname__", type(net.sigma.fn).__name__),
+        "x_shape": list(x.shape), "x_sha256": hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest(),
+        "seed": seed, "fold": list(fold), "statistics": list(statistics), "method": method,
+        "dtype": dtype_name,
+    }
+
+
+def _run(net, x, n_networks, seed, fold, statistics, method, chunk, dtype_name, progress, cache_dir) -> Ensemble:
+    fn = _chunk_fn(net, statistics, method, dtype_name, chunk)
+    base = jax.random.PRNGKey(seed)
+    for f in fold:
+        base = jax.random.fold_in(base, f)
+    xd = jnp.asarray(x, dtype_name)
+    shapes = jax.eval_shape(fn, base, jnp.uint32(0), xd)
+    names = moments.arrays_for(statistics)
+    if cache_dir is not None:
+        config = _config(net, x, seed, fold, statistics, method, dtype_name)
+        digest = _cache.config_hash(config)
+        stem = "w" + "x".join(map(str, net.widths)) + f"_seed{seed}" + "".join(f"_f{f}" for f in fold)
+
+    starts = list(range(0, n_networks, chunk))
+    done: dict[int, dict] = {}
+    bar = tqdm(total=n_networks, unit="net", desc=f"widths {net.widths}", disable=not progress, delay=1.0,
+               leave=False)
+    pending = None
+
+    def finish(item):
+        start, stop, out = item
+        host = {k: np.asarray(out[k])[: stop - start] for k in names}
+        if cache_dir is not None:
+            _cache.save_chunk(_cache.chunk_path(cache_dir, stem, start, stop), host, config, digest, start, stop)
+        done[start] = host
+        bar.update(stop - start)
+
+    try:
+        for start in starts:
+            stop = min(start + chunk, n_networks)
+            if cache_dir is not None:
+                expected = {k: ((stop - start,) + shapes[k].shape[1:], shapes[k].dtype) for k in names}
+                hit = _cache.load_chunk(_cache.chunk_path(cache_dir, stem, start, stop), digest, start, stop,
+                                        expected)
+                if hit is not None:
+                    done[start] = hit
+                    bar.update(stop - start)
+                    continue
+            out = fn(base, jnp.uint32(start), xd)  # dispatched asynchronously
+            if pending is not None:
+                finish(pending)
+            pending = (start, stop, out)
+        if pending is not None:
+            finish(pending)
+    finally:
+        bar.close()
+    stats = {k: np.concatenate([done[s][k] for s in starts]) for k in names}
+    return Ensemble(stats=stats, x=np.asarray(x, np.float64), net=net, seed=seed, fold=tuple(fold),
+                    statistics=statistics, method=method, dtype=dtype_name)
+
+
+def _prepare(net, x, n_networks, seed, statistics, method, chunk, dtype, cache_dir):
+    check_net(net)
+    x = check_x(x)
+    M = _validate.positive_int("n_networks", n_networks)
+    seed = _check_seed(seed)
+    statistics = moments.resolve(statistics)
+    method = _check_method(method, statistics)
+    dtype_name = np.dtype(check_dtype(dtype)).name
+    if chunk is not None:
+        chunk = _validate.positive_int("chunk", chunk)
+    if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
+        raise ValueError(f"cache_dir: expected a path or None, got {type(cache_dir).__name__}")
+    return x, M, seed, statistics, method, chunk, dtype_name, (None if cache_dir is None else os.fspath(cache_dir))
+
+
+def sample_ensemble(net: MLP, x, n_networks: int, seed: int, *, statistics=("metric", "four_point"),
+                    method: str = "weights", chunk: int | None = None, dtype=jnp.float64, progress: bool = True,
+                    cache_dir=None) -> Ensemble:
+    """Sample ``n_networks`` networks of the architecture ``net`` and collect per-network statistics.
+
+    Args:
+      net: the MLP (its own hidden widths are used).
+      x: inputs (N, n_0), finite.
+      n_networks: M >= 1 (standard errors need M >= 2).
+      seed: non-negative int; network m uses key fold_in(PRNGKey(seed), m).
+      statistics: groups from :data:`.moments.STATISTICS` ("metric", "four_point", "ntk",
+        "ntk_variance", "ntk_preactivation"); dependencies are added.
+      method: "weights" or "conditional" (module docstring).
+      chunk: networks per vmapped chunk (default: :func:`default_chunk`); results do not depend on it,
+        but cached chunks are reused only with the same chunk size.
+      dtype: float32 or float64 arithmetic (draws in that dtype, so the two dtypes draw other networks).
+      progress: show a tqdm bar when the run takes more than a second.
+      cache_dir: if given, each finished chunk is written there atomically and reused on restart.
+
+    Returns:
+      An :class:`Ensemble`.
+    """
+    x, M, seed, statistics, method, chunk, dtype_name, cache_dir = _prepare(
+        net, x, n_networks, seed, statistics, method, chunk, dtype, cache_dir)
+    if chunk is None:
+        chunk = default_chunk(net, x.shape[0], x.shape[1], statistics, method, dtype_name)
+    return _run(net, x, M, seed, (), statistics, method, min(chunk, M), dtype_name, progress, cache_dir)
+
+
+def sample(net: MLP, x, widths: int | Sequence[int], n_networks: int, seed: int, *,
+           statistics=("metric", "four_point"), method: str = "weights", chunk: int | None = None,
+           dtype=jnp.float64, progress: bool = True, cache_dir=None) -> Sweep:
+    """Sample ``n_networks`` networks at each hidden width in ``widths`` (``net.with_width(n)``).
+
+    Width n's network m uses key fold_in(fold_in(PRNGKey(seed), n), m), so widths are independent
+    and each is reproducible on its own.  Other arguments as in :func:`sample_ensemble`.
+
+    Returns:
+      A :class:`Sweep`; ``sweep[n]`` is the ensemble at width n and ``sweep.estimate(f)`` stacks an
+      estimator over widths.
+    """
+    if isinstance(widths, (int, np.integer)) and not isinstance(widths, bool):
+        widths = (widths,)
+    if not isinstance(widths, (Sequence, np.ndarray)) or isinstance(widths, str) or len(widths) == 0:
+        raise ValueError(f"widths: expected a non-empty sequence of positive integers, got {widths!r}")
+    ws = tuple(_validate.positive_int(f"widths[{i}]", w) for i, w in enumerate(widths))
+    if len(set(ws)) != len(ws):
+        raise ValueError(f"widths: expected distinct widths, got {ws}")
+    x, M, seed, statistics, method, chunk, dtype_name, cache_dir = _prepare(
+        net, x, n_networks, seed, statistics, method, chunk, dtype, cache_dir)
+    ensembles = []
+    for n in ws:
+        net_n = net.with_width(n)
+        c = chunk if chunk is not None else default_chunk(net_n, x.shape[0], x.shape[1], statistics, method,
+                                                          dtype_name)
+        ensembles.append(_run(net_n, x, M, seed, (n,), statistics, method, min(c, M), dtype_name, progress,
+                              cache_dir))
+    return Sweep(ensembles=tuple(ensembles), widths=ws)

@@ -1,0 +1,212 @@
+r"""The width-sweep protocol of THEORY.md ("How a prediction is confirmed").
+
+A statistic m(n) measured at widths n_1..n_W with standard errors s_w is fitted, elementwise, by
+weighted least squares to
+
+    m(n) = a + c1/n + c2/n^2          (order=2; order=1 drops c2)
+
+with weights 1/s_w^2.  The parameter covariance is (X^T S^-2 X)^-1 with the measured errors taken as
+known (not rescaled by chi^2/dof, which is reported separately).  Given a first-order prediction
+(a_pred, c1_pred), the residual r(n) = m(n) - a_pred - c1_pred/n must fall like 1/n^2: its log-log slope
+is fitted (weights |r|^2/s^2, i.e. the delta-method error s/|r| of log|r|) over the widths where it is
+resolved, |r| >= 2 s, and only if that holds at three or more widths with one sign; otherwise the
+slope is reported as unresolved (NaN) rather than fitted to noise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._pytree import result
+
+__all__ = ["WidthFit", "width_sweep_fit", "residual_scaling", "agrees"]
+
+
+@result(meta=("order",))
+class WidthFit:
+    """Result of :func:`width_sweep_fit`; S is the shape of one measured statistic (() for a scalar).
+
+    Attributes:
+      widths (W,), values (W, *S), stderrs (W, *S): the data.
+      a, c1, c2 (*S) and a_stderr, c1_stderr, c2_stderr (*S): fitted coefficients (c2 NaN for order=1).
+      cov (*S, P, P): WLS covariance of (a, c1[, c2]).
+      chi2, chi2_dof (*S): chi^2 and chi^2 per degree of freedom (NaN when W = P).
+      a_pull, c1_pull (*S): (a - infinite)/a_stderr, (c1 - c1_pred)/c1_stderr (NaN without predictions).
+      residual (W, *S): m(n) - a_pred - c1_pred/n (NaN without ``first_order``).
+      resolved (W, *S): |residual| >= 2 stderr.
+      slope, slope_stderr (*S): log-log slope of |residual| over the resolved widths (NaN if unresolved).
+      slope_resolved (*S): whether the slope was fitted (>= 3 resolved widths of one sign).
+      order: 1 or 2.
+    """
+
+    widths: np.ndarray
+    values: np.ndarray
+    stderrs: np.ndarray
+    a: np.ndarray
+    c1: np.ndarray
+    c2: np.ndarray
+    a_stderr: np.ndarray
+    c1_stderr: np.ndarray
+    c2_stderr: np.ndarray
+    cov: np.ndarray
+    chi2: np.ndarray
+    chi2_dof: np.ndarray
+    a_pull: np.ndarray
+    c1_pull: np.ndarray
+    residual: np.ndarray
+    resolved: np.ndarray
+    slope: np.ndarray
+    slope_stderr: np.ndarray
+    slope_resolved: np.ndarray
+    order: int
+
+    @property
+    def dof(self) -> int:
+        return len(self.widths) - (self.order + 1)
+
+    @property
+    def status(self):
+        """'resolved' or 'unresolved' for the residual slope (an array of them for array statistics)."""
+        s = np.where(self.slope_resolved, "resolved", "unresolved")
+        return str(s) if s.ndim == 0 else s
+
+
+def _check_widths(widths, minimum: int) -> np.ndarray:
+    try:
+        w = np.asarray(widths, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"widths: expected a sequence of positive widths, got {widths!r}") from None
+    if w.ndim != 1 or len(w) < minimum or not np.all(np.isfinite(w)) or np.any(w <= 0):
+        raise ValueError(f"widths: expected at least {minimum} positive finite widths, got {widths!r}")
+    if len(np.unique(w)) != len(w):
+        raise ValueError(f"widths: expected distinct widths, got {widths!r}")
+    return w
+
+
+def _check_data(name: str, arr, shape=None, positive: bool = False) -> np.ndarray:
+    try:
+        a = np.asarray(arr, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a real array, got {type(arr).__name__}") from None
+    if shape is not None and a.shape != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name}: contains NaN or infinite entries")
+    if positive and np.any(a <= 0):
+        raise ValueError(f"{name}: expected positive standard errors")
+    return a
+
+
+def _prediction(name: str, value, shape) -> np.ndarray:
+    try:
+        p = np.broadcast_to(np.asarray(value, dtype=np.float64), shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a real array broadcastable to {shape}, got {np.shape(value)}") from None
+    if not np.all(np.isfinite(p)):
+        raise ValueError(f"{name}: contains NaN or infinite entries")
+    return p
+
+
+def _wls(x: np.ndarray, y: np.ndarray, s: np.ndarray):
+    """Elementwise WLS: x (W, P) design, y and s (W, E). Returns beta (E, P), cov (E, P, P), chi2 (E,)."""
+    w = 1.0 / s**2
+    A = np.einsum("wp,we,wq->epq", x, w, x)
+    cov = np.linalg.inv(A)
+    beta = np.einsum("epq,eq->ep", cov, np.einsum("wp,we->ep", x, w * y))
+    chi2 = np.sum(w * (y - x @ beta.T) ** 2, axis=0)
+    return beta, cov, chi2
+
+
+def residual_scaling(widths, values, stderrs, a_pred, c1_pred):
+    """Residual r(n) = m(n) - a_pred - c1_pred/n and its log-log slope where resolved (module docstring).
+
+    Returns:
+      (residual (W, *S), resolved (W, *S), slope (*S), slope_stderr (*S), slope_resolved (*S)).
+    """
+    w = _check_widths(widths, 1)
+    y = _check_data("values", values)
+    if y.ndim < 1 or y.shape[0] != len(w):
+        raise ValueError(f"values: expected a leading axis of {len(w)} widths, got shape {y.shape}")
+    s = _check_data("stderrs", stderrs, y.shape, positive=True)
+    S = y.shape[1:]
+    r = y - _prediction("a_pred", a_pred, S) - _prediction("c1_pred", c1_pred, S) / w.reshape((-1,) + (1,) * len(S))
+    resolved = np.abs(r) >= 2 * s
+    rf, sf, mf = r.reshape(len(w), -1), s.reshape(len(w), -1), resolved.reshape(len(w), -1)
+    slope = np.full(rf.shape[1], np.nan)
+    slope_se = np.full(rf.shape[1], np.nan)
+    ok = np.zeros(rf.shape[1], bool)
+    for e in range(rf.shape[1]):
+        m = mf[:, e]
+        if m.sum() < 3 or len(np.unique(np.sign(rf[m, e]))) != 1:
+            continue
+        x = np.stack([np.ones(m.sum()), np.log(w[m])], axis=1)
+        beta, cov, _ = _wls(x, np.log(np.abs(rf[m, e]))[:, None], (sf[m, e] / np.abs(rf[m, e]))[:, None])
+        slope[e], slope_se[e], ok[e] = beta[0, 1], np.sqrt(cov[0, 1, 1]), True
+    return r, resolved, slope.reshape(S), slope_se.reshape(S), ok.reshape(S)
+
+
+def width_sweep_fit(widths, values, stderrs, infinite=None, first_order=None, *, order: int = 2) -> WidthFit:
+    """Fit m(n) = a + c1/n + c2/n^2 by weighted least squares, elementwise over a statistic's entries.
+
+    Args:
+      widths: (W,) distinct positive widths, W >= order + 1 (THEORY.md asks for >= 4 spanning >= 8x).
+      values, stderrs: (W, *S) measurements and their standard errors (> 0), e.g. the stacked
+        ``Sweep.estimate(...)``'s value and stderr.
+      infinite: optional a_pred (broadcastable to S): sets ``a_pull``.
+      first_order: optional c1_pred (needs ``infinite``): sets ``c1_pull`` and the residual analysis.
+      order: 2 (a, c1, c2) or 1 (a, c1).
+
+    Returns:
+      A :class:`WidthFit`.
+    """
+    if order not in (1, 2) or isinstance(order, bool):
+        raise ValueError(f"order: expected 1 or 2, got {order!r}")
+    P = order + 1
+    w = _check_widths(widths, P)
+    y = _check_data("values", values)
+    if y.ndim < 1 or y.shape[0] != len(w):
+        raise ValueError(f"values: expected a leading axis of {len(w)} widths, got shape {y.shape}")
+    s = _check_data("stderrs", stderrs, y.shape, positive=True)
+    if first_order is not None and infinite is None:
+        raise ValueError("first_order: needs the infinite-width prediction `infinite` as well")
+    S = y.shape[1:]
+    x = np.stack([w**-p for p in range(P)], axis=1)
+    beta, cov, chi2 = _wls(x, y.reshape(len(w), -1), s.reshape(len(w), -1))
+    se = np.sqrt(np.einsum("epp->ep", cov))
+    coef = [beta[:, p].reshape(S) for p in range(P)] + [np.full(S, np.nan)] * (3 - P)
+    errs = [se[:, p].reshape(S) for p in range(P)] + [np.full(S, np.nan)] * (3 - P)
+    dof = len(w) - P
+    nan = np.full(S, np.nan)
+    a_pull = (coef[0] - _prediction("infinite", infinite, S)) / errs[0] if infinite is not None else nan
+    c1_pull = (coef[1] - _prediction("first_order", first_order, S)) / errs[1] if first_order is not None else nan
+    if first_order is not None:
+        r, resolved, slope, slope_se, ok = residual_scaling(w, y, s, infinite, first_order)
+    else:
+        r, resolved = np.full(y.shape, np.nan), np.zeros(y.shape, bool)
+        slope, slope_se, ok = nan, nan, np.zeros(S, bool)
+    return WidthFit(widths=w, values=y, stderrs=s, a=coef[0], c1=coef[1], c2=coef[2], a_stderr=errs[0],
+                    c1_stderr=errs[1], c2_stderr=errs[2], cov=cov.reshape(S + (P, P)), chi2=chi2.reshape(S),
+                    chi2_dof=chi2.reshape(S) / dof if dof > 0 else nan, a_pull=a_pull, c1_pull=c1_pull,
+                    residual=r, resolved=resolved, slope=slope, slope_stderr=slope_se, slope_resolved=ok,
+                    order=order)
+
+
+def agrees(fit: WidthFit, a_pred, c1_pred=None, nsigma: float = 3.0, slope_tolerance: float | None = 0.3):
+    """THEORY.md's verdict: |a - a_pred| <= nsigma a_stderr, |c1 - c1_pred| <= nsigma c1_stderr, and,
+    where the residual m(n) - a_pred - c1_pred/n is resolved, |slope + 2| <= slope_tolerance.
+
+    Returns a bool (scalar statistic) or a bool array of shape S.  ``c1_pred=None`` checks a only;
+    ``slope_tolerance=None`` skips the slope check.
+    """
+    if not isinstance(fit, WidthFit):
+        raise ValueError(f"fit: expected a WidthFit, got {type(fit).__name__}")
+    if not (isinstance(nsigma, (int, float)) and nsigma > 0):
+        raise ValueError(f"nsigma: expected a positive number, got {nsigma!r}")
+    S = np.shape(fit.a)
+    ok = np.abs(fit.a - _prediction("a_pred", a_pred, S)) <= nsigma * fit.a_stderr
+    if c1_pred is not None:
+        ok &= np.abs(fit.c1 - _prediction("c1_pred", c1_pred, S)) <= nsigma * fit.c1_stderr
+        if slope_tolerance is not None:
+            _, _, slope, _, resolved = residual_scaling(fit.widths, fit.values, fit.stderrs, a_pred, c1_pred)
+            ok &= ~resolved | (np.abs(slope + 2.0) <= slope_tolerance)
+    return bool(ok) if np.ndim(ok) == 0 else ok
