@@ -92,8 +92,12 @@ def normal_rule(n: int) -> tuple[np.ndarray, np.ndarray]:
     return u, w / w.sum()
 
 
+@functools.lru_cache(maxsize=256)
 def derivative(fn):
-    """Elementwise sigma' by a forward-mode JVP (a step function for kinked activations)."""
+    """Elementwise sigma' by a forward-mode JVP (a step function for kinked activations).
+
+    Cached per function, so that jitted code keyed on it compiles once.
+    """
 
     def d(z):
         return jax.jvp(fn, (z,), (jnp.ones_like(z),))[1]

@@ -46,6 +46,8 @@ gives G1 and H1.  (cov[f, g] is the single-neuron covariance <f g> - <f><g> over
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -128,12 +130,25 @@ def _pair_index(N):
     return np.stack([a1, a2], -1)  # (N, N, 2): the inputs (a1, a2) of pair p
 
 
-def _hermite_pairs(act, K, g1, g2, degree, order):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _pair_operators(sig, dsig, homogeneous, order, rtol, K):
+    """Per-pair moments and derivative coefficients at kernel K (N, N); one compile per shape.
+
+    Returns S, dS (N, N); R2, Rp2 (N, N, 2, 2) without the C_W/2; T4, Tp4 (N, N, 2, 2, 2, 2);
+    P1 (N, N, 2): the coefficients of R, R', T, T', P on the pair's own two inputs.
+    """
     N = K.shape[0]
     d = jnp.diagonal(K)
-    L, Lp = whiten2(d[:, None] + 0 * K, d[None, :] + 0 * K, K, rtol=1e-12 if act.smooth else 1e-9)
-    H = hermite_moments2(g1, g2, L.reshape(-1, 2, 2), degree=degree, order=order).reshape(N, N, 5, 5)
-    return H, Lp
+    L, Lp = whiten2(d[:, None] + 0 * K, d[None, :] + 0 * K, K, rtol=rtol)
+    L = L.reshape(-1, 2, 2)
+
+    def moments(g1, g2, degree):
+        H = hermite_moments2(g1, g2, L, degree=degree if homogeneous else None, order=order)
+        return H.reshape(N, N, 5, 5)
+
+    Hss, Hdd, Hds = moments(sig, sig, 2), moments(dsig, dsig, 0), moments(dsig, sig, 1)
+    return (Hss[..., 0, 0], Hdd[..., 0, 0], _second(Hss, Lp), _second(Hdd, Lp), _fourth(Hss, Lp),
+            _fourth(Hdd, Lp), _first(Hds, Lp))
 
 
 def _second(H, Lp):
@@ -197,21 +212,12 @@ def _pair_gather(X, N):
 def layer_step(act, C_W, lam_W, r, K, Theta, G1, V, H1, A, B, D, F):
     """One step l -> l+1 of every first-order recursion (module docstring); numpy float64 in/out."""
     N = K.shape[0]
-    Kj = jnp.asarray(K)
-    sig, dsig = act.fn, derivative(act.fn)
     hom = act.homogeneous
     order = None if hom else rule_size(act, float(np.max(np.diag(K))))
-    deg = (lambda p: p) if hom else (lambda p: None)
-    Hss, Lp = _hermite_pairs(act, Kj, sig, sig, deg(2), order)
-    Hdd, _ = _hermite_pairs(act, Kj, dsig, dsig, deg(0), order)
-    Hds, _ = _hermite_pairs(act, Kj, dsig, sig, deg(1), order)
-    S, dS = np.asarray(Hss[..., 0, 0]), np.asarray(Hdd[..., 0, 0])
+    ops = _pair_operators(act.fn, derivative(act.fn), hom, order, 1e-12 if act.smooth else 1e-9, jnp.asarray(K))
+    S, dS, R2, Rp2, T4, Tp4, P1 = (np.asarray(o) for o in ops)
     Z = C_W * dS
-    R2 = np.asarray(C_W / 2 * _second(Hss, Lp))
-    Rp2 = np.asarray(C_W / 2 * _second(Hdd, Lp))
-    T4 = np.asarray(_fourth(Hss, Lp))
-    Tp4 = np.asarray(_fourth(Hdd, Lp))
-    P1 = np.asarray(_first(Hds, Lp))
+    R2, Rp2 = C_W / 2 * R2, C_W / 2 * Rp2
     R, Rp = _dense(R2), _dense(Rp2)
     th = Theta.reshape(-1)
     Q = (lam_W / C_W) * R + th[:, None] * Rp
