@@ -48,6 +48,7 @@ __all__ = ["normal_rule", "expect1", "expect2", "expectk", "pair_moments", "deri
 TAIL = 9.0          # nodes span |u| <= TAIL; the Gaussian mass beyond is 2e-19
 TOL = 1e-13         # target relative accuracy of the default rules
 _BLOCK_NODES = 1 << 23  # pairs per block in the 2-d rule: memory ~ _BLOCK_NODES floats
+_LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 
 
 def nodes_for(K_max: float, tol: float = TOL, *, cap: int = 4097) -> int:
@@ -56,14 +57,15 @@ def nodes_for(K_max: float, tol: float = TOL, *, cap: int = 4097) -> int:
     The trapezoid rule for an integrand analytic in a strip |Im u| < d has error ~ exp(-2 pi d/h).
     Activations such as tanh have poles at distance pi / (2 sqrt(K)) in u = z / sqrt(K), hence
     h = pi^2 / (sqrt(K_max) log(2/tol)), capped at 0.5 (the Gaussian alone needs h < ~0.6).
-    The count is rounded up to a multiple of 8 so that nearby K_max share one compiled rule.
+    The count is rounded up to a ladder of sizes growing by 1.5x, so that layers with nearby
+    K_max share one compiled rule (rounding up only ever adds accuracy).
     """
     K_max = float(K_max)
     if not np.isfinite(K_max) or K_max < 0:
         raise ValueError(f"K_max: expected a finite variance >= 0, got {K_max}")
     h = min(0.5, np.pi**2 / (np.sqrt(max(K_max, 1e-300)) * np.log(2.0 / tol)))
     n = 2 * int(np.ceil(TAIL / h))
-    n = 8 * int(np.ceil(n / 8))
+    n = next((m for m in _LADDER if m >= n), n)
     return int(min(n, cap))
 
 

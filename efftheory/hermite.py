@@ -60,6 +60,7 @@ _MAXDEG = 4
 _ARC_ORDER = 24  # Gauss-Legendre points per arc: exact for the trigonometric polynomials here
 
 
+@functools.partial(jax.jit, static_argnames=("rtol",))
 def whiten2(k11, k22, k12, *, rtol: float = 1e-12):
     """Factor 2x2 covariances: (L, L_pinv), each (..., 2, 2), with Sigma = L L^T.
 
@@ -225,10 +226,10 @@ def product_moments(act, K, kinds: tuple[int, ...], *, tol3: float = 1e-9):
             out = np.zeros(len(sel))
             for p in np.unique(deg):
                 m = np.nonzero(deg == p)[0]
-                out[m] = np.asarray(_product_moment2(sig, dsig, int(p), None, L[m], e1[m], e2[m]))
+                out[m] = _bucketed(_product_moment2, (sig, dsig, int(p), None), L[m], e1[m], e2[m])
             vals[sel] = out
         else:
-            vals[sel] = np.asarray(_product_moment2(sig, dsig, None, _order_for(act, Kmax), L, e1, e2))
+            vals[sel] = _bucketed(_product_moment2, (sig, dsig, None, _order_for(act, Kmax)), L, e1, e2)
 
     # three or four distinct inputs: tensor trapezoid rule in the range of the covariance
     for k in (3, 4):
@@ -241,13 +242,24 @@ def product_moments(act, K, kinds: tuple[int, ...], *, tol3: float = 1e-9):
         lam = np.where(lam > 1e-12 * lam[:, -1:], lam, 0.0)
         Lk = Q * np.sqrt(lam)[:, None, :]
         n = _order_for(act, Kmax, tol=tol3, k=k)
-        vals[sel] = np.asarray(_trapezoid_k(sig, dsig, jnp.asarray(Lk), jnp.asarray(expo[sel, :k]), n, k))
+        vals[sel] = _bucketed(lambda s_, d_, L_, e_: _trapezoid_k(s_, d_, L_, e_, n, k), (sig, dsig), Lk,
+                              expo[sel, :k])
 
     M = np.empty((N,) * 4)
     for v, grp in zip(vals, groups):
         g = np.array(grp)
         M[g[:, 0], g[:, 1], g[:, 2], g[:, 3]] = v
     return M
+
+
+def _bucketed(fn, static, *arrays):
+    """fn(*static, *arrays) with the batch padded to a power of two (zeros), so that the few
+    compiled shapes are reused across moment kinds and layers; returns the unpadded numpy result."""
+    P = arrays[0].shape[0]
+    size = max(8, 1 << (P - 1).bit_length())
+    padded = [jnp.asarray(np.concatenate([np.asarray(a), np.zeros((size - P,) + np.shape(a)[1:], np.asarray(a).dtype)]))
+              for a in arrays]
+    return np.asarray(fn(*static, *padded))[:P]
 
 
 def _bcast(e, z):
@@ -258,7 +270,7 @@ def _bcast(e, z):
 def _order_for(act, Kmax, tol=1e-13, k=2):
     n = nodes_for(Kmax, tol)
     if not act.smooth:
-        n = {2: min(8 * n, 2048), 3: 160, 4: 48}[k]
+        n = {2: min(8 * n, 2048), 3: 96, 4: 32}[k]
     elif k == 3:
         n = min(n, 160)
     elif k == 4:
