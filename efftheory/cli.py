@@ -1,0 +1,511 @@
+"""Command line: ``efftheory compare | kernels | criticality`` (also ``python -m efftheory``).
+
+    efftheory compare --activation tanh --depth 4 --widths 16,32,64,128 --networks 500 --out DIR
+        samples ensembles at each width (float32 by default; chunks cached in DIR/cache, so an
+        interrupted run resumes), computes the first-order theory once, prints the table of measured
+        statistics beside their infinite-width and 1/n-corrected predictions and the width-sweep fits,
+        and writes DIR/report.json, DIR/table.txt, DIR/width_sweep.png, DIR/four_point_depth.png.
+    efftheory kernels --activation relu --depth 10 [--out DIR]
+        infinite-width K and Theta per layer (and DIR/kernels.png, DIR/kernels.json).
+    efftheory criticality --activation gelu [--out DIR]
+        critical initialization, universality class, susceptibilities and fixed points against C_W
+        (and DIR/criticality.png, DIR/universality.png, DIR/criticality.json).
+
+Bad arguments give a one-line error on stderr and exit status 2; so does a cache written for another
+configuration (rerun with another --out, or delete DIR/cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+__all__ = ["main"]
+
+PROG = "efftheory"
+DEFAULT_INPUTS = 2
+INPUT_DIM = 8
+PAIR_CORRELATION = 0.6
+
+
+class UsageError(Exception):
+    """A bad command line: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block, no SystemExit
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# ------------------------------------------------------------------------------------------ parsing
+def _positive_int_list(text: str) -> list[int]:
+    parts = [p.strip() for p in str(text).split(",")]
+    if not text.strip() or all(p == "" for p in parts):
+        raise argparse.ArgumentTypeError("expected a comma-separated list of widths such as 16,32,64,128, got an "
+                                         "empty list")
+    out = []
+    for p in parts:
+        if p == "":
+            raise argparse.ArgumentTypeError(f"empty entry in {text!r}")
+        try:
+            v = int(p)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected integers, got {p!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"every width must be >= 1, got {v}")
+        out.append(v)
+    if len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"widths must be distinct, got {text!r}")
+    return out
+
+
+def _int_at_least(minimum: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"{what} must be >= {minimum}, got {v}")
+        return v
+
+    return parse
+
+
+def _float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
+def _add_network(p, depth_default=None, with_depth=True):
+    p.add_argument("--activation", required=True, metavar="NAME",
+                   help="activation: relu, tanh, gelu, silu/swish, erf, sin, linear, abs, sigmoid, softplus, "
+                        "leaky_relu(a)")
+    if with_depth:
+        kw = {"required": True} if depth_default is None else {"default": depth_default}
+        p.add_argument("--depth", type=_int_at_least(1, "depth"), metavar="L", **kw,
+                       help="number of layers L" + ("" if depth_default is None else f" (default {depth_default})"))
+    p.add_argument("--C_W", "--cw", dest="C_W", type=_float, default=None, help="weight variance (default 1)")
+    p.add_argument("--C_b", "--cb", dest="C_b", type=_float, default=None, help="bias variance (default 0)")
+    p.add_argument("--critical", action="store_true", help="use the critical initialization (critical_init)")
+
+
+def _add_inputs(p):
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--inputs", type=_int_at_least(1, "--inputs"), default=None, metavar="N",
+                   help=f"number of random inputs drawn from the seed (default {DEFAULT_INPUTS}: a pair at "
+                        f"correlation {PAIR_CORRELATION}; n_0 = {INPUT_DIM}, (1/n_0)|x|^2 = 1)")
+    g.add_argument("--inputs-file", default=None, metavar="PATH.npy",
+                   help="your own inputs: a .npy array of shape (N, n_0)")
+    p.add_argument("--seed", type=_int_at_least(0, "--seed"), default=0, help="random seed (default 0)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Wide neural networks from first principles, checked against "
+                                            "sampled networks.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{compare,kernels,criticality}")
+    sub.required = True
+
+    c = sub.add_parser("compare", help="finite-width theory beside sampled networks across widths",
+                       description="Sample ensembles at several widths, compute the first-order theory once, "
+                                   "print measured statistics beside their predictions and write DIR/report.json "
+                                   "and PNG plots. Chunks are cached in DIR/cache: rerunning the same command "
+                                   "resumes an interrupted run and gives the identical report.")
+    _add_network(c, depth_default=None)
+    c.add_argument("--widths", type=_positive_int_list, default=[16, 32, 64, 128],
+                   help="comma-separated hidden widths (default 16,32,64,128)")
+    c.add_argument("--networks", type=_int_at_least(1, "--networks"), default=500, metavar="M",
+                   help="networks per width (default 500; at least 2 for standard errors)")
+    c.add_argument("--output-width", type=_int_at_least(1, "--output-width"), default=1,
+                   help="output width n_L (default 1)")
+    c.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="arithmetic of the sampled networks (default float32; theory is always float64)")
+    _add_inputs(c)
+    c.add_argument("--out", required=True, metavar="DIR", help="output folder (report.json, plots, cache/)")
+    c.add_argument("--all-rows", action="store_true", help="print every entry and layer, not a representative set")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    c.set_defaults(func=_cmd_compare)
+
+    k = sub.add_parser("kernels", help="infinite-width kernels K and Theta per layer",
+                       description="Infinite-width NNGP kernel K and NTK Theta of every layer on a few inputs.")
+    _add_network(k, depth_default=None)
+    _add_inputs(k)
+    k.add_argument("--out", default=None, metavar="DIR", help="write kernels.png and kernels.json here")
+    k.set_defaults(func=_cmd_kernels)
+
+    r = sub.add_parser("criticality", help="critical initialization, susceptibilities and fixed points",
+                       description="Critical initialization and universality class of an activation, chi_parallel "
+                                   "and chi_perp at the fixed point against C_W.")
+    r.add_argument("--activation", required=True, metavar="NAME", help="activation name")
+    r.add_argument("--C_b", "--cb", dest="C_b", type=_float, default=None,
+                   help="bias variance held fixed in the C_W scan (default: the critical C_b)")
+    r.add_argument("--out", default=None, metavar="DIR",
+                   help="write criticality.png, universality.png and criticality.json here")
+    r.set_defaults(func=_cmd_criticality)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------ shared steps
+def _err(msg: str) -> None:
+    print(f"{PROG}: error: {' '.join(str(msg).split())}", file=sys.stderr)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _out_dir(path: str) -> str:
+    """Create DIR (and parents) and check that a file can be written there."""
+    if not path or not str(path).strip():
+        raise UsageError("--out: expected a folder path, got an empty string")
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as e:
+        raise UsageError(f"--out: cannot write to {path!r} ({e.strerror or e})") from None
+    return path
+
+
+def _network(args, depth: int, width: int = 1, output_width: int = 1):
+    from .activations import get_activation
+    from .network import MLP
+    from .theory.criticality import critical_init
+
+    act = get_activation(args.activation, "--activation")
+    crit = None
+    if args.critical:
+        if args.C_W is not None or args.C_b is not None:
+            raise UsageError("--critical chooses C_W and C_b itself; drop --C_W/--C_b or --critical")
+        crit = critical_init(act)
+        if not math.isfinite(crit.C_W):
+            raise UsageError(f"--critical: {act.name} has no critical initialization (universality class 'none')")
+        C_W, C_b = crit.C_W, crit.C_b
+    else:
+        C_W = 1.0 if args.C_W is None else args.C_W
+        C_b = 0.0 if args.C_b is None else args.C_b
+        if C_W <= 0:
+            raise UsageError(f"--C_W: expected a positive number, got {C_W:g}")
+        if C_b < 0:
+            raise UsageError(f"--C_b: expected a non-negative number, got {C_b:g}")
+    net = MLP(depth, width, act, C_W=C_W, C_b=C_b, output_width=output_width)
+    return net, crit
+
+
+def _inputs(args):
+    """(x, description dict) from --inputs-file or --inputs (seeded)."""
+    import hashlib
+
+    import numpy as np
+
+    from .compare import MAX_INPUTS, default_inputs
+
+    if args.inputs_file is not None:
+        path = args.inputs_file
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise UsageError(f"--inputs-file: cannot read {path!r} as a .npy array ({e})") from None
+        if not isinstance(arr, np.ndarray):
+            if hasattr(arr, "close"):
+                arr.close()
+            raise UsageError(f"--inputs-file: {path!r} is not a single .npy array (an .npz archive?)")
+        if arr.dtype.kind not in "iuf":
+            raise UsageError(f"--inputs-file: expected a real array, got dtype {arr.dtype}")
+        if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
+            raise UsageError(f"--inputs-file: expected an array of shape (N, n_0), got shape {arr.shape}")
+        x = arr.astype(np.float64)
+        if not np.all(np.isfinite(x)):
+            raise UsageError("--inputs-file: contains NaN or infinite entries")
+        if x.shape[0] > MAX_INPUTS:
+            raise UsageError(f"--inputs-file: at most {MAX_INPUTS} inputs, got {x.shape[0]}")
+        desc = {"source": f"file {os.path.basename(path)}",
+                "sha256": hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()}
+        return x, desc
+    N = DEFAULT_INPUTS if args.inputs is None else args.inputs
+    if N > MAX_INPUTS:
+        raise UsageError(f"--inputs: at most {MAX_INPUTS} inputs (four-point statistics grow like N^4), got {N}")
+    x = default_inputs(N, INPUT_DIM, args.seed, PAIR_CORRELATION)
+    src = f"seeded from --seed {args.seed}: (1/n_0)|x|^2 = 1"
+    if N >= 2:
+        src += f", inputs 0 and 1 at correlation {PAIR_CORRELATION}"
+    return x, {"source": src}
+
+
+def _describe(net, crit) -> str:
+    s = f"{net.sigma.name}, depth {net.depth}, C_W = {net.C_Ws[0]:.6g}, C_b = {net.C_bs[0]:.6g}"
+    if crit is not None:
+        s += f" (critical, {crit.universality_class} class)"
+    return s
+
+
+def _save(fig, path: str) -> str:
+    fig.savefig(path, dpi=110)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ commands
+def _cmd_compare(args) -> int:
+    t_start = time.perf_counter()
+    if args.networks < 2:
+        raise UsageError(f"--networks: standard errors need at least 2 networks per width, got {args.networks}")
+    if args.depth < 2:
+        raise UsageError(f"--depth: compare needs a hidden layer to vary (depth >= 2), got {args.depth}")
+    widths = sorted(args.widths)
+    net, crit = _network(args, args.depth, widths[0], args.output_width)
+    x, input_desc = _inputs(args)
+    out = _out_dir(args.out)
+
+    from . import compare as cmp
+    from . import plotting
+
+    cache = os.path.join(out, "cache")
+    _check_cache(cache, _fingerprint(net, x, args))
+    extra = {"inputs": input_desc, "critical": bool(args.critical),
+             "command": "efftheory " + " ".join(_argv_for_report(args))}
+    if crit is not None:
+        extra["criticality"] = {"universality_class": crit.universality_class, "C_W": crit.C_W, "C_b": crit.C_b,
+                                "K_star": crit.K_star}
+    if not (len(widths) >= 4 and widths[-1] >= 8 * widths[0]):
+        _log("note: THEORY.md's protocol asks for at least 4 widths spanning a factor of 8; fits are indicative only")
+    _log(f"{PROG} compare: {_describe(net, crit)}; widths {','.join(map(str, widths))}; "
+         f"{args.networks} networks per width; cache {cache}")
+    report = cmp.compare(net, x, widths, args.networks, args.seed, dtype=args.dtype, cache_dir=cache,
+                         progress=not args.no_progress, log=_log, config_extra=extra)
+    print(report.header())
+    print()
+    print(report.table(all_rows=args.all_rows))
+    print()
+    print(report.fit_table(all_rows=args.all_rows))
+    t0 = time.perf_counter()
+    paths = report.save(out)
+    paths["width_sweep"] = _save(plotting.plot_width_sweep(report), os.path.join(out, "width_sweep.png"))
+    paths["four_point_depth"] = _save(plotting.plot_four_point_depth(report), os.path.join(out, "four_point_depth.png"))
+    t_plots = time.perf_counter() - t0
+    n_fit = len(report.fits)
+    n_ok = sum(f.agrees for f in report.fits)
+    print()
+    print(f"{n_ok} of {n_fit} width-sweep fits agree with the theory (all entries and layers, report.json)")
+    print("wrote " + ", ".join(paths[k] for k in ("report", "table", "width_sweep", "four_point_depth")))
+    tm = report.timings
+    _log(f"time: theory {tm['theory']:.1f} s, sampling {tm['sampling']:.1f} s, estimates and fits "
+         f"{tm['estimates']:.1f} s, plots {t_plots:.1f} s, total {time.perf_counter() - t_start:.1f} s")
+    return 0
+
+
+_FINGERPRINT = "compare-config.json"
+
+
+def _fingerprint(net, x, args) -> dict:
+    """What the cached chunks in DIR/cache depend on (not the widths nor the number of networks: those
+    only add chunk files)."""
+    import hashlib
+
+    import numpy as np
+
+    return {"activation": net.sigma.name, "depth": net.depth, "C_W": list(net.C_Ws), "C_b": list(net.C_bs),
+            "lambda_W": list(net.lambda_Ws), "lambda_b": list(net.lambda_bs), "output_width": net.output_width,
+            "inputs_sha256": hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest(),
+            "seed": args.seed, "dtype": args.dtype}
+
+
+def _check_cache(cache: str, fp: dict) -> None:
+    """Refuse at once (before any computation) a DIR/cache written by a compare run of another
+    configuration; otherwise record this configuration there.  The empirical module checks every chunk
+    again (CacheMismatchError)."""
+    path = os.path.join(cache, _FINGERPRINT)
+    if os.path.exists(path):
+        try:
+            with open(path) as fh:
+                old = json.load(fh)
+        except (OSError, ValueError):
+            old = None
+        if old != fp:
+            what = ", ".join(k for k in fp if not isinstance(old, dict) or old.get(k) != fp[k]) or "unreadable"
+            raise CacheConfigError(f"{cache} holds ensembles of another configuration (differs in: {what}); "
+                                   "use another --out or delete that cache folder")
+        return
+    os.makedirs(cache, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(fp, fh, indent=1)
+    os.replace(tmp, path)
+
+
+class CacheConfigError(Exception):
+    """DIR/cache belongs to another configuration: one line, exit status 2."""
+
+
+def _argv_for_report(args) -> list[str]:
+    """The options that define the run (no paths), for the report's config."""
+    out = ["compare", "--activation", args.activation, "--depth", str(args.depth), "--widths",
+           ",".join(map(str, sorted(args.widths))), "--networks", str(args.networks), "--seed", str(args.seed),
+           "--dtype", args.dtype, "--output-width", str(args.output_width)]
+    if args.critical:
+        out.append("--critical")
+    if args.C_W is not None:
+        out += ["--C_W", repr(args.C_W)]
+    if args.C_b is not None:
+        out += ["--C_b", repr(args.C_b)]
+    if args.inputs is not None:
+        out += ["--inputs", str(args.inputs)]
+    if args.inputs_file is not None:
+        out += ["--inputs-file", os.path.basename(args.inputs_file)]
+    return out
+
+
+def _cmd_kernels(args) -> int:
+    import numpy as np
+
+    net, crit = _network(args, args.depth)
+    x, input_desc = _inputs(args)
+    out = _out_dir(args.out) if args.out is not None else None
+    from .theory.infinite import infinite_width
+
+    inf = infinite_width(net, x)
+    K, Th = np.asarray(inf.K), np.asarray(inf.Theta)
+    N = K.shape[1]
+    print(f"infinite-width kernels: {_describe(net, crit)}; {N} inputs of dimension {x.shape[1]} "
+          f"({input_desc['source']})")
+    pairs = [(a, b) for a in range(N) for b in range(a, N)]
+    if N <= 3:
+        head = ["layer"] + [f"K_{a}{b}" for a, b in pairs] + [f"Theta_{a}{b}" for a, b in pairs]
+        rows = [[str(l + 1)] + [f"{K[l, a, b]:.6g}" for a, b in pairs] + [f"{Th[l, a, b]:.6g}" for a, b in pairs]
+                for l in range(net.depth)]
+        wid = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+        print("  ".join(h.rjust(w) for h, w in zip(head, wid)))
+        for r in rows:
+            print("  ".join(c.rjust(w) for c, w in zip(r, wid)))
+    else:
+        with np.printoptions(precision=5, suppress=True, linewidth=160):
+            for l in range(net.depth):
+                print(f"layer {l + 1}\nK =\n{K[l]}\nTheta =\n{Th[l]}")
+    if out is not None:
+        from . import plotting
+        from .compare import versions
+
+        png = _save(plotting.plot_kernels(inf), os.path.join(out, "kernels.png"))
+        data = {"config": {"activation": net.sigma.name, "depth": net.depth, "C_W": net.C_Ws[0], "C_b": net.C_bs[0],
+                           "critical": bool(args.critical), "seed": args.seed,
+                           "inputs": {**input_desc, "x": x.tolist()}},
+                "versions": versions(), "K": K.tolist(), "Theta": Th.tolist()}
+        path = os.path.join(out, "kernels.json")
+        with open(path, "w") as fh:
+            json.dump(data, fh, indent=1)
+        print(f"wrote {path}, {png}")
+    return 0
+
+
+def _cmd_criticality(args) -> int:
+    import numpy as np
+
+    from .activations import get_activation
+    from .theory.criticality import chi_parallel, chi_perp, critical_init
+
+    act = get_activation(args.activation, "--activation")
+    if args.C_b is not None and args.C_b < 0:
+        raise UsageError(f"--C_b: expected a non-negative number, got {args.C_b:g}")
+    out = _out_dir(args.out) if args.out is not None else None
+    crit = critical_init(act)
+    print(f"{act.name}: universality class {crit.universality_class!r}")
+    if math.isfinite(crit.C_W):
+        ks = "every K (scale invariant)" if crit.K_star is None else f"{crit.K_star:.6g}"
+        print(f"critical initialization: C_b = {crit.C_b:.6g}, C_W = {crit.C_W:.6g}, fixed point K* = {ks}")
+        K_ref = 1.0 if crit.K_star is None else crit.K_star
+        print(f"at K = {K_ref:.6g}: chi_parallel = {float(chi_parallel(act, K_ref, crit.C_W)):.6g}, "
+              f"chi_perp = {float(chi_perp(act, K_ref, crit.C_W)):.6g}")
+    else:
+        print("no critical initialization exists for this activation")
+    from . import plotting
+
+    C_b = args.C_b if args.C_b is not None else (crit.C_b if math.isfinite(crit.C_W) else 0.0)
+    base = crit.C_W if math.isfinite(crit.C_W) else 1.0
+    C_Ws = base * np.array([0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5])
+    Ks = plotting._fixed_points(act, C_Ws, C_b)
+    print(f"\nfixed point reached from K = 1 and susceptibilities there, C_b = {C_b:.6g}:")
+    print(f"{'C_W':>10}  {'K*':>12}  {'chi_par':>10}  {'chi_perp':>10}")
+    for cw, k in zip(C_Ws, Ks):
+        if math.isfinite(k) or act.homogeneous:
+            kk = k if math.isfinite(k) else 1.0
+            cp = float(chi_parallel(act, kk, cw))
+            cq = float(chi_perp(act, kk, cw))
+            print(f"{cw:10.5g}  {k:12.5g}  {cp:10.5g}  {cq:10.5g}")
+        else:
+            print(f"{cw:10.5g}  {k:12.5g}  {'—':>10}  {'—':>10}")
+    if out is not None:
+        from .compare import versions
+
+        p1 = _save(plotting.plot_criticality(act, C_b=C_b), os.path.join(out, "criticality.png"))
+        names = [act] + [n for n in ("relu", "tanh", "gelu") if n != act.name]
+        p2 = _save(plotting.plot_universality(names), os.path.join(out, "universality.png"))
+        data = {"activation": act.name, "universality_class": crit.universality_class,
+                "C_b": _num(crit.C_b), "C_W": _num(crit.C_W), "K_star": _num(crit.K_star),
+                "scan": {"C_b": C_b, "C_W": C_Ws.tolist(), "K_star": [_num(k) for k in Ks]},
+                "versions": versions()}
+        path = os.path.join(out, "criticality.json")
+        with open(path, "w") as fh:
+            json.dump(data, fh, indent=1)
+        print(f"\nwrote {path}, {p1}, {p2}")
+    return 0
+
+
+def _num(v):
+    if v is None:
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else (None if math.isnan(v) else ("inf" if v > 0 else "-inf"))
+
+
+# ------------------------------------------------------------------------------------------ entry point
+def main(argv=None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 bad arguments or cache mismatch)."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        _err(e)
+        return 2
+    except SystemExit as e:  # --help, --version
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
+    from .empirical import CacheMismatchError
+
+    try:
+        return args.func(args)
+    except (UsageError, CacheConfigError) as e:
+        _err(e)
+        return 2
+    except CacheMismatchError as e:
+        _err(f"{e} (the cache in {os.path.join(args.out, 'cache')} belongs to another configuration: use another "
+             f"--out or delete that folder)")
+        return 2
+    except (ValueError, FloatingPointError) as e:
+        if os.environ.get("EFFTHEORY_DEBUG"):
+            raise
+        _err(e)
+        return 2
+    except OSError as e:
+        _err(f"{e.strerror or e}" + (f": {e.filename}" if getattr(e, "filename", None) else ""))
+        return 1
+    except KeyboardInterrupt:
+        where = getattr(args, "out", None)
+        _err("interrupted" + (f"; rerun the same command to resume from {os.path.join(where, 'cache')}"
+                              if where and args.command == "compare" else ""))
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
