@@ -742,17 +742,23 @@ def _pm(v, e) -> str:
     digits = max(0, 1 - int(math.floor(math.log10(e))))
     if abs(v) >= 1e6 or digits > 8:
         return f"{v:.3e} ± {e:.1e}"
-    return f"{v:.{digits}f} ± {e:.{digits}f}"
+    val = f"{v:.{digits}f}"
+    if val.startswith("-") and float(val) == 0:
+        val = val[1:]
+    return f"{val} ± {e:.{digits}f}"
 
 
 def _num(v, ref_err=None) -> str:
     if v is None or not math.isfinite(v):
         return "—"
+    out = f"{v:.5g}"
     if ref_err is not None and math.isfinite(ref_err) and ref_err > 0:
         digits = max(0, 1 - int(math.floor(math.log10(ref_err))))
         if abs(v) < 1e6 and digits <= 8:
-            return f"{v:.{digits}f}"
-    return f"{v:.5g}"
+            out = f"{v:.{digits}f}"
+    if out.startswith("-") and float(out) == 0:  # a rounded -1e-13 is 0, not -0
+        out = out[1:]
+    return out
 
 
 def format_rows(rows) -> str:
