@@ -11,7 +11,13 @@ _jax.config.update("jax_enable_x64", True)
 from .activations import Activation, get_activation  # noqa: E402
 from .network import MLP  # noqa: E402
 from .theory.infinite import InfiniteWidth, infinite_width  # noqa: E402
-from .theory.finite import FiniteWidth, Prediction, finite_width  # noqa: E402
+from .theory.finite import (  # noqa: E402
+    FiniteWidth,
+    FiniteWidthDiagonal,
+    Prediction,
+    finite_width,
+    finite_width_diagonal,
+)
 from .theory.criticality import (  # noqa: E402
     Criticality,
     chi_parallel,
@@ -29,6 +35,8 @@ __all__ = [
     "FiniteWidth",
     "Prediction",
     "finite_width",
+    "FiniteWidthDiagonal",
+    "finite_width_diagonal",
     "infinite_width",
     "Criticality",
     "critical_init",

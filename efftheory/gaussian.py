@@ -80,8 +80,8 @@ def rule_size(act, K_max: float) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def normal_rule(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Midpoint nodes on [-TAIL, TAIL] and weights for N(0, 1): sum_i w_i f(u_i) ~ <f(u)>.
+def normal_rule(n: int, tail: float = TAIL) -> tuple[np.ndarray, np.ndarray]:
+    """Midpoint nodes on [-tail, tail] and weights for N(0, 1): sum_i w_i f(u_i) ~ <f(u)>.
 
     Exponentially convergent for integrands analytic in a strip (see :func:`nodes_for`); exact to
     rounding for polynomials of moderate degree.  For even n no node sits at u = 0, so a kink or
@@ -89,7 +89,7 @@ def normal_rule(n: int) -> tuple[np.ndarray, np.ndarray]:
     """
     if n < 2:
         raise ValueError(f"n: expected at least 2 nodes, got {n}")
-    u = -TAIL + (np.arange(n) + 0.5) * (2 * TAIL / n)
+    u = -tail + (np.arange(n) + 0.5) * (2 * tail / n)
     w = np.exp(-0.5 * u * u)
     return u, w / w.sum()
 

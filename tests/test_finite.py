@@ -62,7 +62,7 @@ def test_deep_linear_several_inputs_is_exact(rng):
 
 def test_relu_criticality_exact_results():
     x = np.array([[1.0, 2.0], [-0.5, 1.0], [2.0, 0.1]])
-    L = 6
+    L = 5
     r = et.finite_width(et.MLP(L, 10, "relu", C_W=2.0, C_b=0.0), x)
     for a in range(3):
         K = float(r.K[0, a, a])
@@ -91,10 +91,40 @@ def test_tensor_symmetries(rng):
 def test_identical_and_collinear_inputs_are_finite(name):
     v = np.array([0.5, -1.0, 0.7])
     x = np.stack([v, v, 2 * v, np.array([1.0, 0.2, -0.3])])
-    r = et.finite_width(et.MLP(4, 10, name, C_W=1.5, C_b=0.0), x)
+    r = et.finite_width(et.MLP(3, 10, name, C_W=1.2, C_b=0.0), x)
     for T in (r.G1, r.V, r.H1, r.A, r.B, r.D, r.F):
         assert np.all(np.isfinite(T))
     # inputs 0 and 1 are the same point: every tensor is invariant under swapping them
     np.testing.assert_allclose(r.V[:, 0, 0, 0, 0], r.V[:, 0, 1, 1, 0], rtol=1e-8)
     np.testing.assert_allclose(r.G1[:, 0, 1], r.G1[:, 0, 0], rtol=1e-8, atol=1e-12)
     np.testing.assert_allclose(r.H1[:, 0, 1], r.H1[:, 1, 1], rtol=1e-8, atol=1e-12)
+
+
+def test_diagonal_path_matches_full_tensors():
+    x = np.array([[0.5, 1.0], [1.5, -0.2]])
+    net = et.MLP(4, 10, "tanh", C_W=1.3, C_b=0.05)
+    full = et.finite_width(net, x)
+    diag = et.finite_width_diagonal(net, x)
+    assert diag.V.shape == (4, 2)
+    for name in ("K", "Theta", "G1", "H1"):
+        np.testing.assert_allclose(getattr(diag, name), np.einsum("laa->la", getattr(full, name)), rtol=1e-9, atol=1e-12)
+    for name in ("V", "A", "B", "D", "F"):
+        np.testing.assert_allclose(getattr(diag, name), np.einsum("laaaa->la", getattr(full, name)), rtol=1e-9,
+                                   atol=1e-12)
+
+
+def test_at_width_predictions():
+    x = np.array([[1.0, 0.0], [0.0, 1.0]])
+    net = et.MLP(3, 32, "relu", C_W=2.0)
+    fw = et.finite_width(net, x)
+    p = fw.at_width(64)
+    np.testing.assert_allclose(p.metric[2], fw.K[2] + fw.G1[2] / 64)
+    np.testing.assert_allclose(p.four_point[2], fw.V[2] / 64)
+    cov = (fw.A[2] + fw.B[2].transpose(0, 2, 1, 3) + fw.B[2].transpose(0, 2, 3, 1)) / 64
+    np.testing.assert_allclose(p.ntk_cov[2], cov)
+    # non-uniform widths: layer l carries 1/n_{l-1}
+    fw2 = et.finite_width(et.MLP(3, [16, 48], "relu", C_W=2.0), x)
+    np.testing.assert_allclose(fw2.at_width().four_point[2], fw2.V[2] / 48)
+    np.testing.assert_allclose(fw2.at_width().four_point[1], fw2.V[1] / 16)
+    with pytest.raises(ValueError, match="n"):
+        fw.at_width(0)

@@ -58,7 +58,7 @@ from ..hermite import hermite_moments2, product_moments, whiten2
 from ..network import MLP
 from .infinite import check_net, infinite_width
 
-__all__ = ["FiniteWidth", "Prediction", "finite_width", "layer_step"]
+__all__ = ["FiniteWidth", "FiniteWidthDiagonal", "Prediction", "finite_width", "finite_width_diagonal", "layer_step"]
 
 
 @result
@@ -293,3 +293,38 @@ def finite_width(net: MLP, x) -> FiniteWidth:
     stack = [jnp.asarray(np.stack([s[i] for s in out])) for i in range(7)]
     G1, V, H1, A, B, D, F = stack
     return FiniteWidth(K=inf.K, Theta=inf.Theta, G1=G1, V=V, H1=H1, A=A, B=B, D=D, F=F, net=net)
+
+
+@result(meta=("net",))
+class FiniteWidthDiagonal:
+    """Single-input statistics of each input separately: every field is (L, N), entry [l, a] the
+    (a, a, ..., a) component of the corresponding tensor of :class:`FiniteWidth`."""
+
+    K: jax.Array
+    Theta: jax.Array
+    G1: jax.Array
+    V: jax.Array
+    H1: jax.Array
+    A: jax.Array
+    B: jax.Array
+    D: jax.Array
+    F: jax.Array
+    net: MLP
+
+
+def finite_width_diagonal(net: MLP, x) -> FiniteWidthDiagonal:
+    """Single-input first-order statistics for each row of x (N, n_0), without any N^4 tensor.
+
+    Each input runs the recursions of :func:`finite_width` on its own 1x1 kernel, so memory and
+    time grow linearly in N.
+    """
+    from .infinite import input_gram  # validated x
+
+    net = check_net(net)
+    input_gram(x)
+    x = np.asarray(x, dtype=np.float64)
+    per = [finite_width(net, x[a:a + 1]) for a in range(x.shape[0])]
+    take2 = lambda name: jnp.stack([getattr(p, name)[:, 0, 0] for p in per], axis=1)  # noqa: E731
+    take4 = lambda name: jnp.stack([getattr(p, name)[:, 0, 0, 0, 0] for p in per], axis=1)  # noqa: E731
+    return FiniteWidthDiagonal(K=take2("K"), Theta=take2("Theta"), G1=take2("G1"), V=take4("V"), H1=take2("H1"),
+                               A=take4("A"), B=take4("B"), D=take4("D"), F=take4("F"), net=net)

@@ -11,6 +11,8 @@ Shapes: x is (N, n_0); K and Theta are (L, N, N) with index 0 = layer 1.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -68,6 +70,20 @@ def _step(act, order, C_W, C_b, lam_W, lam_b, K, Theta):
 _step_jit = jax.jit(_step, static_argnums=(0, 1))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _closed_form_recursion(act, G, C_Ws, C_bs, lam_Ws, lam_bs):
+    """All layers in one compiled scan (closed-form activations need no data-dependent rule)."""
+    K0 = C_bs[0] + C_Ws[0] * G
+    T0 = lam_bs[0] + lam_Ws[0] * G
+
+    def body(carry, hp):
+        K, T = _step(act, None, *hp, *carry)
+        return (K, T), (K, T)
+
+    _, (Ks, Ts) = jax.lax.scan(body, (K0, T0), (C_Ws[1:], C_bs[1:], lam_Ws[1:], lam_bs[1:]))
+    return jnp.concatenate([K0[None], Ks]), jnp.concatenate([T0[None], Ts])
+
+
 def infinite_width(net: MLP, x) -> InfiniteWidth:
     """NNGP kernel and NTK of every layer of ``net`` on inputs ``x`` of shape (N, n_0), float64.
 
@@ -75,6 +91,10 @@ def infinite_width(net: MLP, x) -> InfiniteWidth:
     """
     net = check_net(net)
     G = input_gram(x)
+    if net.sigma.has_closed_form:
+        hp = [jnp.asarray(v, dtype=jnp.float64) for v in (net.C_Ws, net.C_bs, net.lambda_Ws, net.lambda_bs)]
+        K, Theta = _closed_form_recursion(net.sigma, G, *hp)
+        return _checked(InfiniteWidth(K=K, Theta=Theta, net=net))
     K = net.C_bs[0] + net.C_Ws[0] * G
     Theta = net.lambda_bs[0] + net.lambda_Ws[0] * G
     Ks, Ts = [K], [Theta]
@@ -84,7 +104,10 @@ def infinite_width(net: MLP, x) -> InfiniteWidth:
                              K, Theta)
         Ks.append(K)
         Ts.append(Theta)
-    out = InfiniteWidth(K=jnp.stack(Ks), Theta=jnp.stack(Ts), net=net)
+    return _checked(InfiniteWidth(K=jnp.stack(Ks), Theta=jnp.stack(Ts), net=net))
+
+
+def _checked(out: InfiniteWidth) -> InfiniteWidth:
     if not bool(jnp.all(jnp.isfinite(out.K)) and jnp.all(jnp.isfinite(out.Theta))):
         raise FloatingPointError(
             "infinite_width: the kernel recursion overflowed (non-finite K or Theta); "

@@ -1,0 +1,57 @@
+"""Time of the first-order finite-width tensors (all of G1, V, H1, A, B, D, F) against N and depth.
+
+    python benchmarks/bench_finite.py [--small] [--full] [--json PATH]
+
+Reports cold (with JAX compilation) and warm times for tanh and relu MLPs; --full adds N = 16 at
+depth 10 (the issue's target size).  Prints the scaling exponent in N fitted from the warm times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+import efftheory as et
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--small", action="store_true", help="CI smoke size")
+    ap.add_argument("--full", action="store_true", help="include N = 16, depth 10")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    Ns = (1, 2, 3) if args.small else (2, 4, 8) + ((16,) if args.full else ())
+    depths = (3,) if args.small else (3, 10)
+    rows = []
+    rng = np.random.default_rng(0)
+    for act, C_W in (("tanh", 1.0), ("relu", 2.0)):
+        for L in depths:
+            for N in Ns:
+                x = rng.normal(size=(N, 4))
+                net = et.MLP(L, 64, act, C_W=C_W)
+                _, cold = timed(lambda: et.finite_width(net, x))
+                _, warm = timed(lambda: et.finite_width(net, x))
+                rows.append(dict(activation=act, depth=L, N=N, cold_s=cold, warm_s=warm))
+                print(f"{act:5s} depth {L:2d} N {N:2d}: cold {cold:7.2f} s  warm {warm:7.2f} s", flush=True)
+    for act in ("tanh", "relu"):
+        for L in depths:
+            pts = [(r["N"], r["warm_s"]) for r in rows if r["activation"] == act and r["depth"] == L and r["N"] > 1]
+            if len(pts) >= 2:
+                slope = np.polyfit(np.log([p[0] for p in pts]), np.log([p[1] for p in pts]), 1)[0]
+                print(f"{act} depth {L}: warm time ~ N^{slope:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
