@@ -1,7 +1,7 @@
 """Sampled finite networks, measured the way THEORY.md's predictions are stated.
 
 * :mod:`.networks`   init_params, apply, apply_all, learning_rates (one finite MLP)
-* :mod:`.ntk`        ntk, ntk_full (exact NTK from the layer structure), ntk_autodiff (any apply_fn)
+* :mod:`.tangent`    ntk, ntk_full (exact NTK from the layer structure), ntk_autodiff (any apply_fn)
 * :mod:`.moments`    per-network sufficient statistics (averages over one network's neurons)
 * :mod:`.ensemble`   sample, sample_ensemble: M networks per width, chunked, reproducible, resumable
 * :mod:`.statistics` estimators with standard errors over networks: metric, four_point, ntk_mean, ...
@@ -12,7 +12,7 @@ from .cache import CacheMismatchError
 from .ensemble import Ensemble, Sweep, default_chunk, sample, sample_ensemble
 from .moments import STATISTICS
 from .networks import apply, apply_all, init_params, learning_rates
-from .ntk import ntk, ntk_autodiff, ntk_full
+from .tangent import ntk, ntk_autodiff, ntk_full
 from .statistics import (
     Estimate,
     NTKPreactivation,

@@ -10,7 +10,7 @@ dropped, so the results do not depend on the chunk size.
 Two ways to draw a network (``method``):
 
 * ``"weights"`` (default): W, b from :func:`.networks.init_params`, forward pass, and for NTK
-  statistics the exact NTK of :mod:`.ntk`.
+  statistics the exact NTK of :mod:`.tangent`.
 * ``"conditional"``: preactivations at the N inputs from their exact layer-by-layer conditional law
   (:func:`.networks.conditional_forward`), O(N n) per layer instead of O(n^2).  Equal in law to
   "weights" (but other draws); forward statistics only ("metric", "four_point").
@@ -37,7 +37,7 @@ from ..network import MLP
 from . import cache as _cache
 from . import moments
 from .networks import _init, check_dtype, check_net, check_x, conditional_forward, forward
-from .ntk import backward_vectors, ntk_from_layers
+from .tangent import backward_vectors, ntk_from_layers
 
 __all__ = ["Ensemble", "Sweep", "sample", "sample_ensemble", "default_chunk"]
 
@@ -73,6 +73,11 @@ class Ensemble:
     def n_networks(self) -> int:
         return int(next(iter(self.stats.values())).shape[0])
 
+    def __repr__(self) -> str:
+        return (f"Ensemble({self.net!r}, n_networks={self.n_networks}, inputs={self.x.shape}, "
+                f"statistics={self.statistics}, method={self.method!r}, dtype={self.dtype!r}, seed={self.seed}"
+                + (f", fold={self.fold}" if self.fold else "") + ")")
+
     @property
     def fan_in(self) -> tuple[int, ...]:
         """(n_0, ..., n_{L-1}): the 1/n_{l-1} that multiplies layer l's first-order statistics."""
@@ -93,6 +98,11 @@ class Sweep:
 
     def __len__(self) -> int:
         return len(self.widths)
+
+    def __repr__(self) -> str:
+        e = self.ensembles[0]
+        return (f"Sweep(widths={self.widths}, n_networks={e.n_networks}, statistics={e.statistics}, "
+                f"method={e.method!r}, dtype={e.dtype!r}, seed={e.seed})")
 
     def estimate(self, estimator, *args, **kwargs):
         """Apply ``estimator(ensemble, ...)`` at every width and stack the results: leading axis = width."""

@@ -123,7 +123,7 @@ def jackknife(f, *per_network_values) -> Estimate:
     f_all = np.asarray(f(*[jnp.asarray(s / M) for s in sums]), np.float64)
     if M < 2:
         return Estimate(value=f_all, stderr=np.full(f_all.shape, np.nan))
-    fv = jax.jit(jax.vmap(f))
+    fv = jax.vmap(f)  # eager: a fresh jit per call would recompile for every new f
     s1 = np.zeros_like(f_all)
     s2 = np.zeros_like(f_all)
     for lo in range(0, M, _JACKKNIFE_BLOCK):

@@ -1,4 +1,5 @@
-r"""The exact neural tangent kernel of one finite network (THEORY.md, "The network").
+r"""The exact neural tangent kernel of one finite network (THEORY.md, "The network"); module ``tangent``
+(not ``ntk``, so that ``efftheory.empirical.ntk`` is unambiguously the function).
 
     H_{i1 i2; a1 a2} = sum_l [ lambda_b^(l) sum_k dz_{i1;a1}/db_k^(l) dz_{i2;a2}/db_k^(l)
                                + (lambda_W^(l)/n_{l-1}) sum_{jk} dz_{i1;a1}/dW_{kj}^(l) dz_{i2;a2}/dW_{kj}^(l) ]
