@@ -9,7 +9,6 @@ import pytest
 
 import efftheory
 from efftheory import empirical as E
-from efftheory.empirical import ensemble as ensemble_mod
 
 NET = efftheory.MLP(3, 6, "tanh", C_W=1.2, C_b=0.1, output_width=2)
 X = np.array([[1.0, 0.3, -0.5, 0.2], [0.1, -1.0, 0.4, 0.6], [0.7, 0.7, 0.0, -0.3]])

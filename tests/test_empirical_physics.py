@@ -29,6 +29,7 @@ def _assert_pulls(name, pulls, max_pull, rms_max=2.5):
     p = p[np.isfinite(p)]
     assert p.size, name
     rms = float(np.sqrt(np.mean(p**2)))
+    print(f"{name}: max |pull| {np.max(np.abs(p)):.2f}, rms {rms:.2f} over {p.size} entries")  # shown with -s
     assert np.max(np.abs(p)) < max_pull and rms < rms_max, f"{name}: max |pull| {np.max(np.abs(p)):.2f}, rms {rms:.2f}"
 
 
@@ -156,4 +157,5 @@ def test_intercept_pulls_are_calibrated():
         pulls.append(metric_fit.a_pull[:, iu[0], iu[1]].ravel())
         pulls.append(V_fit.a_pull[iu[0], iu[1]][:, iu[0], iu[1]].ravel())
     p = np.concatenate(pulls)
+    print(f"calibration: {p.size} intercept pulls, mean {np.mean(p):.3f}, std {np.std(p):.3f}")  # shown with -s
     assert abs(np.mean(p)) < 0.15 and 0.85 < np.std(p) < 1.15, (np.mean(p), np.std(p))

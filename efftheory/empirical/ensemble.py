@@ -272,7 +272,9 @@ def sample_ensemble(net: MLP, x, n_networks: int, seed: int, *, statistics=("met
       cache_dir: if given, each finished chunk is written there atomically and reused on restart.
 
     Returns:
-      An :class:`Ensemble`.
+      An :class:`Ensemble`.  Its per-network arrays hold 2 L N^4 numbers per network with
+      "four_point" (6 N^4 more with all NTK groups), M times: ask only for the groups you need when M
+      or N is large.
     """
     x, M, seed, statistics, method, chunk, dtype_name, cache_dir = _prepare(
         net, x, n_networks, seed, statistics, method, chunk, dtype, cache_dir)
