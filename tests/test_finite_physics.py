@@ -7,9 +7,12 @@ For each activation: 3 inputs (one nearly collinear pair, cosine 0.99), depth 5,
   metric E[z z]      -> a = K,     c1 = G1
   NTK mean E[H_ii]   -> a = Theta, c1 = H1
   connected correlators (four-point, NTK covariances, NTK-preactivation) -> a = 0, c1 = V, A, B, D, F
-* a and c1 must agree within 3 standard errors.  A tensor has many entries, so the 3-sigma rule
-  is applied per distinct entry with a Bonferroni correction for their number (family-wise
-  false-alarm rate 0.27%, the rate of a single 3-sigma test).  The mean squared pull is printed
+* a and c1 must agree within 3 standard errors.  This file makes many comparisons (every distinct
+  entry of 13 statistics for 4 activations), so the 3-sigma rule is applied with a Bonferroni
+  correction for their total number: the whole file has the false-alarm rate of one 3-sigma test
+  (0.27%), which puts the per-entry limit near 4.6 sigma.  (Run with a fixed seed, an uncorrected
+  3-sigma rule failed here on a 4.3-sigma fluctuation of the layer-2 metric, whose exact value
+  the theory knows: K^(2) has no 1/n correction at all.)  The mean squared pull is printed
   but not asserted: entries of one tensor share most of their sampling noise, so it is not chi^2.
 * where the residual m(n) - a - c1/n is resolved (>= 2 standard errors at >= 3 widths), its
   log-log slope must be -2 within 0.3 (plus twice its own standard error, which at these
@@ -29,6 +32,7 @@ WIDTHS = (16, 32, 64, 128)
 DEPTH = 5
 M = 6000
 X = np.array([[1.0, 0.3, -0.5], [0.2, -1.0, 0.8], [0.93, 0.42, -0.43]])
+CHECKS_PER_CASE = 13  # metric and V at four layers; NTK mean, A, B, D, F
 CASES = {
     "tanh-critical": ("tanh", 1.0, 0.0),
     "relu-critical": ("relu", 2.0, 0.0),
@@ -63,6 +67,17 @@ def case(request):
     return request.param, theory, sweep
 
 
+def _pulls(widths, est, a_pred, c1_pred, raw_scale):
+    v, s = np.asarray(est.value, dtype=np.float64), np.asarray(est.stderr, dtype=np.float64)
+    if raw_scale is not None:
+        w = np.asarray(widths, dtype=np.float64).reshape((-1,) + (1,) * (v.ndim - 1))
+        v, s = v / w, s / w
+    fit = em.width_sweep_fit(widths, v, s, infinite=np.asarray(a_pred), first_order=np.asarray(c1_pred))
+    keep = _distinct(v.shape[1:])
+    pulls = np.concatenate([np.asarray(fit.a_pull)[keep], np.asarray(fit.c1_pull)[keep]])
+    return pulls, norm.isf(0.00135 / (pulls.size * CHECKS_PER_CASE * len(CASES)))
+
+
 def _check(name, widths, est, a_pred, c1_pred, *, raw_scale=None, slope_check=True):
     """Fit, then assert the protocol; returns a one-line summary for the log."""
     v, s = np.asarray(est.value, dtype=np.float64), np.asarray(est.stderr, dtype=np.float64)
@@ -74,10 +89,10 @@ def _check(name, widths, est, a_pred, c1_pred, *, raw_scale=None, slope_check=Tr
     keep = _distinct(v.shape[1:])
     pulls = np.concatenate([np.asarray(fit.a_pull)[keep], np.asarray(fit.c1_pull)[keep]])
     m = pulls.size
-    limit = norm.isf(0.00135 / m)
+    limit = norm.isf(0.00135 / (m * CHECKS_PER_CASE * len(CASES)))
     worst = float(np.max(np.abs(pulls)))
     msq = float(np.mean(pulls**2))
-    assert worst <= limit, f"{name}: worst pull {worst:.2f} > {limit:.2f} (Bonferroni over {m})"
+    assert worst <= limit, f"{name}: worst pull {worst:.2f} > {limit:.2f} (Bonferroni over {m} entries x {CHECKS_PER_CASE * len(CASES)} checks)"
     _, resolved, slope, slope_se, ok = em.residual_scaling(widths, v, s, a_pred, c1_pred)
     slope, slope_se, ok = np.asarray(slope)[keep], np.asarray(slope_se)[keep], np.asarray(ok)[keep]
     if slope_check and ok.any():
@@ -91,13 +106,23 @@ def _check(name, widths, est, a_pred, c1_pred, *, raw_scale=None, slope_check=Tr
 def test_metric_and_four_point(case, capsys):
     label, th, sw = case
     out = []
-    for l in (1, 2, DEPTH - 1):
+    for l in (1, 2, DEPTH - 2, DEPTH - 1):
         m = sw.estimate(em.metric)
         est = type(m)(m.value[:, l], m.stderr[:, l])
         out.append(_check(f"{label} metric l={l + 1}", WIDTHS, est, th.K[l], th.G1[l]))
         v = sw.estimate(em.four_point)
         est = type(v)(v.value[:, l], v.stderr[:, l])
         out.append(_check(f"{label} V l={l + 1}", WIDTHS, est, np.zeros_like(th.V[l]), th.V[l], raw_scale=True))
+    # the same data must reject a wrong first-order coefficient (the check has power).  Measured at
+    # M = 6000 on layer 3: V x 1.3 gives worst pulls 1.8-3.0 (not resolved at the Bonferroni
+    # limit 4.85), V x 2 gives 5.9-11.1; so this check resolves factor-of-two errors in the
+    # multi-input V, while V's exact forms (tests/test_finite.py) pin it to 1e-8.
+    l = 2
+    v = sw.estimate(em.four_point)
+    est = type(v)(v.value[:, l], v.stderr[:, l])
+    pulls, limit = _pulls(WIDTHS, est, np.zeros_like(th.V[l]), 2.0 * np.asarray(th.V[l]), True)
+    out.append(f"{label} V l=3 with V x 2: worst pull {np.max(np.abs(pulls)):.2f}")
+    assert np.max(np.abs(pulls)) > limit, "a factor-2 error in V went unnoticed: the check has no power"
     with capsys.disabled():
         print("\n" + "\n".join(out))
 
@@ -113,5 +138,8 @@ def test_ntk_mean_variance_and_cross_correlations(case, capsys):
     pre = sw.estimate(em.ntk_preactivation)
     out.append(_check(f"{label} D", WIDTHS, pre.D, z4, th.D[L], raw_scale=True))
     out.append(_check(f"{label} F", WIDTHS, pre.F, z4, th.F[L], raw_scale=True))
+    pulls, limit = _pulls(WIDTHS, var.B, z4, 1.3 * np.asarray(th.B[L]), True)
+    out.append(f"{label} B with B x 1.3: worst pull {np.max(np.abs(pulls)):.2f}")
+    assert np.max(np.abs(pulls)) > limit, "a 30% error in B went unnoticed: the check has no power"
     with capsys.disabled():
         print("\n" + "\n".join(out))
