@@ -56,7 +56,8 @@ def test_deep_linear_several_inputs_is_exact(rng):
     K1 = C_W * x @ x.T / 4
     pair = np.einsum("ac,bd->abcd", K1, K1) + np.einsum("ad,bc->abcd", K1, K1)
     for l in range(1, L + 1):
-        np.testing.assert_allclose(r.V[l - 1], (l - 1) * C_W ** (2 * (l - 1)) * pair, rtol=1e-11, atol=1e-12)
+        # exact up to the 3-input rule (tail cut at 7.5 sigma: ~1e-10 relative)
+        np.testing.assert_allclose(r.V[l - 1], (l - 1) * C_W ** (2 * (l - 1)) * pair, rtol=2e-9, atol=1e-12)
     np.testing.assert_allclose(r.G1, 0.0, atol=1e-12)
 
 
@@ -107,9 +108,9 @@ def test_diagonal_path_matches_full_tensors():
     diag = et.finite_width_diagonal(net, x)
     assert diag.V.shape == (4, 2)
     for name in ("K", "Theta", "G1", "H1"):
-        np.testing.assert_allclose(getattr(diag, name), np.einsum("laa->la", getattr(full, name)), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(getattr(diag, name), np.einsum("laa->la", getattr(full, name)), rtol=1e-8, atol=1e-12)
     for name in ("V", "A", "B", "D", "F"):
-        np.testing.assert_allclose(getattr(diag, name), np.einsum("laaaa->la", getattr(full, name)), rtol=1e-9,
+        np.testing.assert_allclose(getattr(diag, name), np.einsum("laaaa->la", getattr(full, name)), rtol=1e-8,
                                    atol=1e-12)
 
 
