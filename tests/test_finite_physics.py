@@ -1,7 +1,7 @@
 """Every first-order tensor against sampled networks, by the width-sweep protocol of THEORY.md.
 
 For each activation: 3 inputs (one nearly collinear pair, cosine 0.99), depth 5, widths
-16, 32, 64, 128 (a factor of eight), M networks per width, standard errors over networks.
+16, 32, 64, 128, 256 (a factor of sixteen), M networks per width, standard errors over networks.
 
 * raw statistics m(n) are fitted as a + c1/n + c2/n^2 (weighted least squares):
   metric E[z z]      -> a = K,     c1 = G1
@@ -28,7 +28,7 @@ from efftheory import empirical as em
 
 pytestmark = pytest.mark.physics
 
-WIDTHS = (16, 32, 64, 128)
+WIDTHS = (16, 32, 64, 128, 256)
 DEPTH = 5
 M = 6000
 X = np.array([[1.0, 0.3, -0.5], [0.2, -1.0, 0.8], [0.93, 0.42, -0.43]])
