@@ -63,3 +63,15 @@ def inputs(name: str, x, *, ndim: int = 2) -> np.ndarray:
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{name}: contains NaN or infinite entries")
     return arr
+
+
+def widths(name: str, value) -> tuple[int, ...]:
+    """A width or a non-empty sequence of distinct positive integer widths, as a tuple."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        value = (value,)
+    if not isinstance(value, (Sequence, np.ndarray)) or isinstance(value, str) or len(value) == 0:
+        raise ValueError(f"{name}: expected a non-empty sequence of positive integers, got {value!r}")
+    ws = tuple(positive_int(f"{name}[{i}]", w) for i, w in enumerate(value))
+    if len(set(ws)) != len(ws):
+        raise ValueError(f"{name}: expected distinct widths, got {ws}")
+    return ws

@@ -589,13 +589,7 @@ def _check_compare_args(net, x, widths, n_networks):
     x = _validate.inputs("x", x)
     if x.shape[0] > MAX_INPUTS:
         raise ValueError(f"x: at most {MAX_INPUTS} inputs (four-point statistics grow like N^4), got {x.shape[0]}")
-    if isinstance(widths, (int, np.integer)) and not isinstance(widths, bool):
-        widths = (widths,)
-    if not isinstance(widths, (Sequence, np.ndarray)) or isinstance(widths, str) or len(widths) == 0:
-        raise ValueError(f"widths: expected a non-empty sequence of positive integers, got {widths!r}")
-    ws = tuple(_validate.positive_int(f"widths[{i}]", w) for i, w in enumerate(widths))
-    if len(set(ws)) != len(ws):
-        raise ValueError(f"widths: expected distinct widths, got {ws}")
+    ws = _validate.widths("widths", widths)
     M = _validate.positive_int("n_networks", n_networks, minimum=2)
     return x, tuple(sorted(ws)), M
 

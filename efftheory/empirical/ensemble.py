@@ -295,13 +295,7 @@ def sample(net: MLP, x, widths: int | Sequence[int], n_networks: int, seed: int,
       A :class:`Sweep`; ``sweep[n]`` is the ensemble at width n and ``sweep.estimate(f)`` stacks an
       estimator over widths.
     """
-    if isinstance(widths, (int, np.integer)) and not isinstance(widths, bool):
-        widths = (widths,)
-    if not isinstance(widths, (Sequence, np.ndarray)) or isinstance(widths, str) or len(widths) == 0:
-        raise ValueError(f"widths: expected a non-empty sequence of positive integers, got {widths!r}")
-    ws = tuple(_validate.positive_int(f"widths[{i}]", w) for i, w in enumerate(widths))
-    if len(set(ws)) != len(ws):
-        raise ValueError(f"widths: expected distinct widths, got {ws}")
+    ws = _validate.widths("widths", widths)
     x, M, seed, statistics, method, chunk, dtype_name, cache_dir = _prepare(
         net, x, n_networks, seed, statistics, method, chunk, dtype, cache_dir)
     ensembles = []
