@@ -60,8 +60,10 @@ class Activation:
 
     @property
     def derivative(self) -> Callable[[jax.Array], jax.Array]:
-        """sigma' by automatic differentiation (a step function for kinked activations)."""
-        return jnp.vectorize(jax.grad(self.fn))
+        """sigma' elementwise by forward-mode differentiation (a step function for kinked activations)."""
+        from .gaussian import derivative
+
+        return derivative(self.fn)
 
     @property
     def has_closed_form(self) -> bool:

@@ -27,7 +27,8 @@ once (a ReLU's sigma'' is a delta).  Stein's lemma in whitened coordinates u = L
     <d^k f / dz_{g1}..dz_{gk}> = <f(z) He_{g1..gk}(z; Sigma)>,
 
 with He the multivariate Hermite polynomials of THEORY.md (u_a u_b - Sigma^{-1}_ab, and the
-quartic one), is implemented in :func:`hermite_weights` for a covariance of full rank.
+quartic one), is implemented in :mod:`efftheory.hermite` (whitened coordinates, pseudo-inverse
+for singular covariances).
 
 Accuracy: with the default node counts smooth activations reach 1e-10 relative against adaptive
 quadrature for variances from 0.05 to 10 (tests/test_gaussian.py); kinked activations use the
