@@ -148,23 +148,15 @@ def expect2(f, k11, k22, k12, *, order: int | None = None):
     return out[0].reshape(k11.shape)
 
 
-def _pivoted_cholesky(S, tol=1e-13):
-    """Lower factor L (k x k) with S = L L^T for a PSD matrix, zero columns where rank is lost."""
-    S = np.asarray(S, dtype=np.float64)
-    k = S.shape[0]
-    L = np.zeros_like(S)
-    scale = max(np.max(np.abs(np.diag(S))), np.finfo(float).tiny)
-    R = S.copy()
-    for j in range(k):
-        d = R[j, j]
-        if d <= tol * scale:
-            R[j, :] = 0.0
-            R[:, j] = 0.0
-            continue
-        col = R[:, j] / np.sqrt(d)
-        L[:, j] = col
-        R = R - np.outer(col, col)
-    return L
+def range_factor(S, rtol: float = 1e-12):
+    """Factors L with S = L L^T for PSD matrices S (..., k, k), from the eigendecomposition.
+
+    Eigenvalues below ``rtol`` times the largest count as zero, so the columns of L outside the
+    range of a rank-deficient S vanish (identical or collinear inputs: no jitter).
+    """
+    lam, Q = np.linalg.eigh(np.asarray(S, dtype=np.float64))
+    lam = np.where(lam > rtol * lam[..., -1:], lam, 0.0)
+    return Q * np.sqrt(lam)[..., None, :]
 
 
 def expectk(f, Sigma, *, order: int = 32):
@@ -173,7 +165,7 @@ def expectk(f, Sigma, *, order: int = 32):
     A tensor-product rule of ``order`` nodes in each direction of the range of Sigma; directions
     outside the range (rank-deficient Sigma) cost nothing.
     """
-    L = _pivoted_cholesky(Sigma)
+    L = range_factor(Sigma)
     keep = np.any(L != 0, axis=0)
     L = L[:, keep]
     r = L.shape[1]

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .gaussian import derivative, nodes_for, normal_rule
+from .gaussian import derivative, nodes_for, normal_rule, range_factor, rule_size
 
 __all__ = ["whiten2", "hermite_moments2", "product_moments", "HERMITE"]
 
@@ -196,13 +196,13 @@ def _product_moment2(sig, dsig, degree, order, L, e1, e2):
     return _trapezoid_monomials(factor(e1), factor(e2), L, order, maxdeg=0)[..., 0, 0]
 
 
-def product_moments(act, K, kinds: tuple[int, ...], *, tol3: float = 1e-9):
+def product_moments(act, K, kinds: tuple[int, ...]):
     """M[a, b, c, d] = < prod_s sigma^(kinds[s])(z_{idx_s}) >_K  for all index tuples, (N,)*4.
 
     ``kinds`` holds 0 (sigma) or 1 (sigma') for each of the four slots, e.g. (1, 1, 0, 0) for
     <sigma'_a sigma'_b sigma_c sigma_d>.  Each distinct value is computed once: over one or two
     distinct inputs with the exact 2-d rules of :func:`hermite_moments2`, over three or four with
-    a tensor trapezoid rule (relative accuracy ``tol3`` for smooth sigma; O(h^2) across kinks).
+    a capped tensor trapezoid rule (see :func:`_order_for`; O(h^2) across kinks).
     """
     K = np.asarray(K, dtype=np.float64)
     N = K.shape[0]
@@ -239,10 +239,8 @@ def product_moments(act, K, kinds: tuple[int, ...], *, tol3: float = 1e-9):
             continue
         idx = inputs[sel, :k]
         S = K[idx[:, :, None], idx[:, None, :]]  # (E, k, k)
-        lam, Q = np.linalg.eigh(S)
-        lam = np.where(lam > 1e-12 * lam[:, -1:], lam, 0.0)
-        Lk = Q * np.sqrt(lam)[:, None, :]
-        n = _order_for(act, Kmax, tol=tol3, k=k)
+        Lk = range_factor(S)
+        n = _order_for(act, Kmax, k=k)
         vals[sel] = _bucketed(lambda s_, d_, L_, e_: _trapezoid_k(s_, d_, L_, e_, n, k), (sig, dsig), Lk,
                               expo[sel, :k])
 
@@ -268,13 +266,12 @@ def _bcast(e, z):
     return e.reshape(e.shape[:1] + (1,) * (z.ndim - 1) + (2,))
 
 
-def _order_for(act, Kmax, tol=1e-13, k=2):
+def _order_for(act, Kmax, k=2):
     """Nodes per direction: the accurate 2-d rule, and capped tensor rules in 3 and 4 dimensions
     (96^3 and 32^4 nodes per entry; with the tail cut at 7.5 sigma the 4-d rule keeps ~1e-6
     relative accuracy for tanh up to K ~ 4, the 3-d rule ~1e-9)."""
-    n = nodes_for(Kmax, tol)
     if k == 2:
-        return min(8 * n, 2048) if not act.smooth else n
+        return rule_size(act, Kmax)
     return 96 if k == 3 else 32
 
 
