@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import jax.scipy.special as jsp
+
+from . import _validate
 
 __all__ = ["Activation", "get_activation", "registered", "leaky_relu"]
 
@@ -54,6 +57,18 @@ class Activation:
     nngp: Kernel2 | None = None
     dnngp: Kernel2 | None = None
     smooth: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.name, str):
+            raise ValueError(f"name: expected a string, got {type(self.name).__name__}")
+        if not callable(self.fn):
+            raise ValueError(f"fn: expected a JAX-traceable callable sigma(z), got {type(self.fn).__name__}")
+        for field in ("nngp", "dnngp"):
+            v = getattr(self, field)
+            if v is not None and not callable(v):
+                raise ValueError(f"{field}: expected None or a callable of (k11, k22, k12), got {type(v).__name__}")
+        if not isinstance(self.smooth, bool):
+            raise ValueError(f"smooth: expected True or False, got {type(self.smooth).__name__}")
 
     def __call__(self, z):
         return self.fn(z)
@@ -138,7 +153,7 @@ def _sin_dnngp(k11, k22, k12):
 
 def leaky_relu(a: float = 0.01) -> Activation:
     """max(z, a z) with its closed-form kernels; ``a`` is the negative slope (|a| < 1 not required)."""
-    a = float(a)
+    a = _validate.real("a", a)
     p, m = (1 + a) / 2, (1 - a) / 2
     return Activation(
         name=f"leaky_relu({a:g})",
@@ -196,11 +211,18 @@ def get_activation(activation, name: str = "activation") -> Activation:
             return _REGISTRY[key]
         m = _LEAKY.match(key)
         if m:
-            return leaky_relu(float(m.group(1)) if m.group(1) else 0.01)
+            try:
+                slope = float(m.group(1)) if m.group(1) else 0.01
+            except ValueError:
+                slope = float("nan")
+            if not math.isfinite(slope):
+                raise ValueError(f"{name}: leaky_relu(a) needs a finite number a, got {activation!r}")
+            return leaky_relu(slope)
         raise ValueError(
             f"{name}: unknown activation {activation!r}; expected one of {', '.join(registered())}, "
             "or a JAX-traceable callable"
         )
     if callable(activation):
-        return Activation(getattr(activation, "__name__", "callable"), activation, smooth=True)
+        label = getattr(activation, "__name__", None)
+        return Activation(label if isinstance(label, str) else type(activation).__name__, activation, smooth=True)
     raise ValueError(f"{name}: expected an activation name or a callable, got {activation!r}")

@@ -63,16 +63,19 @@ class MLP:
         lambda_b: float | Sequence[float] | None = None,
         output_width: int = 1,
     ):
-        L = _validate.positive_int("depth", depth)
-        if isinstance(width, (Sequence, np.ndarray)) and not isinstance(width, str):
+        L = _validate.positive_int("depth", depth, maximum=_validate.MAX_DEPTH)
+        if isinstance(width, np.ndarray) and width.ndim == 0:
+            width = width.item()
+        if isinstance(width, (Sequence, np.ndarray)) and not isinstance(width, (str, bytes)):
             ws = list(width)
             if len(ws) != L - 1:
                 raise ValueError(
                     f"width: expected an int or a sequence of depth-1 = {L - 1} hidden widths, got {len(ws)}"
                 )
-            widths = tuple(_validate.positive_int(f"width[{i}]", w) for i, w in enumerate(ws))
+            widths = tuple(_validate.positive_int(f"width[{i}]", w, maximum=_validate.MAX_WIDTH)
+                           for i, w in enumerate(ws))
         else:
-            widths = (_validate.positive_int("width", width),) * (L - 1)
+            widths = (_validate.positive_int("width", width, maximum=_validate.MAX_WIDTH),) * (L - 1)
         C_Ws = _validate.per_layer("C_W", C_W, L, positive=True)
         C_bs = _validate.per_layer("C_b", C_b, L, nonnegative=True)
         lW = C_Ws if lambda_W is None else _validate.per_layer("lambda_W", lambda_W, L, nonnegative=True)
@@ -85,7 +88,7 @@ class MLP:
         set_(self, "C_bs", C_bs)
         set_(self, "lambda_Ws", lW)
         set_(self, "lambda_bs", lb)
-        set_(self, "output_width", _validate.positive_int("output_width", output_width))
+        set_(self, "output_width", _validate.positive_int("output_width", output_width, maximum=_validate.MAX_WIDTH))
 
     # ------------------------------------------------------------------ derived views
     @property
@@ -99,7 +102,7 @@ class MLP:
 
     def layer_widths(self, input_dim: int) -> tuple[int, ...]:
         """(n_0, n_1, ..., n_L) for inputs of dimension ``input_dim``."""
-        return (_validate.positive_int("input_dim", input_dim),) + self.widths
+        return (_validate.positive_int("input_dim", input_dim, maximum=_validate.MAX_WIDTH),) + self.widths
 
     def width_ratios(self) -> tuple[float, ...]:
         """r_l = n_l / n_{l-1} for l = 1..L-1 (index 0 is r_1 = n_1/n_1 = 1 by convention, unused).

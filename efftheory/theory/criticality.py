@@ -41,7 +41,9 @@ __all__ = ["Criticality", "chi_parallel", "chi_perp", "fixed_point", "critical_i
 
 
 def _variance(name, K):
-    K = np.asarray(K, dtype=np.float64)
+    K = _validate.real_array(name, K, what="a variance or an array of variances K >= 0", finite=False)
+    if K.size == 0:
+        raise ValueError(f"{name}: expected at least one variance, got an empty array of shape {K.shape}")
     if not np.all(np.isfinite(K)) or np.any(K < 0):
         raise ValueError(f"{name}: expected finite variance(s) K >= 0, got {K}")
     return K

@@ -16,12 +16,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from .. import _validate
+from .. import _validate, mehler
 from .._pytree import result
-from ..gaussian import pair_moments, rule_size
+from ..gaussian import pair_moments
 from ..network import MLP
 
-__all__ = ["InfiniteWidth", "infinite_width", "input_gram", "check_net"]
+__all__ = ["InfiniteWidth", "KernelOverflowError", "infinite_width", "input_gram", "check_net"]
 
 
 @result(meta=("net",))
@@ -57,7 +57,10 @@ def input_gram(x) -> jax.Array:
     """(1/n_0) x x^T for inputs x of shape (N, n_0), validated."""
     x = _validate.inputs("x", x)
     xj = jnp.asarray(x, dtype=jnp.float64)
-    return xj @ xj.T / x.shape[1]
+    G = xj @ xj.T / x.shape[1]
+    if not bool(jnp.all(jnp.isfinite(G))):
+        raise ValueError("x: entries too large, (1/n_0) x x^T overflows float64")
+    return G
 
 
 def _step(act, order, C_W, C_b, lam_W, lam_b, K, Theta):
@@ -67,7 +70,9 @@ def _step(act, order, C_W, C_b, lam_W, lam_b, K, Theta):
     return K_next, Theta_next
 
 
-_step_jit = jax.jit(_step, static_argnums=(0, 1))
+@jax.jit
+def _update(S, dS, Theta, C_W, C_b, lam_W, lam_b):
+    return C_b + C_W * S, lam_b + lam_W * S + C_W * dS * Theta
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -95,13 +100,14 @@ def infinite_width(net: MLP, x) -> InfiniteWidth:
         hp = [jnp.asarray(v, dtype=jnp.float64) for v in (net.C_Ws, net.C_bs, net.lambda_Ws, net.lambda_bs)]
         K, Theta = _closed_form_recursion(net.sigma, G, *hp)
         return _checked(InfiniteWidth(K=K, Theta=Theta, net=net))
+    # No closed form: every layer's <sigma sigma> and <sigma' sigma'> by the Mehler series of
+    # efftheory.mehler (N 1-d rules and a power series in rho), the 2-d rule only where it fails.
     K = net.C_bs[0] + net.C_Ws[0] * G
     Theta = net.lambda_bs[0] + net.lambda_Ws[0] * G
     Ks, Ts = [K], [Theta]
     for l in range(1, net.depth):
-        order = None if net.sigma.has_closed_form else rule_size(net.sigma, float(jnp.max(jnp.diagonal(K))))
-        K, Theta = _step_jit(net.sigma, order, net.C_Ws[l], net.C_bs[l], net.lambda_Ws[l], net.lambda_bs[l],
-                             K, Theta)
+        S, dS = mehler.pair_moments(net.sigma, K)
+        K, Theta = _update(S, dS, Theta, net.C_Ws[l], net.C_bs[l], net.lambda_Ws[l], net.lambda_bs[l])
         Ks.append(K)
         Ts.append(Theta)
     return _checked(InfiniteWidth(K=jnp.stack(Ks), Theta=jnp.stack(Ts), net=net))
@@ -109,8 +115,8 @@ def infinite_width(net: MLP, x) -> InfiniteWidth:
 
 def _checked(out: InfiniteWidth) -> InfiniteWidth:
     if not bool(jnp.all(jnp.isfinite(out.K)) and jnp.all(jnp.isfinite(out.Theta))):
-        raise FloatingPointError(
-            "infinite_width: the kernel recursion overflowed (non-finite K or Theta); "
+        raise KernelOverflowError(
+            "net: the kernel recursion overflowed (non-finite K or Theta); "
             "the network is far in the ordered/chaotic phase for this depth, reduce C_W or depth"
         )
     return out
