@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 from collections.abc import Sequence
 
 import jax
@@ -106,19 +105,20 @@ class Sweep:
 
     def estimate(self, estimator, *args, **kwargs):
         """Apply ``estimator(ensemble, ...)`` at every width and stack the results: leading axis = width."""
+        if not callable(estimator):
+            raise ValueError(f"estimator: expected a callable estimator(ensemble, ...), "
+                             f"got {type(estimator).__name__}")
         outs = [estimator(e, *args, **kwargs) for e in self.ensembles]
         return jax.tree_util.tree_map(lambda *v: np.stack([np.asarray(u) for u in v]), *outs)
 
 
 # --------------------------------------------------------------------------------------- validation
 def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
-    return int(seed)
+    return _validate.seed("seed", seed)
 
 
 def _check_method(method, statistics) -> str:
-    if method not in _METHODS:
+    if not isinstance(method, str) or method not in _METHODS:
         raise ValueError(f"method: expected one of {_METHODS}, got {method!r}")
     if method == "conditional" and not set(statistics) <= moments.FORWARD_ONLY:
         raise ValueError(f"method: 'conditional' draws no weights, so it cannot take NTK statistics "
@@ -140,8 +140,13 @@ def _per_network_bytes(net: MLP, N: int, n0: int, statistics, method, itemsize: 
 def default_chunk(net: MLP, N: int, n0: int, statistics=("metric", "four_point"), method: str = "weights",
                   dtype=jnp.float64) -> int:
     """Networks per chunk so that one chunk's working memory stays near 128 MiB (at most 1024)."""
+    check_net(net)
+    N = _validate.positive_int("N", N, maximum=_validate.MAX_WIDTH)
+    n0 = _validate.positive_int("n0", n0, maximum=_validate.MAX_WIDTH)
+    statistics = moments.resolve(statistics)
+    method = _check_method(method, statistics)
     itemsize = np.dtype(check_dtype(dtype)).itemsize
-    per = _per_network_bytes(net, N, n0, moments.resolve(statistics), method, itemsize)
+    per = _per_network_bytes(net, N, n0, statistics, method, itemsize)
     return int(max(1, min(_MAX_CHUNK, _CHUNK_BUDGET_BYTES // per)))
 
 
@@ -175,11 +180,36 @@ def _chunk_fn(net: MLP, statistics: tuple, method: str, dtype_name: str, chunk: 
     return jax.jit(run, compiler_options=opts)
 
 
+def _check_memory(net: MLP, x: np.ndarray, method: str, dtype_name: str) -> None:
+    """One network's parameters (or, drawn conditionally, its preactivations) must fit in memory."""
+    sizes = (x.shape[1],) + net.widths
+    if method == "conditional":
+        numbers = x.shape[0] * sum(sizes)
+    else:
+        numbers = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+    _validate.memory("net", numbers * np.dtype(dtype_name).itemsize,
+                     f"one network of widths {sizes} (inputs first)")
+
+
+def _activation_fingerprint(fn) -> str:
+    """SHA-256 of sigma at fixed probe points (rounded to 1e-6, so that the last bits of a backend's
+    transcendental functions do not matter): two callables of one name never share a cache."""
+    probe = np.concatenate([np.linspace(-6.0, 6.0, 49), [-1e3, -37.5, -1e-3, 1e-3, 37.5, 1e3]])
+    try:
+        vals = np.asarray(fn(jnp.asarray(probe, jnp.float64)), np.float64)
+    except Exception as e:  # noqa: BLE001 - any failure here is the activation's
+        raise ValueError(f"net: its activation cannot be evaluated on a float64 array ({type(e).__name__}: {e})") \
+            from None
+    rounded = np.round(np.nan_to_num(vals, nan=0.0, posinf=1e300, neginf=-1e300), 6) + 0.0  # -0.0 -> 0.0
+    return hashlib.sha256(np.ascontiguousarray(rounded).tobytes()).hexdigest()
+
+
 def _config(net: MLP, x: np.ndarray, seed: int, fold: tuple, statistics, method, dtype_name) -> dict:
     """What a cached chunk depends on (not the chunk size nor M: network m's draws depend on neither)."""
     return {
         "net": repr(net), "activation": net.sigma.name,
         "activation_fn": getattr(net.sigma.fn, "__qualname__", type(net.sigma.fn).__name__),
+        "activation_values": _activation_fingerprint(net.sigma.fn),
         "x_shape": list(x.shape), "x_sha256": hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest(),
         "seed": seed, "fold": list(fold), "statistics": list(statistics), "method": method,
         "dtype": dtype_name,
@@ -237,19 +267,19 @@ def _run(net, x, n_networks, seed, fold, statistics, method, chunk, dtype_name, 
                     statistics=statistics, method=method, dtype=dtype_name)
 
 
-def _prepare(net, x, n_networks, seed, statistics, method, chunk, dtype, cache_dir):
+def _prepare(net, x, n_networks, seed, statistics, method, chunk, dtype, cache_dir, progress):
     check_net(net)
     x = check_x(x)
-    M = _validate.positive_int("n_networks", n_networks)
+    M = _validate.positive_int("n_networks", n_networks, maximum=_validate.MAX_NETWORKS)
     seed = _check_seed(seed)
     statistics = moments.resolve(statistics)
     method = _check_method(method, statistics)
     dtype_name = np.dtype(check_dtype(dtype)).name
     if chunk is not None:
         chunk = _validate.positive_int("chunk", chunk)
-    if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
-        raise ValueError(f"cache_dir: expected a path or None, got {type(cache_dir).__name__}")
-    return x, M, seed, statistics, method, chunk, dtype_name, (None if cache_dir is None else os.fspath(cache_dir))
+    cache_dir = _validate.optional_path("cache_dir", cache_dir)
+    _validate.flag("progress", progress)
+    return x, M, seed, statistics, method, chunk, dtype_name, cache_dir
 
 
 def sample_ensemble(net: MLP, x, n_networks: int, seed: int, *, statistics=("metric", "four_point"),
@@ -277,7 +307,8 @@ def sample_ensemble(net: MLP, x, n_networks: int, seed: int, *, statistics=("met
       or N is large.
     """
     x, M, seed, statistics, method, chunk, dtype_name, cache_dir = _prepare(
-        net, x, n_networks, seed, statistics, method, chunk, dtype, cache_dir)
+        net, x, n_networks, seed, statistics, method, chunk, dtype, cache_dir, progress)
+    _check_memory(net, x, method, dtype_name)
     if chunk is None:
         chunk = default_chunk(net, x.shape[0], x.shape[1], statistics, method, dtype_name)
     return _run(net, x, M, seed, (), statistics, method, min(chunk, M), dtype_name, progress, cache_dir)
@@ -297,7 +328,9 @@ def sample(net: MLP, x, widths: int | Sequence[int], n_networks: int, seed: int,
     """
     ws = _validate.widths("widths", widths)
     x, M, seed, statistics, method, chunk, dtype_name, cache_dir = _prepare(
-        net, x, n_networks, seed, statistics, method, chunk, dtype, cache_dir)
+        net, x, n_networks, seed, statistics, method, chunk, dtype, cache_dir, progress)
+    for n in ws:
+        _check_memory(net.with_width(n), x, method, dtype_name)
     ensembles = []
     for n in ws:
         net_n = net.with_width(n)
