@@ -559,9 +559,11 @@ def _reference_growth(net: MLP, L: int) -> tuple:
 def default_inputs(n_inputs: int = 2, input_dim: int = 8, seed: int = 0, correlation: float = 0.6) -> np.ndarray:
     """Seeded inputs with (1/n_0) |x_a|^2 = 1: x_0 random, x_1 at cosine ``correlation`` with x_0
     (a moderately correlated pair), further inputs independent random directions."""
-    N = _validate.positive_int("n_inputs", n_inputs)
-    n0 = _validate.positive_int("input_dim", input_dim, minimum=2)
+    N = _validate.positive_int("n_inputs", n_inputs, maximum=_validate.MAX_WIDTH)
+    n0 = _validate.positive_int("input_dim", input_dim, minimum=2, maximum=_validate.MAX_WIDTH)
     rho = _validate.real("correlation", correlation)
+    seed = _validate.seed("seed", seed)
+    _validate.memory("n_inputs, input_dim", 8.0 * N * n0, f"{N} inputs of dimension {n0}")
     if not -1 < rho < 1:
         raise ValueError(f"correlation: expected a number in (-1, 1), got {rho}")
     rng = np.random.default_rng([int(seed), 0x5EED])
@@ -590,12 +592,46 @@ def _check_compare_args(net, x, widths, n_networks):
     if x.shape[0] > MAX_INPUTS:
         raise ValueError(f"x: at most {MAX_INPUTS} inputs (four-point statistics grow like N^4), got {x.shape[0]}")
     ws = _validate.widths("widths", widths)
-    M = _validate.positive_int("n_networks", n_networks, minimum=2)
+    M = _validate.positive_int("n_networks", n_networks, minimum=2, maximum=_validate.MAX_NETWORKS)
     return x, tuple(sorted(ws)), M
 
 
+def _check_dtype(dtype):
+    import jax.numpy as jnp
+
+    names = {"float32": jnp.float32, "float64": jnp.float64}
+    if isinstance(dtype, str) or dtype is None:
+        key = dtype
+    else:
+        try:
+            key = np.dtype(dtype).name
+        except (TypeError, ValueError):
+            key = None
+    if key not in names:
+        raise ValueError(f"dtype: expected 'float32' or 'float64', got {_validate._short(dtype)}")
+    return names[key]
+
+
+def _check_given_theory(theory, net: MLP, x) -> None:
+    """A precomputed theory must be a FiniteWidth of ``net``'s activation and hyperparameters on ``x``."""
+    from .theory.finite import FiniteWidth
+
+    if not isinstance(theory, FiniteWidth):
+        raise ValueError(f"theory: expected an efftheory.FiniteWidth, got {type(theory).__name__}")
+    tnet, L = theory.net, net.depth
+    if theory.K.shape[0] < L:
+        raise ValueError(f"theory: depth {theory.K.shape[0]} is shallower than the network's depth {L}")
+    same = (tnet.sigma == net.sigma and tnet.C_Ws[:L] == net.C_Ws and tnet.C_bs[:L] == net.C_bs
+            and tnet.lambda_Ws[:L] == net.lambda_Ws and tnet.lambda_bs[:L] == net.lambda_bs)
+    if not same:
+        raise ValueError(f"theory: computed for {tnet!r}, not for net = {net!r}")
+    if theory.K.shape[1] != x.shape[0]:
+        raise ValueError(f"theory: computed on {theory.K.shape[1]} inputs, x has {x.shape[0]}")
+
+
 def compare(net: MLP, x, widths, n_networks: int, seed: int = 0, *, dtype="float32", cache_dir=None,
-            progress: bool = True, log=None, config_extra: dict | None = None, theory=None) -> Report:
+            progress: bool = True, log=None, config_extra: dict | None = None, theory=None,
+            chunk: int | None = None) -> Report:
     """Sample ensembles at every width, compute the theory once, and compare (module docstring).
 
     Args:
@@ -611,6 +647,8 @@ def compare(net: MLP, x, widths, n_networks: int, seed: int = 0, *, dtype="float
       log: optional callable(str) for stage messages.
       config_extra: merged into ``report.config`` (e.g. how the inputs were chosen).
       theory: a precomputed :func:`efftheory.finite_width` of ``net`` on ``x`` (else computed here, once).
+      chunk: networks per sampled (and cached) chunk; default from a memory budget.  The report does not
+        depend on it.
 
     Returns:
       A :class:`Report`.
@@ -621,10 +659,17 @@ def compare(net: MLP, x, widths, n_networks: int, seed: int = 0, *, dtype="float
     from .theory.finite import finite_width
 
     x, ws, M = _check_compare_args(net, x, widths, n_networks)
-    dt = {"float32": jnp.float32, "float64": jnp.float64}.get(np.dtype(dtype).name if not isinstance(dtype, str)
-                                                             else dtype)
-    if dt is None:
-        raise ValueError(f"dtype: expected 'float32' or 'float64', got {dtype!r}")
+    dt = _check_dtype(dtype)
+    seed = _validate.seed("seed", seed)
+    cache_dir = _validate.optional_path("cache_dir", cache_dir)
+    progress = _validate.flag("progress", progress)
+    _validate.optional_callable("log", log)
+    if config_extra is not None and not isinstance(config_extra, dict):
+        raise ValueError(f"config_extra: expected a dict or None, got {type(config_extra).__name__}")
+    if theory is not None:
+        _check_given_theory(theory, net, x)
+    if chunk is not None:
+        chunk = _validate.positive_int("chunk", chunk, maximum=_validate.MAX_NETWORKS)
     say = log or (lambda s: None)
     timings = {}
     base = net.with_width(ws[0])
@@ -637,9 +682,10 @@ def compare(net: MLP, x, widths, n_networks: int, seed: int = 0, *, dtype="float
 
     t0 = time.perf_counter()
     say(f"sampling {M} networks at each of the widths {', '.join(map(str, ws))} ({np.dtype(dt).name}) ...")
-    sweep = em.sample(base, x, ws, M, seed, statistics=_SAMPLED, dtype=dt, progress=progress,
-                      cache_dir=None if cache_dir is None else os.fspath(cache_dir))
+    sweep = em.sample(base, x, ws, M, seed, statistics=_SAMPLED, dtype=dt, progress=progress, chunk=chunk,
+                      cache_dir=cache_dir)
     timings["sampling"] = time.perf_counter() - t0
+    _check_sampled(sweep, np.dtype(dt).name)
 
     t0 = time.perf_counter()
     comps = {
@@ -672,6 +718,16 @@ def compare(net: MLP, x, widths, n_networks: int, seed: int = 0, *, dtype="float
                   timings=timings)
 
 
+def _check_sampled(sweep, dtype_name: str) -> None:
+    """Per-network statistics that are never NaN by construction must be finite: otherwise the sampled
+    networks overflowed their dtype (float32 above ~1e38), and the report would be silently empty."""
+    bad = [n for n, e in zip(sweep.widths, sweep.ensembles)
+           if not all(np.all(np.isfinite(e.stats[k])) for k in ("zz", "zzzz", "H", "HH") if k in e.stats)]
+    if bad:
+        raise ValueError(f"dtype: {dtype_name} sampling overflowed at widths {bad} (non-finite per-network "
+                         "statistics); use dtype float64, or smaller C_W, C_b or inputs")
+
+
 def _uniform(vals):
     vals = tuple(float(v) for v in vals)
     return vals[0] if len(set(vals)) == 1 else list(vals)
@@ -695,9 +751,14 @@ def compare_ntk_depth(net: MLP, x, depths, widths, n_networks: int, seed: int = 
     from . import empirical as em
     from .theory.finite import finite_width
 
-    if not isinstance(depths, (Sequence, np.ndarray)) or isinstance(depths, str) or len(depths) == 0:
-        raise ValueError(f"depths: expected a non-empty sequence of depths >= 2, got {depths!r}")
-    ds = tuple(sorted(_validate.positive_int(f"depths[{i}]", d, minimum=2) for i, d in enumerate(depths)))
+    if not isinstance(net, MLP):
+        raise ValueError(f"net: expected an efftheory.MLP, got {type(net).__name__}")
+    if isinstance(depths, np.ndarray) and depths.ndim == 0:
+        depths = (depths.item(),)
+    if not isinstance(depths, (Sequence, np.ndarray)) or isinstance(depths, (str, bytes)) or len(depths) == 0:
+        raise ValueError(f"depths: expected a non-empty sequence of depths >= 2, got {_validate._short(depths)}")
+    ds = tuple(sorted(_validate.positive_int(f"depths[{i}]", d, minimum=2, maximum=_validate.MAX_DEPTH)
+                      for i, d in enumerate(depths)))
     if len(set(ds)) != len(ds):
         raise ValueError(f"depths: expected distinct depths, got {ds}")
     deep = net.replace(depth=ds[-1])
@@ -705,8 +766,13 @@ def compare_ntk_depth(net: MLP, x, depths, widths, n_networks: int, seed: int = 
     a = _validate.positive_int("input", input, minimum=0)
     if a >= x.shape[0]:
         raise ValueError(f"input: expected an input index below {x.shape[0]}, got {a}")
+    _check_dtype(dtype)
+    seed = _validate.seed("seed", seed)
+    progress = _validate.flag("progress", progress)
     if theory is None:
         theory = finite_width(deep.with_width(ws[0]), x)
+    else:
+        _check_given_theory(theory, deep, x)
     th = _theory_arrays(theory)
     idx = np.asarray(ds) - 1
     cov = th["A"][idx, a, a, a, a] + 2 * th["B"][idx, a, a, a, a]

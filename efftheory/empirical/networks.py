@@ -31,9 +31,11 @@ def check_net(net) -> MLP:
 
 def check_dtype(dtype, name: str = "dtype"):
     """Return jnp.float32 or jnp.float64, or raise ValueError naming ``name``."""
+    if dtype is None:  # np.dtype(None) would be float64: say it
+        raise ValueError(f"{name}: expected float32 or float64, got None")
     try:
         dt = np.dtype(dtype)
-    except TypeError:
+    except (TypeError, ValueError):
         raise ValueError(f"{name}: expected float32 or float64, got {dtype!r}") from None
     if dt not in _DTYPES:
         raise ValueError(f"{name}: expected float32 or float64, got {dt}")
@@ -52,13 +54,14 @@ def check_x(x, name: str = "x"):
 def _check_key(key, name: str = "key"):
     """A single jax PRNG key: a typed key (jax.random.key) or a raw uint32 key (jax.random.PRNGKey)."""
     dtype = getattr(key, "dtype", None)
+    shape = getattr(key, "shape", None)
     if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
         if key.ndim == 0:
             return key
-    elif dtype is not None and np.dtype(dtype) == np.uint32 and np.ndim(key) == 1:
+    elif dtype is not None and np.dtype(dtype) == np.uint32 and shape == (2,):
         return key
     raise ValueError(f"{name}: expected a single jax PRNG key (jax.random.key(s) or jax.random.PRNGKey(s)), "
-                     f"got {type(key).__name__} with dtype {dtype} and shape {np.shape(key)}")
+                     f"got {type(key).__name__} with dtype {dtype} and shape {shape}")
 
 
 def check_params(net: MLP, params, input_dim: int | None = None, name: str = "params"):
@@ -97,8 +100,11 @@ def init_params(net: MLP, key, input_dim: int, dtype=jnp.float64) -> tuple[dict,
     """
     check_net(net)
     key = _check_key(key)
-    n0 = _validate.positive_int("input_dim", input_dim)
+    n0 = _validate.positive_int("input_dim", input_dim, maximum=_validate.MAX_WIDTH)
     dt = check_dtype(dtype)
+    sizes = (n0,) + net.widths
+    _validate.memory("net", sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:])) * np.dtype(dt).itemsize,
+                     f"the parameters of one network of widths {sizes} (inputs first)")
     return _init_jit(net, key, n0, np.dtype(dt).name)
 
 

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import _validate
 from .._pytree import result
 from .ensemble import Ensemble
 
@@ -81,13 +82,13 @@ class NTKPreactivation:
 
 
 def _per_network(values, name: str) -> np.ndarray:
-    arr = np.asarray(values)
+    """Per-network values as float64 (M, ...).  NaN entries are legitimate (a statistic undefined for
+    some layer, e.g. the cross-neuron moments of a one-neuron layer) and propagate to those entries."""
+    arr = _validate.real_array(name, values, what="per-network values (M, ...)", finite=False)
     if arr.ndim < 1 or arr.shape[0] < 1:
         raise ValueError(f"{name}: expected per-network values with a leading axis of M >= 1 networks, "
                          f"got shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.number):
-        raise ValueError(f"{name}: expected numbers, got dtype {arr.dtype}")
-    return arr.astype(np.float64)
+    return arr
 
 
 def mean_and_stderr(per_network_values) -> Estimate:

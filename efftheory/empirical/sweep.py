@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import _validate
 from .._pytree import result
 
 __all__ = ["WidthFit", "width_sweep_fit", "residual_scaling", "agrees"]
@@ -72,10 +73,7 @@ class WidthFit:
 
 
 def _check_widths(widths, minimum: int) -> np.ndarray:
-    try:
-        w = np.asarray(widths, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"widths: expected a sequence of positive widths, got {widths!r}") from None
+    w = _validate.real_array("widths", widths, what="a sequence of positive widths", finite=False)
     if w.ndim != 1 or len(w) < minimum or not np.all(np.isfinite(w)) or np.any(w <= 0):
         raise ValueError(f"widths: expected at least {minimum} positive finite widths, got {widths!r}")
     if len(np.unique(w)) != len(w):
@@ -84,10 +82,7 @@ def _check_widths(widths, minimum: int) -> np.ndarray:
 
 
 def _check_data(name: str, arr, shape=None, positive: bool = False) -> np.ndarray:
-    try:
-        a = np.asarray(arr, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected a real array, got {type(arr).__name__}") from None
+    a = _validate.real_array(name, arr, finite=False)
     if shape is not None and a.shape != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {a.shape}")
     if not np.all(np.isfinite(a)):
@@ -98,13 +93,11 @@ def _check_data(name: str, arr, shape=None, positive: bool = False) -> np.ndarra
 
 
 def _prediction(name: str, value, shape) -> np.ndarray:
+    arr = _validate.real_array(name, value, what=f"a real array broadcastable to {shape}")
     try:
-        p = np.broadcast_to(np.asarray(value, dtype=np.float64), shape)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected a real array broadcastable to {shape}, got {np.shape(value)}") from None
-    if not np.all(np.isfinite(p)):
-        raise ValueError(f"{name}: contains NaN or infinite entries")
-    return p
+        return np.broadcast_to(arr, shape)
+    except ValueError:
+        raise ValueError(f"{name}: expected a real array broadcastable to {shape}, got shape {arr.shape}") from None
 
 
 def _wls(x: np.ndarray, y: np.ndarray, s: np.ndarray):
@@ -159,7 +152,7 @@ def width_sweep_fit(widths, values, stderrs, infinite=None, first_order=None, *,
     Returns:
       A :class:`WidthFit`.
     """
-    if order not in (1, 2) or isinstance(order, bool):
+    if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or order not in (1, 2):
         raise ValueError(f"order: expected 1 or 2, got {order!r}")
     P = order + 1
     w = _check_widths(widths, P)
@@ -200,8 +193,9 @@ def agrees(fit: WidthFit, a_pred, c1_pred=None, nsigma: float = 3.0, slope_toler
     """
     if not isinstance(fit, WidthFit):
         raise ValueError(f"fit: expected a WidthFit, got {type(fit).__name__}")
-    if not (isinstance(nsigma, (int, float)) and nsigma > 0):
-        raise ValueError(f"nsigma: expected a positive number, got {nsigma!r}")
+    nsigma = _validate.real("nsigma", nsigma, positive=True)
+    if slope_tolerance is not None:
+        slope_tolerance = _validate.real("slope_tolerance", slope_tolerance, positive=True)
     S = np.shape(fit.a)
     ok = np.abs(fit.a - _prediction("a_pred", a_pred, S)) <= nsigma * fit.a_stderr
     if c1_pred is not None:

@@ -116,8 +116,14 @@ def ntk_autodiff(apply_fn, params, x, *, learning_rates=None, output: int | None
             raise ValueError("learning_rates: expected a pytree with the same structure as params")
     if output is not None and (isinstance(output, bool) or not isinstance(output, int) or output < 0):
         raise ValueError(f"output: expected a non-negative int or None, got {output!r}")
+    xd = jnp.asarray(x, leaves[0].dtype)
+    shape = jax.eval_shape(apply_fn, params, xd).shape
+    if len(shape) != 2 or shape[0] != x.shape[0]:
+        raise ValueError(f"apply_fn: expected outputs of shape (N, k) = ({x.shape[0]}, k), got {shape}")
+    if output is not None and output >= shape[1]:
+        raise ValueError(f"output: expected an output index below k = {shape[1]}, got {output}")
     full = output is None
-    return _autodiff(apply_fn, full, params, jnp.asarray(x, leaves[0].dtype), lrs, 0 if full else output)
+    return _autodiff(apply_fn, full, params, xd, lrs, 0 if full else output)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
