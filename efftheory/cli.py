@@ -1,8 +1,9 @@
 """Command line: ``efftheory compare | kernels | criticality`` (also ``python -m efftheory``).
 
     efftheory compare --activation tanh --depth 4 --widths 16,32,64,128 --networks 500 --out DIR
-        samples ensembles at each width (float32 by default; chunks cached in DIR/cache, so an
-        interrupted run resumes), computes the first-order theory once, prints the table of measured
+        samples ensembles at each width (float32 by default; finished chunks are written atomically to
+        DIR/cache or --cache CACHE, so that an interrupted run resumes to the identical report), computes
+        the first-order theory once, prints the table of measured
         statistics beside their infinite-width and 1/n-corrected predictions and the width-sweep fits,
         and writes DIR/report.json, DIR/table.txt, DIR/width_sweep.png, DIR/four_point_depth.png.
     efftheory kernels --activation relu --depth 10 [--out DIR]
@@ -12,7 +13,7 @@
         (and DIR/criticality.png, DIR/universality.png, DIR/criticality.json).
 
 Bad arguments give a one-line error on stderr and exit status 2; so does a cache written for another
-configuration (rerun with another --out, or delete DIR/cache).
+configuration, or a corrupted chunk file (rerun with another --out/--cache, or delete the cache folder).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import os
 import sys
 import tempfile
 import time
+
+from ._validate import MAX_DEPTH, MAX_NETWORKS, MAX_WIDTH
 
 __all__ = ["main"]
 
@@ -58,13 +61,15 @@ def _positive_int_list(text: str) -> list[int]:
             raise argparse.ArgumentTypeError(f"expected integers, got {p!r}") from None
         if v < 1:
             raise argparse.ArgumentTypeError(f"every width must be >= 1, got {v}")
+        if v > MAX_WIDTH:
+            raise argparse.ArgumentTypeError(f"every width must be <= {MAX_WIDTH}, got {v}")
         out.append(v)
     if len(set(out)) != len(out):
         raise argparse.ArgumentTypeError(f"widths must be distinct, got {text!r}")
     return out
 
 
-def _int_at_least(minimum: int, what: str):
+def _int_at_least(minimum: int, what: str, maximum: int | None = None):
     def parse(text: str) -> int:
         try:
             v = int(text)
@@ -72,6 +77,8 @@ def _int_at_least(minimum: int, what: str):
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if v < minimum:
             raise argparse.ArgumentTypeError(f"{what} must be >= {minimum}, got {v}")
+        if maximum is not None and v > maximum:
+            raise argparse.ArgumentTypeError(f"{what} must be <= {maximum}, got {v}")
         return v
 
     return parse
@@ -93,7 +100,7 @@ def _add_network(p, depth_default=None, with_depth=True):
                         "leaky_relu(a)")
     if with_depth:
         kw = {"required": True} if depth_default is None else {"default": depth_default}
-        p.add_argument("--depth", type=_int_at_least(1, "depth"), metavar="L", **kw,
+        p.add_argument("--depth", type=_int_at_least(1, "depth", MAX_DEPTH), metavar="L", **kw,
                        help="number of layers L" + ("" if depth_default is None else f" (default {depth_default})"))
     p.add_argument("--C_W", "--cw", dest="C_W", type=_float, default=None, help="weight variance (default 1)")
     p.add_argument("--C_b", "--cb", dest="C_b", type=_float, default=None, help="bias variance (default 0)")
@@ -107,7 +114,7 @@ def _add_inputs(p):
                         f"correlation {PAIR_CORRELATION}; n_0 = {INPUT_DIM}, (1/n_0)|x|^2 = 1)")
     g.add_argument("--inputs-file", default=None, metavar="PATH.npy",
                    help="your own inputs: a .npy array of shape (N, n_0)")
-    p.add_argument("--seed", type=_int_at_least(0, "--seed"), default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=_int_at_least(0, "--seed", 2**63 - 1), default=0, help="random seed (default 0)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -127,14 +134,21 @@ def _parser() -> argparse.ArgumentParser:
     _add_network(c, depth_default=None)
     c.add_argument("--widths", type=_positive_int_list, default=[16, 32, 64, 128],
                    help="comma-separated hidden widths (default 16,32,64,128)")
-    c.add_argument("--networks", type=_int_at_least(1, "--networks"), default=500, metavar="M",
+    c.add_argument("--networks", type=_int_at_least(1, "--networks", MAX_NETWORKS), default=500, metavar="M",
                    help="networks per width (default 500; at least 2 for standard errors)")
-    c.add_argument("--output-width", type=_int_at_least(1, "--output-width"), default=1,
+    c.add_argument("--output-width", type=_int_at_least(1, "--output-width", MAX_WIDTH), default=1,
                    help="output width n_L (default 1)")
     c.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="arithmetic of the sampled networks (default float32; theory is always float64)")
     _add_inputs(c)
     c.add_argument("--out", required=True, metavar="DIR", help="output folder (report.json, plots, cache/)")
+    c.add_argument("--cache", default=None, metavar="DIR",
+                   help="folder of the resumable chunk cache (default DIR/cache of --out)")
+    c.add_argument("--chunk", type=_int_at_least(1, "--chunk", MAX_NETWORKS), default=None, metavar="M",
+                   help="networks per sampled chunk, the unit that is cached (default: from a memory budget). "
+                        "Results agree across chunk sizes up to rounding; a resumed run reuses the cache only "
+                        "with the same --chunk, and is then bit-identical")
+    c.add_argument("--no-plots", action="store_true", help="write report.json and table.txt only")
     c.add_argument("--all-rows", action="store_true", help="print every entry and layer, not a representative set")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.set_defaults(func=_cmd_compare)
@@ -167,17 +181,19 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _out_dir(path: str) -> str:
+def _out_dir(path: str, option: str = "--out") -> str:
     """Create DIR (and parents) and check that a file can be written there."""
     if not path or not str(path).strip():
-        raise UsageError("--out: expected a folder path, got an empty string")
+        raise UsageError(f"{option}: expected a folder path, got an empty string")
+    if "\x00" in path:
+        raise UsageError(f"{option}: a path cannot contain a NUL character")
     try:
         os.makedirs(path, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path, prefix=".write-test-")
         os.close(fd)
         os.remove(tmp)
     except OSError as e:
-        raise UsageError(f"--out: cannot write to {path!r} ({e.strerror or e})") from None
+        raise UsageError(f"{option}: cannot write to {path!r} ({e.strerror or e})") from None
     return path
 
 
@@ -269,11 +285,10 @@ def _cmd_compare(args) -> int:
     net, crit = _network(args, args.depth, widths[0], args.output_width)
     x, input_desc = _inputs(args)
     out = _out_dir(args.out)
+    cache = _out_dir(args.cache, "--cache") if args.cache is not None else os.path.join(out, "cache")
 
     from . import compare as cmp
-    from . import plotting
 
-    cache = os.path.join(out, "cache")
     _check_cache(cache, _fingerprint(net, x, args))
     extra = {"inputs": input_desc, "critical": bool(args.critical),
              "command": "efftheory " + " ".join(_argv_for_report(args))}
@@ -285,7 +300,7 @@ def _cmd_compare(args) -> int:
     _log(f"{PROG} compare: {_describe(net, crit)}; widths {','.join(map(str, widths))}; "
          f"{args.networks} networks per width; cache {cache}")
     report = cmp.compare(net, x, widths, args.networks, args.seed, dtype=args.dtype, cache_dir=cache,
-                         progress=not args.no_progress, log=_log, config_extra=extra)
+                         progress=not args.no_progress, log=_log, config_extra=extra, chunk=args.chunk)
     print(report.header())
     print()
     print(report.table(all_rows=args.all_rows))
@@ -293,14 +308,18 @@ def _cmd_compare(args) -> int:
     print(report.fit_table(all_rows=args.all_rows))
     t0 = time.perf_counter()
     paths = report.save(out)
-    paths["width_sweep"] = _save(plotting.plot_width_sweep(report), os.path.join(out, "width_sweep.png"))
-    paths["four_point_depth"] = _save(plotting.plot_four_point_depth(report), os.path.join(out, "four_point_depth.png"))
+    if not args.no_plots:
+        from . import plotting
+
+        paths["width_sweep"] = _save(plotting.plot_width_sweep(report), os.path.join(out, "width_sweep.png"))
+        paths["four_point_depth"] = _save(plotting.plot_four_point_depth(report),
+                                          os.path.join(out, "four_point_depth.png"))
     t_plots = time.perf_counter() - t0
     n_fit = len(report.fits)
     n_ok = sum(f.agrees for f in report.fits)
     print()
     print(f"{n_ok} of {n_fit} width-sweep fits agree with the theory (all entries and layers, report.json)")
-    print("wrote " + ", ".join(paths[k] for k in ("report", "table", "width_sweep", "four_point_depth")))
+    print("wrote " + ", ".join(paths[k] for k in ("report", "table", "width_sweep", "four_point_depth") if k in paths))
     tm = report.timings
     _log(f"time: theory {tm['theory']:.1f} s, sampling {tm['sampling']:.1f} s, estimates and fits "
          f"{tm['estimates']:.1f} s, plots {t_plots:.1f} s, total {time.perf_counter() - t_start:.1f} s")
@@ -337,7 +356,7 @@ def _check_cache(cache: str, fp: dict) -> None:
         if old != fp:
             what = ", ".join(k for k in fp if not isinstance(old, dict) or old.get(k) != fp[k]) or "unreadable"
             raise CacheConfigError(f"{cache} holds ensembles of another configuration (differs in: {what}); "
-                                   "use another --out or delete that cache folder")
+                                   "use another --out or --cache, or delete that cache folder")
         return
     os.makedirs(cache, exist_ok=True)
     tmp = path + ".tmp"
@@ -471,6 +490,11 @@ def _num(v):
 
 
 # ------------------------------------------------------------------------------------------ entry point
+def _cache_of(args) -> str:
+    cache = getattr(args, "cache", None)
+    return cache if cache else os.path.join(getattr(args, "out", "") or ".", "cache")
+
+
 def main(argv=None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 bad arguments or cache mismatch)."""
     parser = _parser()
@@ -489,8 +513,8 @@ def main(argv=None) -> int:
         _err(e)
         return 2
     except CacheMismatchError as e:
-        _err(f"{e} (the cache in {os.path.join(args.out, 'cache')} belongs to another configuration: use another "
-             f"--out or delete that folder)")
+        _err(f"{e} (the cache in {_cache_of(args)} does not belong to this run: use another --out or --cache, or "
+             f"delete that folder)")
         return 2
     except (ValueError, FloatingPointError) as e:
         if os.environ.get("EFFTHEORY_DEBUG"):
@@ -501,9 +525,8 @@ def main(argv=None) -> int:
         _err(f"{e.strerror or e}" + (f": {e.filename}" if getattr(e, "filename", None) else ""))
         return 1
     except KeyboardInterrupt:
-        where = getattr(args, "out", None)
-        _err("interrupted" + (f"; rerun the same command to resume from {os.path.join(where, 'cache')}"
-                              if where and args.command == "compare" else ""))
+        _err("interrupted" + (f"; rerun the same command to resume from {_cache_of(args)}"
+                              if args.command == "compare" else ""))
         return 130
 
 
