@@ -16,9 +16,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from .. import _validate, mehler
+from .. import _validate
 from .._pytree import result
-from ..gaussian import pair_moments
+from ..gaussian import pair_moments, rule_size
 from ..network import MLP
 
 __all__ = ["InfiniteWidth", "KernelOverflowError", "infinite_width", "input_gram", "check_net"]
@@ -70,9 +70,7 @@ def _step(act, order, C_W, C_b, lam_W, lam_b, K, Theta):
     return K_next, Theta_next
 
 
-@jax.jit
-def _update(S, dS, Theta, C_W, C_b, lam_W, lam_b):
-    return C_b + C_W * S, lam_b + lam_W * S + C_W * dS * Theta
+_step_jit = jax.jit(_step, static_argnums=(0, 1))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -100,17 +98,20 @@ def infinite_width(net: MLP, x) -> InfiniteWidth:
         hp = [jnp.asarray(v, dtype=jnp.float64) for v in (net.C_Ws, net.C_bs, net.lambda_Ws, net.lambda_bs)]
         K, Theta = _closed_form_recursion(net.sigma, G, *hp)
         return _checked(InfiniteWidth(K=K, Theta=Theta, net=net))
-    # No closed form: every layer's <sigma sigma> and <sigma' sigma'> by the Mehler series of
-    # efftheory.mehler (N 1-d rules and a power series in rho), the 2-d rule only where it fails.
     K = net.C_bs[0] + net.C_Ws[0] * G
     Theta = net.lambda_bs[0] + net.lambda_Ws[0] * G
     Ks, Ts = [K], [Theta]
     for l in range(1, net.depth):
-        S, dS = mehler.pair_moments(net.sigma, K)
-        K, Theta = _update(S, dS, Theta, net.C_Ws[l], net.C_bs[l], net.lambda_Ws[l], net.lambda_bs[l])
+        order = None if net.sigma.has_closed_form else rule_size(net.sigma, float(jnp.max(jnp.diagonal(K))))
+        K, Theta = _step_jit(net.sigma, order, net.C_Ws[l], net.C_bs[l], net.lambda_Ws[l], net.lambda_bs[l],
+                             K, Theta)
         Ks.append(K)
         Ts.append(Theta)
     return _checked(InfiniteWidth(K=jnp.stack(Ks), Theta=jnp.stack(Ts), net=net))
+
+
+class KernelOverflowError(ValueError, FloatingPointError):
+    """The kernel recursion left float64 for these hyperparameters (a ValueError naming ``net``)."""
 
 
 def _checked(out: InfiniteWidth) -> InfiniteWidth:
