@@ -25,6 +25,16 @@ from .theory.criticality import (  # noqa: E402
     critical_init,
     fixed_point,
 )
+from . import datasets, predict  # noqa: E402
+from .predict import (  # noqa: E402
+    GPPosterior,
+    GradientDescentPrediction,
+    TrainTestKernels,
+    gp_posterior,
+    gradient_descent,
+    last_layer_net,
+    train_test_kernels,
+)
 
 __version__ = "0.1.0"
 
@@ -44,4 +54,13 @@ __all__ = [
     "chi_perp",
     "fixed_point",
     "get_activation",
+    "datasets",
+    "predict",
+    "TrainTestKernels",
+    "GradientDescentPrediction",
+    "GPPosterior",
+    "train_test_kernels",
+    "gradient_descent",
+    "gp_posterior",
+    "last_layer_net",
 ]
