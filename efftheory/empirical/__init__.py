@@ -6,6 +6,7 @@
 * :mod:`.ensemble`   sample, sample_ensemble: M networks per width, chunked, reproducible, resumable
 * :mod:`.statistics` estimators with standard errors over networks: metric, four_point, ntk_mean, ...
 * :mod:`.sweep`      width_sweep_fit, agrees: the a + c1/n + c2/n^2 protocol
+* :mod:`.training`   train: full-batch gradient descent on ensembles (learning-rate tensor, NTK at start and end)
 """
 
 from .cache import CacheMismatchError
@@ -28,6 +29,7 @@ from .statistics import (
     ntk_variance,
 )
 from .sweep import WidthFit, agrees, residual_scaling, width_sweep_fit
+from .training import Training, default_train_chunk, train
 
 __all__ = [
     "CacheMismatchError",
@@ -37,11 +39,13 @@ __all__ = [
     "NTKVariance",
     "STATISTICS",
     "Sweep",
+    "Training",
     "WidthFit",
     "agrees",
     "apply",
     "apply_all",
     "default_chunk",
+    "default_train_chunk",
     "fourth_moment_ratio",
     "four_point",
     "four_point_same_neuron",
@@ -59,5 +63,6 @@ __all__ = [
     "residual_scaling",
     "sample",
     "sample_ensemble",
+    "train",
     "width_sweep_fit",
 ]
