@@ -1,4 +1,4 @@
-"""Command line: ``efftheory compare | kernels | criticality`` (also ``python -m efftheory``).
+"""Command line: ``efftheory compare | kernels | criticality | train`` (also ``python -m efftheory``).
 
     efftheory compare --activation tanh --depth 4 --widths 16,32,64,128 --networks 500 --out DIR
         samples ensembles at each width (float32 by default; finished chunks are written atomically to
@@ -11,6 +11,11 @@
     efftheory criticality --activation gelu [--out DIR]
         critical initialization, universality class, susceptibilities and fixed points against C_W
         (and DIR/criticality.png, DIR/universality.png, DIR/criticality.json).
+    efftheory train --activation erf --depth 3 --C_W 2 --C_b 0.3 --widths 32,64,128,256,512 --out DIR
+        trains ensembles by gradient descent on the circle task at each width (chunks cached in DIR/cache),
+        prints the test predictions' ensemble mean and variance beside the infinite-width NTK ensemble,
+        width-sweep fits and the NTK's change over training, and writes DIR/report.json, DIR/table.txt,
+        DIR/predictions.png, DIR/deviation.png, DIR/ntk_change.png.
 
 Bad arguments give a one-line error on stderr and exit status 2; so does a cache written for another
 configuration, or a corrupted chunk file (rerun with another --out/--cache, or delete the cache folder).
@@ -123,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{compare,kernels,criticality}")
+    sub = parser.add_subparsers(dest="command", metavar="{compare,kernels,criticality,train}")
     sub.required = True
 
     c = sub.add_parser("compare", help="finite-width theory beside sampled networks across widths",
@@ -169,6 +174,43 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=None, metavar="DIR",
                    help="write criticality.png, universality.png and criticality.json here")
     r.set_defaults(func=_cmd_criticality)
+
+    t = sub.add_parser("train", help="trained ensembles across widths beside the infinite-width predictions",
+                       description="Train ensembles of networks by full-batch gradient descent on the built-in circle "
+                                   "regression task (efftheory.datasets) at several widths, print the measured "
+                                   "ensemble mean and variance of the test predictions beside the infinite-width "
+                                   "NTK predictions with width-sweep extrapolations, and write DIR/report.json, "
+                                   "DIR/table.txt and PNG plots. Trained chunks are cached in DIR/cache: rerunning "
+                                   "the same command resumes an interrupted run and gives the identical report.")
+    _add_network(t, depth_default=None)
+    t.add_argument("--widths", type=_positive_int_list, default=[32, 64, 128, 256],
+                   help="comma-separated hidden widths (default 32,64,128,256)")
+    t.add_argument("--networks", type=_int_at_least(2, "--networks", MAX_NETWORKS), default=100, metavar="M",
+                   help="networks per width (default 100)")
+    t.add_argument("--steps", type=_int_at_least(1, "--steps", 2**31 - 1), default=100,
+                   help="gradient-descent steps (default 100)")
+    t.add_argument("--learning-rate", type=_float, default=None, metavar="ETA",
+                   help="learning rate (default: half the infinite-width stability bound, 1/lambda_max(Theta_train))")
+    t.add_argument("--record-every", type=_int_at_least(1, "--record-every", 2**31 - 1), default=None, metavar="R",
+                   help="record predictions every R steps (default: 10 records)")
+    t.add_argument("--train-points", type=_int_at_least(1, "--train-points", 1024), default=8, metavar="N",
+                   help="training points of the circle task (default 8, at most 1024)")
+    t.add_argument("--test-points", type=_int_at_least(1, "--test-points", 1024), default=48, metavar="N",
+                   help="test points on an even grid (default 48, at most 1024)")
+    t.add_argument("--outputs", type=_int_at_least(1, "--outputs", 64), default=1, metavar="K",
+                   help="target components = output width (default 1, at most 64)")
+    t.add_argument("--noise", type=_float, default=0.0, help="noise added to the training targets (default 0)")
+    t.add_argument("--last-layer", action="store_true",
+                   help="train only the last layer: the converged ensemble is then the NNGP posterior")
+    t.add_argument("--seed", type=_int_at_least(0, "--seed"), default=0,
+                   help="random seed of the networks and of the training points (default 0)")
+    t.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="arithmetic of the trained networks (default float32; theory is always float64)")
+    t.add_argument("--out", required=True, metavar="DIR", help="output folder (report.json, plots, cache/)")
+    t.add_argument("--cache", default=None, metavar="DIR",
+                   help="folder of the resumable cache of trained chunks (default DIR/cache of --out)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.set_defaults(func=_cmd_train)
     return parser
 
 
@@ -479,6 +521,76 @@ def _cmd_criticality(args) -> int:
         with open(path, "w") as fh:
             json.dump(data, fh, indent=1)
         print(f"\nwrote {path}, {p1}, {p2}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    """``efftheory train``: a width sweep of trained ensembles on the circle task (efftheory.compare_train)."""
+    t_start = time.perf_counter()
+    if args.depth < 2:
+        raise UsageError(f"--depth: train sweeps a hidden width, so it needs depth >= 2, got {args.depth}")
+    if args.learning_rate is not None and args.learning_rate <= 0:
+        raise UsageError(f"--learning-rate: expected a positive number, got {args.learning_rate:g}")
+    if args.noise < 0:
+        raise UsageError(f"--noise: expected a non-negative number, got {args.noise:g}")
+    widths = sorted(args.widths)
+    net, crit = _network(args, args.depth, widths[0], args.outputs)
+    out = _out_dir(args.out)
+
+    from . import compare_train as ct
+    from . import datasets
+    from . import plotting_train as pt
+    from .predict import last_layer_net
+
+    if args.last_layer:
+        net = last_layer_net(net)
+    ds = datasets.circle_regression(args.train_points, args.test_points, outputs=args.outputs, noise=args.noise,
+                                    seed=args.seed)
+    if args.learning_rate is not None:  # against the stability bound, before anything is logged or trained
+        from .predict import gradient_descent, train_test_kernels
+
+        gradient_descent(train_test_kernels(net, ds.x_train, ds.x_test), ds.y_train, learning_rate=args.learning_rate,
+                         steps=0)
+    cache = _out_dir(args.cache, "--cache") if args.cache is not None else os.path.join(out, "cache")
+    argv = ["train", "--activation", args.activation, "--depth", str(args.depth), "--widths",
+            ",".join(map(str, widths)), "--networks", str(args.networks), "--steps", str(args.steps),
+            "--train-points", str(args.train_points), "--test-points", str(args.test_points),
+            "--outputs", str(args.outputs), "--seed", str(args.seed), "--dtype", args.dtype]
+    for flag, value in (("--C_W", args.C_W), ("--C_b", args.C_b), ("--learning-rate", args.learning_rate),
+                        ("--record-every", args.record_every)):
+        if value is not None:
+            argv += [flag, repr(value)]
+    if args.noise:
+        argv += ["--noise", repr(args.noise)]
+    argv += [f for f, on in (("--critical", args.critical), ("--last-layer", args.last_layer)) if on]
+    extra = {"data": ds.name, "critical": bool(args.critical), "command": "efftheory " + " ".join(argv)}
+    if not (len(widths) >= 4 and widths[-1] >= 8 * widths[0]):
+        _log("note: THEORY.md's protocol asks for at least 4 widths spanning a factor of 8; fits are indicative only")
+    _log(f"{PROG} train: {_describe(net, crit)}{', last layer only' if args.last_layer else ''}; widths "
+         f"{','.join(map(str, widths))}; {args.networks} networks per width, {args.steps} steps; cache {cache}")
+    try:
+        report = ct.train_and_compare(net, ds.x_train, ds.y_train, ds.x_test, widths, args.networks, steps=args.steps,
+                                      learning_rate=args.learning_rate, seed=args.seed, record_every=args.record_every,
+                                      dtype=args.dtype, cache_dir=cache, progress=not args.no_progress, log=_log,
+                                      s_train=ds.s_train, s_test=ds.s_test, config_extra=extra)
+    except KeyboardInterrupt:
+        _err(f"interrupted; rerun the same command to resume from {cache}")
+        return 130
+    print(report.header())
+    print()
+    print(report.table())
+    print()
+    print(report.fit_table())
+    t0 = time.perf_counter()
+    paths = report.save(out)
+    for name, fig in (("predictions", pt.plot_predictions(report)), ("deviation", pt.plot_deviation(report)),
+                      ("ntk_change", pt.plot_ntk_change(report))):
+        paths[name] = _save(fig, os.path.join(out, f"{name}.png"))
+    print()
+    print("wrote " + ", ".join(paths[k] for k in ("report", "table", "predictions", "deviation", "ntk_change")))
+    tm = report.timings
+    _log(f"time: training {tm['training']:.1f} s, estimates and fits {tm['estimates']:.1f} s, plots "
+         f"{time.perf_counter() - t0:.1f} s, total {time.perf_counter() - t_start:.1f} s")
     return 0
 
 
