@@ -373,13 +373,14 @@ def loglog_slope(widths, values, stderrs) -> tuple[float, float]:
 
 
 def _rms_deviation(f, *arrays):
-    """sqrt of the jackknifed (unbiased) mean squared deviation; stderr by the delta method."""
+    """sqrt of the jackknifed (unbiased) mean squared deviation D^2 (0 when D^2 < 0); its stderr by the delta
+    method, s/(2 D), capped at sqrt(s) (the scale of D where D^2 is unresolved)."""
     from .empirical import jackknife
 
     est = jackknife(f, *arrays)
     d2, s2 = float(est.value), float(est.stderr)
     d = math.sqrt(max(d2, 0.0))
-    se = s2 / (2 * d) if d > 0 else math.sqrt(s2)
+    se = min(s2 / (2 * d), math.sqrt(s2)) if d > 0 else math.sqrt(s2)
     return d, se
 
 

@@ -88,7 +88,7 @@ def plot_predictions(report, *, widths=None, max_outputs: int = 3) -> Figure:
         if xd is not None:
             ax.plot(xd, rep.y_train[:, j], "kx", ms=8, mew=2, label="training data")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(f"$z_{{{j};x}}$ after training")
+        ax.set_ylabel("trained output $z_T(x)$" + (f", component {j}" if k > 1 else ""))
         ax.set_title(f"output {j}" if k > 1 else "test predictions", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -181,6 +181,8 @@ def plot_ntk_change(report) -> Figure:
         ax.plot(xs, ref * (xs / w[0]) ** p, color="0.5", ls=ls, lw=1, label=f"$n^{{{p:g}}}$ (reference)")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.set_xticks(w, [str(int(v)) for v in w])
+    ax.minorticks_off()
     ax.set_xlabel("hidden width $n$")
     ax.set_ylabel(r"$\|H_T - H_0\|_F / \|H_0\|_F$")
     ax.set_title("NTK change over training", fontsize=10)
