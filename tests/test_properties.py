@@ -57,7 +57,7 @@ def _psd(M, rtol=1e-9):
 
 
 # ------------------------------------------------------------------------------------------ infinite width
-@settings(max_examples=25, **SETTINGS)
+@settings(max_examples=20, **SETTINGS)
 @given(act=st.sampled_from(CLOSED + ["tanh"]), depth=st.integers(1, 4), hp=hyper, xs=inputs, perm_seed=st.integers(0, 99))
 def test_kernels_symmetric_psd_and_permutation_covariant(act, depth, hp, xs, perm_seed):
     x = _inputs(*xs)
@@ -185,7 +185,7 @@ def test_closed_form_and_generic_paths_agree_finite(which):
 
 
 # ------------------------------------------------------------------------------------------ empirical
-@settings(max_examples=6, **SETTINGS)
+@settings(max_examples=4, **SETTINGS)
 @given(act=st.sampled_from(["relu", "tanh", "gelu"]), depth=st.integers(1, 4), width=st.sampled_from([4, 16, 64]),
        hp=st.fixed_dictionaries({"C_W": st.sampled_from([0.5, 1.0, 2.0]), "C_b": st.sampled_from([0.0, 0.3])}), xs=st.tuples(st.integers(0, 2**32 - 1), st.integers(1, 3), st.integers(1, 5), st.floats(0.3, 2.0)),
        seed=st.integers(0, 2**31 - 1))
