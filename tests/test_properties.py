@@ -57,7 +57,7 @@ def _psd(M, rtol=1e-9):
 
 
 # ------------------------------------------------------------------------------------------ infinite width
-@settings(max_examples=20, **SETTINGS)
+@settings(max_examples=15, **SETTINGS)
 @given(act=st.sampled_from(CLOSED + ["tanh"]), depth=st.integers(1, 4), hp=hyper, xs=inputs, perm_seed=st.integers(0, 99))
 def test_kernels_symmetric_psd_and_permutation_covariant(act, depth, hp, xs, perm_seed):
     x = _inputs(*xs)
@@ -96,7 +96,7 @@ def _sin(z):
     return jnp.sin(z)
 
 
-@settings(max_examples=10, **SETTINGS)
+@settings(max_examples=6, **SETTINGS)
 @given(which=st.sampled_from(["erf", "sin"]), hp=hyper,
        xs=st.tuples(st.integers(0, 2**32 - 1), st.integers(2, 3), st.integers(2, 5), st.floats(0.1, 3.0)))
 def test_closed_form_and_generic_paths_agree_infinite(which, hp, xs):
@@ -139,7 +139,7 @@ def _check_finite_psd(fw, rtol=1e-9):
         assert _psd(np.asarray(fw.K)[l]) and _psd(np.asarray(fw.Theta)[l])
 
 
-@settings(max_examples=8, **SETTINGS)
+@settings(max_examples=5, **SETTINGS)
 @given(act=st.sampled_from(["relu", "abs"]), depth=st.integers(2, 3), hp=hyper,
        xs=st.tuples(st.integers(0, 2**32 - 1), st.integers(2, 3), st.integers(2, 4), st.floats(0.2, 2.0)),
        widths=st.lists(st.integers(1, 64), min_size=2, max_size=2), perm_seed=st.integers(0, 99))
@@ -162,7 +162,7 @@ def test_finite_width_symmetries_psd_and_permutations(act, depth, hp, xs, widths
                                    err_msg=name)
 
 
-@settings(max_examples=4, **SETTINGS)
+@settings(max_examples=3, **SETTINGS)
 @given(act=st.sampled_from(["tanh", "erf"]), hp=hyper,
        xs=st.tuples(st.integers(0, 2**32 - 1), st.just(2), st.integers(1, 4), st.floats(0.3, 1.5)))
 def test_finite_width_smooth_activations_symmetric_and_psd(act, hp, xs):
@@ -171,21 +171,20 @@ def test_finite_width_smooth_activations_symmetric_and_psd(act, hp, xs):
     _check_finite_psd(fw)
 
 
-@pytest.mark.parametrize("which", ["erf", "sin"])
-def test_closed_form_and_generic_paths_agree_finite(which):
+def test_closed_form_and_generic_paths_agree_finite():
     """The finite-width tensors need only the pair operators of sigma, never its closed-form kernels, but the
-    K and Theta they start from do: erf/sin through the registry and through a plain callable agree."""
+    K and Theta they start from do: erf through the registry and through a plain callable agree."""
     x = _inputs(7, 2, 3, 0.8)
     kw = dict(C_W=1.4, C_b=0.1)
-    closed = et.finite_width(et.MLP(3, 16, which, **kw), x)
-    generic = et.finite_width(et.MLP(3, 16, {"erf": _erf, "sin": _sin}[which], **kw), x)
+    closed = et.finite_width(et.MLP(3, 16, "erf", **kw), x)
+    generic = et.finite_width(et.MLP(3, 16, _erf, **kw), x)
     for name in ("K", "Theta", "G1", "H1", "V", "A", "B", "D", "F"):
         a, b = np.asarray(getattr(closed, name)), np.asarray(getattr(generic, name))
         np.testing.assert_allclose(b, a, rtol=1e-8, atol=1e-9 * max(np.abs(a).max(), 1e-300), err_msg=name)
 
 
 # ------------------------------------------------------------------------------------------ empirical
-@settings(max_examples=4, **SETTINGS)
+@settings(max_examples=3, **SETTINGS)
 @given(act=st.sampled_from(["relu", "tanh", "gelu"]), depth=st.integers(1, 4), width=st.sampled_from([4, 16, 64]),
        hp=st.fixed_dictionaries({"C_W": st.sampled_from([0.5, 1.0, 2.0]), "C_b": st.sampled_from([0.0, 0.3])}), xs=st.tuples(st.integers(0, 2**32 - 1), st.integers(1, 3), st.integers(1, 5), st.floats(0.3, 2.0)),
        seed=st.integers(0, 2**31 - 1))
@@ -210,8 +209,8 @@ def test_float32_and_float64_ensembles_agree_statistically():
     net = et.MLP(2, 16, "tanh", C_W=1.2, C_b=0.1)
     x = _inputs(3, 2, 4, 1.0)
     kw = dict(statistics=("four_point",), progress=False)
-    e32 = em.sample_ensemble(net, x, 1000, 0, dtype="float32", **kw)
-    e64 = em.sample_ensemble(net, x, 1000, 0, dtype="float64", **kw)
+    e32 = em.sample_ensemble(net, x, 600, 0, dtype="float32", **kw)
+    e64 = em.sample_ensemble(net, x, 600, 0, dtype="float64", **kw)
     assert e32.stats["zz"].dtype == np.float32 and e64.stats["zz"].dtype == np.float64
     for est in (em.metric, em.four_point_same_neuron):
         a, b = est(e32), est(e64)
