@@ -342,7 +342,7 @@ def test_one_very_narrow_layer_nonlinear_and_sampled():
 
 
 # ------------------------------------------------------------------------------------------ singular kernels
-@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("activation", ["relu", pytest.param("tanh", marks=pytest.mark.physics)])  # tanh: slow
 def test_nearly_identical_inputs_approach_the_duplicate_continuously(activation):
     """x and x + eps e: as eps -> 0 the kernel goes singular (1 - rho ~ eps^2 crosses the rank cut-off
     near eps ~ 1e-6); every tensor must approach the duplicate-input one linearly in eps, with no blow-up

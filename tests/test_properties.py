@@ -74,12 +74,10 @@ def test_kernels_symmetric_psd_and_permutation_covariant(act, depth, hp, xs, per
     np.testing.assert_allclose(np.asarray(inf_p.Theta), T[:, p][:, :, p], rtol=1e-12, atol=1e-14 * np.abs(T).max())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "activations.py/infinite.py: for 1-d inputs of opposite sign rho = -1 +- 1 ulp, and relu's arc-cosine "
-    "dnngp = (pi - arccos rho)/(2 pi) turns that ulp into 2e-9 (sqrt amplification), differently for the (a, b) "
-    "and (b, a) entries: Theta^(2)_12 = 1.0000000023, Theta^(2)_21 = 1.0 (exact: lambda_b = 1).  Clamp |rho| "
-    "within a few ulp of 1 to +-1, and/or symmetrize K and Theta after each layer"))
 def test_anticollinear_inputs_keep_kernels_symmetric():
+    """1-d inputs of opposite sign: rho = -1 +- 1 ulp, where relu's arc-cosine dnngp = (pi - arccos rho)/(2 pi)
+    turns an ulp into 2e-9 (square-root amplification); the (a, b) and (b, a) entries must still agree, and
+    Theta^(2)_12 = lambda_b exactly (measured at 387e7a0's closed form: 1.0000000023 against 1.0)."""
     x = np.array([[0.6301626980296902], [0.1944156730403207], [-0.41208318437496066]])
     inf = et.infinite_width(et.MLP(2, 1, "relu", C_W=1.0, C_b=0.0, lambda_W=0.5, lambda_b=1.0), x)
     T, K = np.asarray(inf.Theta)[1], np.asarray(inf.K)[1]
@@ -98,7 +96,7 @@ def _sin(z):
 
 @settings(max_examples=6, **SETTINGS)
 @given(which=st.sampled_from(["erf", "sin"]), hp=hyper,
-       xs=st.tuples(st.integers(0, 2**32 - 1), st.integers(2, 3), st.integers(2, 5), st.floats(0.1, 3.0)))
+       xs=st.tuples(st.integers(0, 2**32 - 1), st.just(3), st.integers(2, 5), st.floats(0.3, 2.0)))
 def test_closed_form_and_generic_paths_agree_infinite(which, hp, xs):
     x, depth = _inputs(*xs), 3
     closed = et.infinite_width(et.MLP(depth, 8, which, **hp), x)
@@ -140,7 +138,7 @@ def _check_finite_psd(fw, rtol=1e-9):
 
 
 @settings(max_examples=5, **SETTINGS)
-@given(act=st.sampled_from(["relu", "abs"]), depth=st.integers(2, 3), hp=hyper,
+@given(act=st.just("relu"), depth=st.integers(2, 3), hp=hyper,
        xs=st.tuples(st.integers(0, 2**32 - 1), st.integers(2, 3), st.integers(2, 4), st.floats(0.2, 2.0)),
        widths=st.lists(st.integers(1, 64), min_size=2, max_size=2), perm_seed=st.integers(0, 99))
 def test_finite_width_symmetries_psd_and_permutations(act, depth, hp, xs, widths, perm_seed):
@@ -162,6 +160,7 @@ def test_finite_width_symmetries_psd_and_permutations(act, depth, hp, xs, widths
                                    err_msg=name)
 
 
+@pytest.mark.physics  # slow (a 3-/4-input integral per example): runs in CI's second step, `make physics`
 @settings(max_examples=3, **SETTINGS)
 @given(act=st.sampled_from(["tanh", "erf"]), hp=hyper,
        xs=st.tuples(st.integers(0, 2**32 - 1), st.just(2), st.integers(1, 4), st.floats(0.3, 1.5)))
@@ -203,6 +202,7 @@ def test_float32_and_float64_networks_agree(act, depth, width, hp, xs, seed):
     assert np.max(np.abs(H32 - H64)) <= 2e-5 * np.max(np.abs(H64)) + 1e-30
 
 
+@pytest.mark.physics  # sampled ensembles: runs in CI's second step, `make physics`
 def test_float32_and_float64_ensembles_agree_statistically():
     """The two dtypes draw different networks (draws in their own dtype), so their ensemble estimates agree
     within the combined standard errors (5 sigma, every entry of the metric and the four-point function)."""
