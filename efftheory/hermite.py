@@ -27,9 +27,9 @@ Two rules compute H_mn:
   angular integrand is smooth between the (at most four) angles where z_1 or z_2 vanishes, where
   Gauss-Legendre on each arc is exact to rounding.
 
-:func:`product_moments` evaluates <prod_s sigma^(d_s)(z_{a_s})> over up to four inputs (the
-sources of V, A, B, D, F): over two distinct inputs with the exact rules above, over three or
-four with the tensor trapezoid rule.
+The products of sigma and sigma' over three or four inputs (the sources of V, A, B, D, F) are
+in :mod:`efftheory.products`, which uses the two-input rules here for its one- and two-input
+entries.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .gaussian import derivative, nodes_for, normal_rule, range_factor, rule_size
+from .gaussian import nodes_for, normal_rule
 
-__all__ = ["whiten2", "hermite_moments2", "product_moments", "HERMITE"]
+__all__ = ["whiten2", "hermite_moments2", "HERMITE"]
 
 # Coefficients of He_0..He_4 in powers x^0..x^4.
 HERMITE = np.array(
@@ -57,8 +57,7 @@ HERMITE = np.array(
     dtype=np.float64,
 )
 _MAXDEG = 4
-_ARC_ORDER = 24
-_TAIL_K = 7.5  # 3-d and 4-d rules stop at 7.5 sigma (mass beyond: 6e-14 per direction)  # Gauss-Legendre points per arc: exact for the trigonometric polynomials here
+_ARC_ORDER = 24  # Gauss-Legendre points per arc: exact for the trigonometric polynomials here
 
 
 @functools.partial(jax.jit, static_argnames=("rtol",))
@@ -144,162 +143,3 @@ def hermite_moments2(g1, g2, L, *, degree: int | None = None, order: int | None 
             order = nodes_for(float(jnp.max(jnp.sum(L * L, axis=-1))))
         mono = _trapezoid_monomials(g1, g2, L, order)
     return _hermite_from_monomials(mono)
-
-
-# ---------------------------------------------------------------------------------------------
-# products of sigma and sigma' over up to four inputs
-
-
-def _pattern_entries(N: int, kinds: tuple[int, ...]):
-    """Distinct index tuples of an N^4 moment tensor up to the symmetry of equal kinds.
-
-    Returns (reps, groups): reps (E, 4) representative index tuples, and for each the list of
-    all index tuples that share its value (filled into the full tensor afterwards).
-    """
-    import itertools
-
-    seen = {}
-    for idx in itertools.product(range(N), repeat=4):
-        key = tuple(sorted(zip(kinds, idx)))
-        seen.setdefault(key, []).append(idx)
-    reps = np.array([v[0] for v in seen.values()], dtype=np.int64)
-    return reps, list(seen.values())
-
-
-def _entry_exponents(reps, kinds):
-    """Per entry: distinct inputs (E, 4) padded with -1, and exponents (E, 4, 2) of (sigma, sigma')."""
-    E = reps.shape[0]
-    inputs = -np.ones((E, 4), dtype=np.int64)
-    expo = np.zeros((E, 4, 2), dtype=np.int64)
-    ndist = np.zeros(E, dtype=np.int64)
-    for e, idx in enumerate(reps):
-        uniq = sorted(set(int(i) for i in idx))
-        ndist[e] = len(uniq)
-        inputs[e, : len(uniq)] = uniq
-        for slot, i in enumerate(idx):
-            expo[e, uniq.index(int(i)), kinds[slot]] += 1
-    return inputs, expo, ndist
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _product_moment2(sig, dsig, degree, order, L, e1, e2):
-    """<sigma^e1[0] sigma'^e1[1] (z1) * sigma^e2[0] sigma'^e2[1] (z2)> for a batch: L (P,2,2), e (P,2)."""
-
-    def factor(e):
-        def g(z):
-            ee = _bcast(e, z)
-            return _int_power(sig(z), ee[..., 0]) * _int_power(dsig(z), ee[..., 1])
-        return g
-
-    if degree is not None:
-        return _polar_monomials(factor(e1), factor(e2), L, degree, maxdeg=0)[..., 0, 0]
-    return _trapezoid_monomials(factor(e1), factor(e2), L, order, maxdeg=0)[..., 0, 0]
-
-
-def product_moments(act, K, kinds: tuple[int, ...]):
-    """M[a, b, c, d] = < prod_s sigma^(kinds[s])(z_{idx_s}) >_K  for all index tuples, (N,)*4.
-
-    ``kinds`` holds 0 (sigma) or 1 (sigma') for each of the four slots, e.g. (1, 1, 0, 0) for
-    <sigma'_a sigma'_b sigma_c sigma_d>.  Each distinct value is computed once: over one or two
-    distinct inputs with the exact 2-d rules of :func:`hermite_moments2`, over three or four with
-    a capped tensor trapezoid rule (see :func:`_order_for`; O(h^2) across kinks).
-    """
-    K = np.asarray(K, dtype=np.float64)
-    N = K.shape[0]
-    reps, groups = _pattern_entries(N, tuple(kinds))
-    inputs, expo, ndist = _entry_exponents(reps, kinds)
-    sig, dsig = act.fn, derivative(act.fn)
-    vals = np.zeros(len(reps))
-    hom = act.homogeneous
-    Kmax = float(np.max(np.diag(K)))
-
-    # one or two distinct inputs: exact 2-d rules (homogeneous) or the accurate trapezoid rule
-    sel = np.nonzero(ndist <= 2)[0]
-    if len(sel):
-        i1 = inputs[sel, 0]
-        i2 = np.where(inputs[sel, 1] >= 0, inputs[sel, 1], inputs[sel, 0])
-        e1 = jnp.asarray(expo[sel, 0])
-        e2 = jnp.asarray(np.where((ndist[sel] == 2)[:, None], expo[sel, 1], 0))
-        L, _ = whiten2(K[i1, i1], K[i2, i2], K[i1, i2])
-        if hom:
-            # each sigma factor has degree 1, each sigma' degree 0; one polar call per total degree
-            deg = expo[sel, :, 0].sum(axis=1)
-            out = np.zeros(len(sel))
-            for p in np.unique(deg):
-                m = np.nonzero(deg == p)[0]
-                out[m] = _bucketed(_product_moment2, (sig, dsig, int(p), None), L[m], e1[m], e2[m])
-            vals[sel] = out
-        else:
-            vals[sel] = _bucketed(_product_moment2, (sig, dsig, None, _order_for(act, Kmax)), L, e1, e2)
-
-    # three or four distinct inputs: tensor trapezoid rule in the range of the covariance
-    for k in (3, 4):
-        sel = np.nonzero(ndist == k)[0]
-        if not len(sel):
-            continue
-        idx = inputs[sel, :k]
-        S = K[idx[:, :, None], idx[:, None, :]]  # (E, k, k)
-        Lk = range_factor(S)
-        n = _order_for(act, Kmax, k=k)
-        vals[sel] = _bucketed(lambda s_, d_, L_, e_: _trapezoid_k(s_, d_, L_, e_, n, k), (sig, dsig), Lk,
-                              expo[sel, :k])
-
-    M = np.empty((N,) * 4)
-    for v, grp in zip(vals, groups):
-        g = np.array(grp)
-        M[g[:, 0], g[:, 1], g[:, 2], g[:, 3]] = v
-    return M
-
-
-def _bucketed(fn, static, *arrays):
-    """fn(*static, *arrays) with the batch padded to a power of two (zeros), so that the few
-    compiled shapes are reused across moment kinds and layers; returns the unpadded numpy result."""
-    P = arrays[0].shape[0]
-    size = max(8, 1 << (P - 1).bit_length())
-    padded = [jnp.asarray(np.concatenate([np.asarray(a), np.zeros((size - P,) + np.shape(a)[1:], np.asarray(a).dtype)]))
-              for a in arrays]
-    return np.asarray(fn(*static, *padded))[:P]
-
-
-def _bcast(e, z):
-    """Exponents e (P, 2) reshaped to broadcast against values z (P, ...): (P, 1, ..., 1, 2)."""
-    return e.reshape(e.shape[:1] + (1,) * (z.ndim - 1) + (2,))
-
-
-def _order_for(act, Kmax, k=2):
-    """Nodes per direction: the accurate 2-d rule, and capped tensor rules in 3 and 4 dimensions
-    (96^3 and 32^4 nodes per entry; with the tail cut at 7.5 sigma the 4-d rule keeps ~1e-6
-    relative accuracy for tanh up to K ~ 4, the 3-d rule ~1e-9)."""
-    if k == 2:
-        return rule_size(act, Kmax)
-    return 96 if k == 3 else 32
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 4, 5))
-def _trapezoid_k(sig, dsig, Lk, expo, n, k):
-    """Tensor trapezoid rule in k dims for a batch of entries: Lk (E, k, k), expo (E, k, 2) ints.
-
-    The grid is built by broadcasting one axis per direction (never an (n^k, k) constant), and the
-    entries run sequentially (lax.map) so memory stays at a few n^k arrays.
-    """
-    u, w = normal_rule(n, tail=_TAIL_K)
-    u, w = jnp.asarray(u), jnp.asarray(w)
-    shape = [(1,) * j + (n,) + (1,) * (k - 1 - j) for j in range(k)]
-    axes = [u.reshape(sh) for sh in shape]  # direction j varies along array axis j
-    Wt = functools.reduce(lambda acc, j: acc * w.reshape(shape[j]), range(1, k), w.reshape(shape[0]))
-
-    def one(args):
-        L, e = args
-        f = 1.0
-        for i in range(k):
-            z = functools.reduce(lambda acc, j: acc + L[i, j] * axes[j], range(1, k), L[i, 0] * axes[0])
-            f = f * _int_power(sig(z), e[i, 0]) * _int_power(dsig(z), e[i, 1])
-        return jnp.sum(f * Wt)
-
-    return jax.lax.map(one, (Lk, expo))
-
-
-def _int_power(x, e):
-    """x**e for a traced integer 0 <= e <= 4 without exp/log (safe for negative x)."""
-    x2 = x * x
-    return jnp.select([e == 0, e == 1, e == 2, e == 3], [jnp.ones_like(x), x, x2, x2 * x], x2 * x2)

@@ -54,7 +54,8 @@ import numpy as np
 
 from .._pytree import result
 from ..gaussian import derivative, rule_size
-from ..hermite import hermite_moments2, product_moments, whiten2
+from ..hermite import hermite_moments2, whiten2
+from ..products import source_moments
 from ..network import MLP
 from .infinite import check_net, infinite_width
 
@@ -209,7 +210,7 @@ def _pair_gather(X, N):
 # one layer
 
 
-def layer_step(act, C_W, lam_W, r, K, Theta, G1, V, H1, A, B, D, F):
+def layer_step(act, C_W, lam_W, r, K, Theta, G1, V, H1, A, B, D, F, *, tol: float = 1e-9):
     """One step l -> l+1 of every first-order recursion (module docstring); numpy float64 in/out."""
     N = K.shape[0]
     hom = act.homogeneous
@@ -224,9 +225,7 @@ def layer_step(act, C_W, lam_W, r, K, Theta, G1, V, H1, A, B, D, F):
     n2 = N * N
 
     # single-neuron four-point moments and covariances
-    Mss = product_moments(act, K, (0, 0, 0, 0))
-    Mds = product_moments(act, K, (1, 1, 0, 0))
-    Mdd = product_moments(act, K, (1, 1, 1, 1))
+    Mss, Mds, Mdd = source_moments(act, K, tol=tol, order2=order)
     SS = np.einsum("ab,cd->abcd", S, S)
     cov_ss = Mss - SS
     cov_ds = Mds - np.einsum("ab,cd->abcd", dS, S)
@@ -272,14 +271,26 @@ def layer_step(act, C_W, lam_W, r, K, Theta, G1, V, H1, A, B, D, F):
     return G1_new, V_new, H1_new, A_new, B_new, D_new, F_new
 
 
-def finite_width(net: MLP, x) -> FiniteWidth:
+def finite_width(net: MLP, x, *, tol: float = 1e-9, progress: bool = False) -> FiniteWidth:
     """First-order finite-width statistics of every layer of ``net`` on inputs x (N, n_0).
 
     Returns a :class:`FiniteWidth` with K, Theta, G1, H1 (L, N, N) and V, A, B, D, F
     (L, N, N, N, N), float64.  Width ratios r_l = n_l/n_{l-1} come from ``net``'s hidden widths;
     use :meth:`FiniteWidth.at_width` for predictions at a width.
+
+    Args:
+      tol: target absolute accuracy of the three- and four-input Gaussian integrals (the sources
+        of V, A, B, D, F) for smooth activations; see :mod:`efftheory.products`.  Their cost
+        grows like log(1/tol)^(number of wide directions); one- and two-input integrals are
+        always at ~1e-13.  Kinked activations use fixed rules (~1e-4 relative in four dimensions).
+      progress: show a progress bar over layers (tqdm).
     """
+    from .. import _validate
+
     net = check_net(net)
+    tol = _validate.real("tol", tol, positive=True)
+    if not tol < 1e-2:
+        raise ValueError(f"tol: expected a target accuracy below 1e-2, got {tol}")
     inf = infinite_width(net, x)
     Ks, Ts = np.asarray(inf.K), np.asarray(inf.Theta)
     L, N = Ks.shape[0], Ks.shape[1]
@@ -287,8 +298,14 @@ def finite_width(net: MLP, x) -> FiniteWidth:
     state = (z2, z4, z2, z4, z4, z4, z4)
     out = [state]
     ratios = net.width_ratios()
-    for l in range(1, L):
-        state = layer_step(net.sigma, net.C_Ws[l], net.lambda_Ws[l], ratios[l - 1], Ks[l - 1], Ts[l - 1], *state)
+    layers = range(1, L)
+    if progress:
+        from tqdm.auto import tqdm
+
+        layers = tqdm(layers, desc=f"finite_width N={N}", unit="layer")
+    for l in layers:
+        state = layer_step(net.sigma, net.C_Ws[l], net.lambda_Ws[l], ratios[l - 1], Ks[l - 1], Ts[l - 1], *state,
+                           tol=tol)
         out.append(state)
     stack = [jnp.asarray(np.stack([s[i] for s in out])) for i in range(7)]
     G1, V, H1, A, B, D, F = stack

@@ -1,0 +1,120 @@
+"""The three- and four-input source moments (efftheory.products) against independent references:
+closed forms from the characteristic function (sin), Isserlis' theorem (linear), and a plain
+numpy tensor rule in Cholesky coordinates (tanh, gelu)."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+import efftheory as et
+from efftheory import products
+
+
+def _kernel(N, seed, collinear=True):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(N, 3))
+    if collinear:
+        x[2] = -1.5 * x[1]  # an exactly collinear (rank-deficient) pair
+    x[0] = 0.995 * x[3] + 0.05 * rng.normal(size=3)  # a nearly collinear pair
+    return x @ x.T / 3 + 0.05
+
+
+def _sin_moment(K, idx, kinds):
+    """<prod_s f_s(z_{idx_s})> with f = sin (kind 0) or cos (kind 1), exactly:
+    sin z = (e^{iz} - e^{-iz}) / 2i, cos z = (e^{iz} + e^{-iz}) / 2, and <e^{i t.z}> = e^{-t.K.t/2}."""
+    total = 0.0
+    for eps in itertools.product((1, -1), repeat=4):
+        t = np.zeros(K.shape[0])
+        coef = 1.0 + 0j
+        for e, a, kind in zip(eps, idx, kinds):
+            t[a] += e
+            coef *= (e / 2j) if kind == 0 else 0.5
+        total += coef * np.exp(-0.5 * t @ K @ t)
+    return total.real
+
+
+def test_sin_closed_form_all_entries():
+    K = _kernel(5, 0)
+    Mss, Mds, Mdd = products.source_moments(et.get_activation("sin"), K)
+    for M, kinds in ((Mss, (0, 0, 0, 0)), (Mds, (1, 1, 0, 0)), (Mdd, (1, 1, 1, 1))):
+        ref = np.empty_like(M)
+        for idx in itertools.product(range(5), repeat=4):
+            ref[idx] = _sin_moment(K, idx, kinds)
+        np.testing.assert_allclose(M, ref, atol=2e-9, rtol=0)
+
+
+def test_linear_isserlis():
+    K = _kernel(6, 1)
+    Mss, Mds, Mdd = products.source_moments(et.get_activation("linear"), K)
+    ref = np.einsum("ab,cd->abcd", K, K) + np.einsum("ac,bd->abcd", K, K) + np.einsum("ad,bc->abcd", K, K)
+    np.testing.assert_allclose(Mss, ref, atol=1e-12)
+    np.testing.assert_allclose(Mds, np.broadcast_to(K[None, None], Mds.shape), atol=1e-12)
+    np.testing.assert_allclose(Mdd, 1.0, atol=1e-12)
+
+
+def _cholesky_rule(fn, dfn, K, idx, kinds, n):
+    """Plain numpy tensor trapezoid rule in Cholesky coordinates over the distinct inputs."""
+    uniq = sorted(set(idx))
+    S = K[np.ix_(uniq, uniq)]
+    C = np.linalg.cholesky(S + 0.0)
+    u = -8 + (np.arange(n) + 0.5) * 16 / n
+    w = np.exp(-u * u / 2)
+    w /= w.sum()
+    grids = np.meshgrid(*([u] * len(uniq)), indexing="ij")
+    W = np.ones_like(grids[0])
+    for g in grids:
+        W = W * np.exp(-g * g / 2)
+    W /= W.sum()
+    z = [sum(C[i, j] * grids[j] for j in range(len(uniq))) for i in range(len(uniq))]
+    f = W
+    for a, kind in zip(idx, kinds):
+        zz = z[uniq.index(a)]
+        f = f * (fn(zz) if kind == 0 else dfn(zz))
+    return f.sum()
+
+
+@pytest.mark.parametrize("name", ["tanh", "gelu"])
+def test_smooth_against_cholesky_rule(name):
+    from scipy.special import erf
+
+    fns = {
+        "tanh": (np.tanh, lambda z: 1 / np.cosh(z) ** 2),
+        "gelu": (lambda z: z * 0.5 * (1 + erf(z / np.sqrt(2))),
+                 lambda z: 0.5 * (1 + erf(z / np.sqrt(2))) + z * np.exp(-z * z / 2) / np.sqrt(2 * np.pi)),
+    }
+    fn, dfn = fns[name]
+    K = _kernel(5, 2, collinear=False)
+    K = 1.5 * K / K.diagonal().max()  # variances <= 1.5: the plain reference rule converges to 1e-11
+    Mss, Mds, Mdd = products.source_moments(et.get_activation(name), K)
+    cases = [((0, 1, 2, 4), Mss, (0, 0, 0, 0)), ((0, 3, 1, 2), Mds, (1, 1, 0, 0)),
+             ((1, 2, 3, 4), Mdd, (1, 1, 1, 1)), ((0, 0, 3, 1), Mds, (1, 1, 0, 0)), ((4, 1, 1, 2), Mss, (0, 0, 0, 0))]
+    for idx, M, kinds in cases:
+        n = 56 if len(set(idx)) == 4 else 120
+        ref = _cholesky_rule(fn, dfn, K, idx, kinds, n)
+        assert abs(M[idx] - ref) < 2e-9 * max(1.0, abs(ref)), (idx, M[idx], ref)
+
+
+def test_tolerance_knob_and_symmetry():
+    act = et.get_activation("tanh")
+    K = _kernel(5, 3)
+    fine = products.source_moments(act, K, tol=1e-11)
+    coarse = products.source_moments(act, K, tol=1e-5)
+    for a, b in zip(fine, coarse):
+        assert np.max(np.abs(a - b)) < 1e-5
+        assert np.all(np.isfinite(a))
+    Mss, Mds, Mdd = fine
+    for perm in itertools.permutations(range(4)):
+        np.testing.assert_array_equal(Mss, Mss.transpose(perm))
+        np.testing.assert_array_equal(Mdd, Mdd.transpose(perm))
+    np.testing.assert_array_equal(Mds, Mds.transpose(1, 0, 2, 3))
+    np.testing.assert_array_equal(Mds, Mds.transpose(0, 1, 3, 2))
+
+
+def test_rule_choice():
+    assert products.rule_for_scale(0.0) == ("gh", 1)
+    kind, n = products.rule_for_scale(1.0)
+    assert kind == "trap" and n >= 32
+    # smaller scale never needs more nodes
+    sizes = [products.rule_for_scale(s)[1] for s in (2.0, 1.0, 0.5, 0.1, 0.01)]
+    assert sizes == sorted(sizes, reverse=True)
