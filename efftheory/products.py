@@ -33,7 +33,9 @@ Rules
   (collinear inputs) gets one node: the integral over the lower-dimensional marginal, no jitter.
 * k = 3, 4, kinked sigma (relu and its step derivative, abs, user callables with
   ``smooth=False``): an isotropic tensor trapezoid rule in the same eigenbasis (96^3 and 32^4
-  nodes); it converges like h^2 across the kinks (~1e-5 and 1e-4 relative).
+  nodes); it converges like h^2 across the kinks (~1e-5 and 1e-4 relative).  Sets of rank <= 2
+  (duplicate or collinear inputs) with positively homogeneous sigma use the exact polar rule,
+  so that repeating an input reproduces the smaller computation to rounding.
 """
 
 from __future__ import annotations
@@ -261,12 +263,48 @@ def _moments_kd(act, sig, dsig, K, sets, patterns, tol):
     if not act.smooth:
         n = _KINKED_ORDER[k]
         rules = [(("kink", n),) * k] * C
+        if act.homogeneous:
+            # rank <= 2 (duplicate or collinear inputs in the set): the exact polar rule
+            low = np.nonzero(np.count_nonzero(scale > 0, axis=1) <= 2)[0]
+            if len(low):
+                high = np.setdiff1d(np.arange(C), low)
+                vals = np.empty((C, len(patterns)))
+                vals[low] = _polar_sets(sig, dsig, L[low, :, :2], patterns)
+                if len(high):
+                    vals[high] = _eval_sets(sig, dsig, patterns, L[high], [rules[0]] * len(high))
+                return vals
     else:
         order = np.argsort(-scale, axis=1)  # widest direction first: fewer distinct size classes
         L = np.take_along_axis(L, order[:, None, :], axis=2)
         scale = np.take_along_axis(scale, order, axis=1)
         rules = [tuple(rule_for_scale(s, tol) for s in row) for row in scale]
     return _eval_sets(sig, dsig, patterns, L, rules)
+
+
+def _polar_sets(sig, dsig, L2, patterns):
+    """Pattern moments (C, P) over sets whose covariance has rank <= 2, z_i = L2_i . (u, v), for
+    positively homogeneous sigma (sigma of degree 1, sigma' of degree 0): the radial integral
+    is closed, the angular one Gauss-Legendre on each arc between the angles where some z_i
+    vanishes (exact to rounding: the integrand is a trigonometric polynomial there)."""
+    C, k, _ = L2.shape
+    x, wq = np.polynomial.legendre.leggauss(24)
+    br = np.concatenate([np.arctan2(-L2[:, :, 0], L2[:, :, 1]), np.arctan2(-L2[:, :, 0], L2[:, :, 1]) + np.pi], 1)
+    br = np.mod(br, 2 * np.pi)
+    edges = np.sort(np.concatenate([np.zeros((C, 1)), br, np.full((C, 1), 2 * np.pi)], 1), 1)
+    lo, hi = edges[:, :-1], edges[:, 1:]
+    phi = (lo + hi)[..., None] / 2 + (hi - lo)[..., None] / 2 * x  # (C, arcs, q)
+    wphi = (hi - lo)[..., None] / 2 * wq
+    c, s_ = np.cos(phi), np.sin(phi)
+    z = L2[:, :, 0, None, None] * c[:, None] + L2[:, :, 1, None, None] * s_[:, None]  # (C, k, arcs, q)
+    sv, dv = np.asarray(sig(jnp.asarray(z))), np.asarray(dsig(jnp.asarray(z)))
+    out = np.empty((C, len(patterns)))
+    for pi, pat in enumerate(patterns):
+        f = wphi.copy()
+        for i in range(k):
+            f = f * sv[:, i] ** pat[i][0] * dv[:, i] ** pat[i][1]
+        p = int(pat[:, 0].sum())
+        out[:, pi] = f.sum(axis=(1, 2)) * 2.0 ** (p / 2) * math.gamma(p / 2 + 1) / (2 * np.pi)
+    return out
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))

@@ -65,14 +65,8 @@ def test_duplicate_inputs_two_index_tensors_are_the_single_computation(duplicate
     _assert_entries(got, ref, [0, 1, 0], TWO, 1e-12, f"{act} [a, b, a] vs [a, b]")
 
 
-def test_duplicate_inputs_four_index_tensors_are_the_single_computation(duplicated, request):
+def test_duplicate_inputs_four_index_tensors_are_the_single_computation(duplicated):
     act, got, ref = duplicated
-    if act == "relu":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "finite.py/products.py: for a kinked sigma the 3-/4-input source integrals run on a 3-d/4-d "
-            "trapezoid rule even when inputs repeat, so entries over two distinct inputs differ from the exact "
-            "polar rule of the single computation (measured: relu V 9e-7, A, B, D, F 3e-4..2e-3 of scale); "
-            "collapse repeated inputs first")))
     _assert_entries(got, ref, [0, 1, 0], FOUR, 1e-11, f"{act} [a, b, a] vs [a, b]")
 
 
