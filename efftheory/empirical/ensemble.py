@@ -9,6 +9,25 @@ dropped, so the results do not depend on the chunk size, up to rounding: XLA may
 other batch sizes (measured: chunks of 400 against 25 differ by a few tens of ulp per network, in float32
 and float64).  A cache is reused only at the same chunk size, so a resumed run is bit-identical.
 
+Devices.  Each chunk is sharded over ``devices`` (default: every device ``jax.devices()`` lists) along
+the network axis with ``jax.sharding``: a 1-d :class:`~jax.sharding.Mesh` named "networks", the chunk
+function jitted with the network axis of every output split over it (``NamedSharding(mesh,
+P("networks"))``) and the inputs replicated.  ``chunk`` is then the number of networks *per device*:
+one step draws the networks start .. start + D chunk - 1 on D devices, device i the block of ``chunk``
+networks starting at start + i chunk, with the keys above (they do not depend on the device count), and
+the networks past M are dropped.  With the same ``chunk`` each device runs exactly the one-device
+program, so results are bit-identical to one device seed for seed (tests/test_sharding.py, four CPU
+devices from ``XLA_FLAGS=--xla_force_host_platform_device_count=4``), and cached chunks (one file per
+device block) are shared between device counts.  The default chunk is capped at ceil(M / D) so that
+small ensembles still use every device; with that cap results agree with one device up to rounding.
+
+Several hosts: start every process with ``jax.distributed.initialize(...)`` (coordinator address,
+number of processes, process id; automatic on TPU pods and Slurm/Open MPI clusters) and run the same
+program in each.  ``jax.devices()`` then lists the devices of all hosts, the mesh spans them, and each
+finished step is gathered to every process (``jax.experimental.multihost_utils.process_allgather``), so
+every process returns the whole ensemble.  A ``cache_dir`` must then be on a filesystem all processes
+share; only process 0 writes it.
+
 Two ways to draw a network (``method``):
 
 * ``"weights"`` (default): W, b from :func:`.networks.init_params`, forward pass, and for NTK
@@ -30,6 +49,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from .. import _validate
@@ -40,7 +60,7 @@ from . import moments
 from .networks import _init, check_dtype, check_net, check_x, conditional_forward, forward
 from .tangent import backward_vectors, ntk_from_layers
 
-__all__ = ["Ensemble", "Sweep", "sample", "sample_ensemble", "default_chunk"]
+__all__ = ["Ensemble", "Sweep", "sample", "sample_ensemble", "default_chunk", "network_mesh"]
 
 _METHODS = ("weights", "conditional")
 _CHUNK_BUDGET_BYTES = 128 * 2**20
@@ -153,11 +173,23 @@ def default_chunk(net: MLP, N: int, n0: int, statistics=("metric", "four_point")
 
 
 # --------------------------------------------------------------------------------------- sampling
+def network_mesh(devices=None) -> Mesh:
+    """The 1-d mesh ("networks",) over ``devices`` (default: all of ``jax.devices()``, every host's)."""
+    devs = jax.devices() if devices is None else list(devices)
+    if not devs or not all(isinstance(d, jax.Device) for d in devs):
+        raise ValueError(f"devices: expected a non-empty sequence of jax devices or None, got {devices!r}")
+    if len(set(devs)) != len(devs):
+        raise ValueError("devices: each device may appear once")
+    return Mesh(np.array(devs, dtype=object), ("networks",))
+
+
 @functools.lru_cache(maxsize=64)
-def _chunk_fn(net: MLP, statistics: tuple, method: str, dtype_name: str, chunk: int):
-    """jit(vmap(one network -> its per-network arrays)) for networks start..start+chunk-1."""
+def _chunk_fn(net: MLP, statistics: tuple, method: str, dtype_name: str, chunk: int, mesh: Mesh | None = None):
+    """jit(vmap(one network -> its per-network arrays)) for networks start..start+D*chunk-1, the network
+    axis split over the D devices of ``mesh`` (device i: start + i*chunk ..)."""
     dtype = jnp.dtype(dtype_name)
     want_ntk = "ntk" in statistics
+    D = 1 if mesh is None else mesh.size
 
     def one(key, x):
         if method == "conditional":
@@ -179,7 +211,36 @@ def _chunk_fn(net: MLP, statistics: tuple, method: str, dtype_name: str, chunk: 
     # On CPU, LLVM's expensive passes double XLA compile time (seconds per width) for no speed-up of
     # this RNG-bound code; other backends keep their defaults.
     opts = {"xla_llvm_disable_expensive_passes": True} if jax.default_backend() == "cpu" else None
-    return jax.jit(run, compiler_options=opts)
+    if mesh is None:
+        return jax.jit(run, compiler_options=opts)
+
+    def block(base_key, start, x):  # the one-device program on each device's block of networks
+        i = jax.lax.axis_index("networks").astype(jnp.uint32)
+        return run(base_key, start + i * jnp.uint32(chunk), x)
+
+    P = PartitionSpec
+    sharded = _shard_map(block, mesh=mesh, in_specs=(P(), P(), P()), out_specs=P("networks"))
+    rep = NamedSharding(mesh, P())
+    return jax.jit(sharded, in_shardings=(rep, rep, rep), out_shardings=NamedSharding(mesh, P("networks")),
+                   compiler_options=opts)
+
+
+def _shard_map(f, *, mesh, in_specs, out_specs):
+    """jax.shard_map (jax >= 0.6) or jax.experimental.shard_map.shard_map (older jax)."""
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+    from jax.experimental.shard_map import shard_map
+
+    return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+
+
+def _to_host(a) -> np.ndarray:
+    """A (possibly sharded, possibly multi-host) array as one numpy array on this process."""
+    if getattr(a, "is_fully_addressable", True):
+        return np.asarray(a)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(a, tiled=True))
 
 
 def _check_memory(net: MLP, x: np.ndarray, method: str, dtype_name: str) -> None:
@@ -218,48 +279,61 @@ def _config(net: MLP, x: np.ndarray, seed: int, fold: tuple, statistics, method,
     }
 
 
-def _run(net, x, n_networks, seed, fold, statistics, method, chunk, dtype_name, progress, cache_dir) -> Ensemble:
-    fn = _chunk_fn(net, statistics, method, dtype_name, chunk)
+def _run(net, x, n_networks, seed, fold, statistics, method, chunk, dtype_name, progress, cache_dir,
+         mesh=None) -> Ensemble:
+    D = 1 if mesh is None or mesh.size == 1 else mesh.size
+    mesh = mesh if D > 1 else None
+    fn = _chunk_fn(net, statistics, method, dtype_name, chunk, mesh)
     base = jax.random.PRNGKey(seed)
     for f in fold:
         base = jax.random.fold_in(base, f)
     xd = jnp.asarray(x, dtype_name)
-    shapes = jax.eval_shape(fn, base, jnp.uint32(0), xd)
+    if mesh is not None:  # host values, replicated by the jitted function on every device (and host)
+        base, xd = np.asarray(base), np.asarray(x, dtype_name)
+    shapes = jax.eval_shape(fn, base, np.uint32(0), xd)
     names = moments.arrays_for(statistics)
+    writer = jax.process_index() == 0
     if cache_dir is not None:
         config = _config(net, x, seed, fold, statistics, method, dtype_name)
         digest = _cache.config_hash(config)
         stem = "w" + "x".join(map(str, net.widths)) + f"_seed{seed}" + "".join(f"_f{f}" for f in fold)
 
-    starts = list(range(0, n_networks, chunk))
+    step = D * chunk
+    starts = list(range(0, n_networks, chunk))   # one block per device and step: the cache's unit
     done: dict[int, dict] = {}
     bar = tqdm(total=n_networks, unit="net", desc=f"widths {net.widths}", disable=not progress, delay=1.0,
                leave=False)
     pending = None
 
     def finish(item):
-        start, stop, out = item
-        host = {k: np.asarray(out[k])[: stop - start] for k in names}
-        if cache_dir is not None:
-            _cache.save_chunk(_cache.chunk_path(cache_dir, stem, start, stop), host, config, digest, start, stop)
-        done[start] = host
-        bar.update(stop - start)
+        gstart, blocks, out = item
+        host = {k: _to_host(out[k]) for k in names}
+        for start, stop in blocks:
+            part = {k: host[k][start - gstart: stop - gstart] for k in names}
+            if cache_dir is not None and writer:
+                _cache.save_chunk(_cache.chunk_path(cache_dir, stem, start, stop), part, config, digest, start,
+                                  stop)
+            done[start] = part
+            bar.update(stop - start)
 
     try:
-        for start in starts:
-            stop = min(start + chunk, n_networks)
+        for gstart in range(0, n_networks, step):
+            blocks = [(s, min(s + chunk, n_networks)) for s in range(gstart, min(gstart + step, n_networks), chunk)]
             if cache_dir is not None:
-                expected = {k: ((stop - start,) + shapes[k].shape[1:], shapes[k].dtype) for k in names}
-                hit = _cache.load_chunk(_cache.chunk_path(cache_dir, stem, start, stop), digest, start, stop,
-                                        expected)
-                if hit is not None:
-                    done[start] = hit
-                    bar.update(stop - start)
+                hits = {}
+                for start, stop in blocks:
+                    expected = {k: ((stop - start,) + shapes[k].shape[1:], shapes[k].dtype) for k in names}
+                    hits[start] = _cache.load_chunk(_cache.chunk_path(cache_dir, stem, start, stop), digest, start,
+                                                    stop, expected)
+                if all(h is not None for h in hits.values()):
+                    for (start, stop) in blocks:
+                        done[start] = hits[start]
+                        bar.update(stop - start)
                     continue
-            out = fn(base, jnp.uint32(start), xd)  # dispatched asynchronously
+            out = fn(base, np.uint32(gstart), xd)  # dispatched asynchronously
             if pending is not None:
                 finish(pending)
-            pending = (start, stop, out)
+            pending = (gstart, blocks, out)
         if pending is not None:
             finish(pending)
     finally:
@@ -286,7 +360,7 @@ def _prepare(net, x, n_networks, seed, statistics, method, chunk, dtype, cache_d
 
 def sample_ensemble(net: MLP, x, n_networks: int, seed: int, *, statistics=("metric", "four_point"),
                     method: str = "weights", chunk: int | None = None, dtype=jnp.float64, progress: bool = True,
-                    cache_dir=None) -> Ensemble:
+                    cache_dir=None, devices=None) -> Ensemble:
     """Sample ``n_networks`` networks of the architecture ``net`` and collect per-network statistics.
 
     Args:
@@ -297,12 +371,14 @@ def sample_ensemble(net: MLP, x, n_networks: int, seed: int, *, statistics=("met
       statistics: groups from :data:`.moments.STATISTICS` ("metric", "four_point", "ntk",
         "ntk_variance", "ntk_preactivation"); dependencies are added.
       method: "weights" or "conditional" (module docstring).
-      chunk: networks per vmapped chunk (default: :func:`default_chunk`); results do not depend on it
-        (up to rounding, module docstring),
+      chunk: networks per vmapped chunk and device (default: :func:`default_chunk`, capped at
+        ceil(M / number of devices)); results do not depend on it (up to rounding, module docstring),
         but cached chunks are reused only with the same chunk size.
       dtype: float32 or float64 arithmetic (draws in that dtype, so the two dtypes draw other networks).
       progress: show a tqdm bar when the run takes more than a second.
       cache_dir: if given, each finished chunk is written there atomically and reused on restart.
+      devices: the devices to shard the networks over (default: all of ``jax.devices()``; module
+        docstring).  The keys, hence the networks, do not depend on them.
 
     Returns:
       An :class:`Ensemble`.  Its per-network arrays hold 2 L N^4 numbers per network with
@@ -312,18 +388,29 @@ def sample_ensemble(net: MLP, x, n_networks: int, seed: int, *, statistics=("met
     x, M, seed, statistics, method, chunk, dtype_name, cache_dir = _prepare(
         net, x, n_networks, seed, statistics, method, chunk, dtype, cache_dir, progress)
     _check_memory(net, x, method, dtype_name)
-    if chunk is None:
-        chunk = default_chunk(net, x.shape[0], x.shape[1], statistics, method, dtype_name)
-    return _run(net, x, M, seed, (), statistics, method, min(chunk, M), dtype_name, progress, cache_dir)
+    mesh = network_mesh(devices)
+    return _run(net, x, M, seed, (), statistics, method, _device_chunk(chunk, net, x, M, mesh, statistics, method,
+                                                                          dtype_name),
+                dtype_name, progress, cache_dir, mesh)
+
+
+def _device_chunk(chunk, net, x, M, mesh, statistics, method, dtype_name) -> int:
+    """Networks per device and step: an explicit chunk (at most M), or the memory default capped at
+    ceil(M / D) so that every device has work."""
+    if chunk is not None:
+        return min(chunk, M)
+    c = default_chunk(net, x.shape[0], x.shape[1], statistics, method, dtype_name)
+    return max(1, min(c, -(-M // mesh.size)))
 
 
 def sample(net: MLP, x, widths: int | Sequence[int], n_networks: int, seed: int, *,
            statistics=("metric", "four_point"), method: str = "weights", chunk: int | None = None,
-           dtype=jnp.float64, progress: bool = True, cache_dir=None) -> Sweep:
+           dtype=jnp.float64, progress: bool = True, cache_dir=None, devices=None) -> Sweep:
     """Sample ``n_networks`` networks at each hidden width in ``widths`` (``net.with_width(n)``).
 
     Width n's network m uses key fold_in(fold_in(PRNGKey(seed), n), m), so widths are independent
-    and each is reproducible on its own.  Other arguments as in :func:`sample_ensemble`.
+    and each is reproducible on its own.  Other arguments (``devices`` among them: every width is
+    sharded over the same devices) as in :func:`sample_ensemble`.
 
     Returns:
       A :class:`Sweep`; ``sweep[n]`` is the ensemble at width n and ``sweep.estimate(f)`` stacks an
@@ -334,11 +421,11 @@ def sample(net: MLP, x, widths: int | Sequence[int], n_networks: int, seed: int,
         net, x, n_networks, seed, statistics, method, chunk, dtype, cache_dir, progress)
     for n in ws:
         _check_memory(net.with_width(n), x, method, dtype_name)
+    mesh = network_mesh(devices)
     ensembles = []
     for n in ws:
         net_n = net.with_width(n)
-        c = chunk if chunk is not None else default_chunk(net_n, x.shape[0], x.shape[1], statistics, method,
-                                                          dtype_name)
-        ensembles.append(_run(net_n, x, M, seed, (n,), statistics, method, min(c, M), dtype_name, progress,
-                              cache_dir))
+        c = _device_chunk(chunk, net_n, x, M, mesh, statistics, method, dtype_name)
+        ensembles.append(_run(net_n, x, M, seed, (n,), statistics, method, c, dtype_name, progress, cache_dir,
+                              mesh))
     return Sweep(ensembles=tuple(ensembles), widths=ws)
