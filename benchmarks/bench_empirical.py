@@ -10,10 +10,11 @@ Reports
     with neural-tangents importable (``.venv-nt/bin/python``), against ``nt.empirical_ntk_fn``.
 
 Usage:
-  python benchmarks/bench_empirical.py [--small] [--json results.json]
+  python benchmarks/bench_empirical.py [--small | --full] [--no-peers] [--json results.json]
   .venv-nt/bin/python benchmarks/bench_empirical.py --small      # adds the neural-tangents comparison
 
-``--small`` is the CI smoke run (well under 30 s).
+``--small`` is the CI smoke run (well under 30 s).  The NTK comparisons are interleaved rounds, median
+of >= 3 (benchmarks/_common.py); speedup = peer time / our time.
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import efftheory  # noqa: E402
+from _common import interleaved, loadavg, machine, ratio, summary_row, under_load  # noqa: E402
 from efftheory import empirical as E  # noqa: E402
 
 
@@ -97,8 +100,10 @@ def ensemble_rows(widths, depth, N, M, methods, dtypes, flops, normals, repeats)
     return rows
 
 
-def nt_ntk(net, params, x):
+def nt_ntk(net, params, x, no_peers=False):
     """neural-tangents' empirical NTK of the same network (its 'ntk' parameterization), or None."""
+    if no_peers:
+        return None
     try:
         import neural_tangents as nt
         from neural_tangents import stax
@@ -125,7 +130,7 @@ def nt_ntk(net, params, x):
     return lambda: fn(x, None, nt_params)[:, :, 0, 0]
 
 
-def ntk_rows(N, width, depth, dtypes, repeats):
+def ntk_rows(N, width, depth, dtypes, repeats, no_peers=False):
     rows = []
     net = efftheory.MLP(depth, width, "relu", C_W=2.0, C_b=0.1)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(N, width)))
@@ -133,23 +138,27 @@ def ntk_rows(N, width, depth, dtypes, repeats):
         name = np.dtype(dtype).name
         params = E.init_params(net, jax.random.PRNGKey(0), width, dtype)
         xd = x.astype(dtype)
-        layer = lambda: E.ntk(net, params, xd)  # noqa: E731
         lr = E.learning_rates(net, width)
 
         def apply_fn(p, x):
             return E.apply(net, p, x)
 
-        auto = lambda: E.ntk_autodiff(apply_fn, params, xd, learning_rates=lr)  # noqa: E731
-        H, Ha = layer(), auto()
+        fns = {"ntk": lambda: E.ntk(net, params, xd),
+               "autodiff": lambda: E.ntk_autodiff(apply_fn, params, xd, learning_rates=lr)}
+        nt_fn = nt_ntk(net, params, xd, no_peers)
+        if nt_fn is not None:
+            fns["nt"] = nt_fn
+        timing = interleaved(fns, repeats)
+        H, Ha = fns["ntk"](), fns["autodiff"]()
         rel = float(jnp.max(jnp.abs(H - Ha)) / jnp.max(jnp.abs(Ha)))
-        t_layer, t_auto = best_time(layer, repeats), best_time(auto, max(1, repeats // 2))
+        t_layer, t_auto = timing["ntk"]["median_s"], timing["autodiff"]["median_s"]
         row = {"inputs": N, "width": width, "depth": depth, "dtype": name, "ntk_seconds": t_layer,
-               "autodiff_seconds": t_auto, "speedup_vs_autodiff": t_auto / t_layer, "max_rel_diff_autodiff": rel}
-        nt_fn = nt_ntk(net, params, xd)
+               "autodiff_seconds": t_auto, "speedup_vs_autodiff": ratio(timing, "autodiff", "ntk"),
+               "max_rel_diff_autodiff": rel}
         if nt_fn is not None:
             Hn = nt_fn()
-            row["nt_seconds"] = best_time(nt_fn, max(1, repeats // 2))
-            row["speedup_vs_nt"] = row["nt_seconds"] / t_layer
+            row["nt_seconds"] = timing["nt"]["median_s"]
+            row["speedup_vs_nt"] = ratio(timing, "nt", "ntk")
             row["max_rel_diff_nt"] = float(jnp.max(jnp.abs(H - Hn)) / jnp.max(jnp.abs(Hn)))
         rows.append(row)
         msg = (f"  N={N} n={width} L={depth} {name}: ntk {1e3 * t_layer:.1f} ms, autodiff {1e3 * t_auto:.1f} ms "
@@ -163,14 +172,18 @@ def ntk_rows(N, width, depth, dtypes, repeats):
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--small", action="store_true", help="CI smoke run (< 30 s)")
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--small", action="store_true", help="CI smoke run (< 30 s)")
+    size.add_argument("--full", action="store_true", help="the full sizes (the default)")
+    ap.add_argument("--no-peers", action="store_true", help="skip neural-tangents even if importable")
     ap.add_argument("--json", help="write the results to this path")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     small = args.small
-    reps = 2 if small else 5
-    print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
-          f"{os.cpu_count()} CPUs")
+    reps = 3
+    mach = machine()
+    load0 = loadavg()
+    print(f"jax {jax.__version__} on {jax.default_backend()} ({mach['cpu']}), {os.cpu_count()} CPUs")
 
     mm_n = 512 if small else 2048
     flops = {np.dtype(d).name: matmul_flops(mm_n, d, reps) for d in (jnp.float32, jnp.float64)}
@@ -187,16 +200,27 @@ def main(argv=None) -> dict:
                             flops, normals, 2)
 
     print("exact NTK (relu, output neuron 0):")
-    ntk = ntk_rows(32, 128, 3, (jnp.float64,), reps) if small else \
-        ntk_rows(128, 512, 5, (jnp.float32, jnp.float64), reps)
-
+    ntk = ntk_rows(32, 128, 3, (jnp.float64,), reps, args.no_peers) if small else \
+        ntk_rows(128, 512, 5, (jnp.float32, jnp.float64), reps, args.no_peers)
+    load1 = loadavg()
+    loaded = under_load(load0, load1)
+    summary = []
+    for r in ntk:
+        peer = "neural-tangents empirical_ntk_fn" if "nt_seconds" in r else None
+        summary.append(summary_row(
+            "bench_empirical", f"empirical NTK, N = {r['inputs']}, width {r['width']}, depth {r['depth']}, {r['dtype']}",
+            r["ntk_seconds"], peer=peer, peer_s=r.get("nt_seconds"), speedup=r.get("speedup_vs_nt"),
+            target=">= 20x", accuracy={"ours_vs_autodiff": r["max_rel_diff_autodiff"],
+                                       **({"ours_vs_nt": r["max_rel_diff_nt"]} if peer else {})}))
     results = {
-        "benchmark": "bench_empirical", "small": small, "jax": jax.__version__, "backend": jax.default_backend(),
-        "device": jax.devices()[0].device_kind, "cpus": os.cpu_count(), "python": platform.python_version(),
-        "matmul_size": mm_n, "matmul_flops_per_second": flops, "normals_per_second": normals,
-        "ensembles": ens, "ntk": ntk, "total_seconds": time.perf_counter() - t_start,
+        "benchmark": "bench_empirical", "small": small, "machine": mach, "jax": jax.__version__,
+        "backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "cpus": os.cpu_count(),
+        "python": platform.python_version(), "matmul_size": mm_n, "matmul_flops_per_second": flops,
+        "normals_per_second": normals, "ensembles": ens, "ntk": ntk, "total_seconds": time.perf_counter() - t_start,
+        "loadavg": [load0, load1], "under_load": loaded, "summary": summary,
     }
-    print(f"total {results['total_seconds']:.1f} s")
+    print(f"total {results['total_seconds']:.1f} s" + (f"; timings taken under load (1-min load average "
+                                                        f"{load0:.1f} -> {load1:.1f})" if loaded else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -1,20 +1,28 @@
 """Time of the first-order finite-width tensors (all of G1, V, H1, A, B, D, F) against N and depth.
 
-    python benchmarks/bench_finite.py [--small] [--full] [--json PATH]
+    python benchmarks/bench_finite.py [--small] [--full] [--no-peers] [--json PATH]
 
 Reports cold (with JAX compilation) and warm times for tanh and relu MLPs; --full adds N = 16 at
 depth 10 (the issue's target size).  Prints the scaling exponent in N fitted from the warm times.
+No peer computes these tensors (neural-tangents has no finite-width corrections): timings only;
+--no-peers is accepted for benchmarks/run_all.py's uniform command line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import efftheory as et
+import numpy as np  # noqa: E402
+from _common import loadavg, machine, summary_row, under_load  # noqa: E402
+
+import efftheory as et  # noqa: E402
 
 
 def timed(fn):
@@ -27,9 +35,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--small", action="store_true", help="CI smoke size")
     ap.add_argument("--full", action="store_true", help="include N = 16, depth 10")
+    ap.add_argument("--no-peers", action="store_true", help="accepted and ignored (no peer exists)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    Ns = (1, 2, 3) if args.small else (2, 4, 8) + ((16,) if args.full else ())
+    mach, load0, t0 = machine(), loadavg(), time.perf_counter()
+    Ns = (1, 2) if args.small else (2, 4, 8) + ((16,) if args.full else ())
     depths = (3,) if args.small else (3, 10)
     rows = []
     rng = np.random.default_rng(0)
@@ -48,9 +58,18 @@ def main(argv=None):
             if len(pts) >= 2:
                 slope = np.polyfit(np.log([p[0] for p in pts]), np.log([p[1] for p in pts]), 1)[0]
                 print(f"{act} depth {L}: warm time ~ N^{slope:.2f}")
+    load1 = loadavg()
+    summary = [summary_row("bench_finite", f"all first-order tensors, {r['activation']}, depth {r['depth']}, "
+                           f"N = {r['N']}", r["warm_s"], note=f"cold {r['cold_s']:.2f} s (with compilation)")
+               for r in rows if r["N"] == max(x["N"] for x in rows)]
+    loaded = under_load(load0, load1)
+    if loaded:
+        print(f"timings taken under load (1-min load average {load0:.1f} -> {load1:.1f})")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"benchmark": "bench_finite", "machine": mach, "rows": rows, "summary": summary,
+                       "loadavg": [load0, load1], "under_load": loaded, "total_s": time.perf_counter() - t0},
+                      f, indent=1)
 
 
 if __name__ == "__main__":
