@@ -36,11 +36,14 @@ def main(argv=None):
     ap.add_argument("--small", action="store_true", help="CI smoke size")
     ap.add_argument("--full", action="store_true", help="include N = 16, depth 10")
     ap.add_argument("--no-peers", action="store_true", help="accepted and ignored (no peer exists)")
+    ap.add_argument("--ns", type=int, nargs="+", help="override the numbers of inputs N")
+    ap.add_argument("--depths", type=int, nargs="+", help="override the depths")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     mach, load0, t0 = machine(), loadavg(), time.perf_counter()
     Ns = (1, 2) if args.small else (2, 4, 8) + ((16,) if args.full else ())
     depths = (3,) if args.small else (3, 10)
+    Ns, depths = tuple(args.ns or Ns), tuple(args.depths or depths)
     rows = []
     rng = np.random.default_rng(0)
     for act, C_W in (("tanh", 1.0), ("relu", 2.0)):

@@ -4,7 +4,7 @@
 
 --small (the default; ``make bench``) is the CI smoke size, a few minutes on 2 cores with the
 neural-tangents peer; --full the sizes the README quotes (N = 1024: NT's numerical tanh alone takes minutes
-a call).  The result goes to benchmarks/results/latest.json: the machine (CPU model, cores, jax version
+a call; the finite-width tensors at N = 2 and 4, depths 3 and 10).  The result goes to benchmarks/results/latest.json: the machine (CPU model, cores, jax version
 of each environment, load average), every benchmark's own JSON, and the summary table.
 
 Peers.  neural-tangents needs jax < 0.6 and lives in its own environment (.ci/nt_env.sh builds
@@ -106,6 +106,8 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     size = "--full" if args.full else "--small"
     extra = {"bench_infinite": ["--sizes", "128", "32"]} if args.smoke else {}
+    if args.full:  # the four-input integrals grow like N^8 in time: N = 8 at depth 10 would take an hour
+        extra = {"bench_finite": ["--ns", "2", "4", "--depths", "3", "10"]}
 
     from _common import loadavg, machine, under_load
 
