@@ -139,7 +139,7 @@ def _erf_nngp(k11, k22, k12):
 
 
 def _erf_dnngp(k11, k22, k12):
-    det = (1 + 2 * k11) * (1 + 2 * k22) - 4 * k12**2
+    det = 1 + 2 * (k11 + k22) + 4 * (k11 * k22 - k12**2)  # exact on the diagonal, no cancellation at K ~ 1e12
     return 4 / (jnp.pi * jnp.sqrt(det))
 
 

@@ -239,11 +239,6 @@ def test_huge_inputs_erf_closed_form():
     np.testing.assert_allclose(T2[0, 1], K2[0, 1] + 4 / math.pi * G[0, 1] / np.sqrt(det[0, 1]), rtol=1e-9)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "activations._erf_dnngp (and _fastmath's erf in the working tree): det = (1 + 2 k11)(1 + 2 k22) - 4 k12^2 "
-    "cancels catastrophically on the diagonal at K ~ 1e12 ((1 + 2K)^2 ~ 4e24 has an ulp of 5e8, det = 1 + 4K): "
-    "Theta^(2)_aa is off by 1e-5 (committed) / 1e-4 (working tree); write det = 1 + 2 (k11 + k22) + "
-    "4 (k11 k22 - k12^2), exact on the diagonal"))
 def test_huge_inputs_erf_ntk_diagonal():
     got, expected = _erf_at_1e6()
     np.testing.assert_allclose(got, expected, rtol=1e-9)

@@ -70,6 +70,7 @@ def _killed_run(tmp_path, sig) -> tuple[pathlib.Path, pathlib.Path, str]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+@pytest.mark.physics  # two real subprocess runs (~35 s): CI runs them in the physics step
 def test_killed_run_resumes_to_the_identical_report(reference, tmp_path, sig, capsys):
     out, cache, err = _killed_run(tmp_path, sig)
     if sig == signal.SIGINT:
