@@ -109,7 +109,7 @@ def main(argv=None) -> dict:
     if args.full:  # the four-input integrals grow like N^8 in time: N = 8 at depth 10 would take an hour
         extra = {"bench_finite": ["--ns", "2", "4", "--depths", "3", "10"]}
 
-    from _common import machine, under_load
+    from _common import loadavg, machine, under_load
 
     t0 = time.perf_counter()
     peer_py = None if args.no_peers else nt_python()

@@ -20,7 +20,7 @@ Pair kernels (module :mod:`efftheory.activations` has the formulas; rho = K_ab /
     relu:  S  = sqrt(K_aa K_bb) [sqrt(1 - rho^2) + rho (pi/2 + asin rho)] / (2 pi)
            dS = 1/4 + asin(rho) / (2 pi)                                   ((pi - arccos rho)/(2 pi))
     abs:   S  = 2 sqrt(K_aa K_bb) [sqrt(1 - rho^2) + rho asin rho] / pi,    dS = 2 asin(rho) / pi
-    erf:   s = 2 K_ab q_a q_b,  q_a = 1/sqrt(1 + 2 K_aa)  (per input),   S = (2/pi) asin(s),
+    erf:   s = 2 K_ab / sqrt((1 + 2 K_aa)(1 + 2 K_bb)),   S = (2/pi) asin(s),
            dS = (4/pi) / sqrt(1 + 2 (K_aa + K_bb) + 4 (K_aa K_bb - K_ab^2))   (no cancellation at large K)
 
 rho is K_ab / sqrt(K_aa K_bb) as in :mod:`efftheory.activations`, so identical inputs get rho = 1
@@ -32,17 +32,16 @@ bitwise symmetric S and dS.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from collections.abc import Callable
 from math import comb
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from numpy.polynomial import Polynomial
 from numpy.polynomial import chebyshev as cheb
 
-__all__ = ["asin", "pair_kernel", "PairKernel"]
+__all__ = ["asin", "pair_kernel"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -82,76 +81,53 @@ def _rho(K, d_a, d_b, eye):
     return jnp.where(eye | ~pos, 1.0, rho), s
 
 
-def _diagonal_only(d):
-    return (d,)
-
-
-def _relu(K, a, b, eye):
-    rho, sab = _rho(K, a[0], b[0], eye)
-    r = jnp.abs(rho)
+def _relu(K, d_a, d_b, eye):
+    rho, sab = _rho(K, d_a, d_b, eye)
+    a = jnp.abs(rho)
     s = asin(rho)
-    S = sab * (jnp.sqrt((1.0 - r) * (1.0 + r)) + rho * (0.5 * np.pi + s)) * (0.5 / np.pi)
+    S = sab * (jnp.sqrt((1.0 - a) * (1.0 + a)) + rho * (0.5 * np.pi + s)) * (0.5 / np.pi)
     return S, 0.25 + s * (0.5 / np.pi)
 
 
-def _abs(K, a, b, eye):
-    rho, sab = _rho(K, a[0], b[0], eye)
-    r = jnp.abs(rho)
+def _abs(K, d_a, d_b, eye):
+    rho, sab = _rho(K, d_a, d_b, eye)
+    a = jnp.abs(rho)
     s = asin(rho)
-    S = sab * (jnp.sqrt((1.0 - r) * (1.0 + r)) + rho * s) * (2.0 / np.pi)
+    S = sab * (jnp.sqrt((1.0 - a) * (1.0 + a)) + rho * s) * (2.0 / np.pi)
     return S, s * (2.0 / np.pi)
 
 
-def _erf_prep(d):
-    return d, 1.0 / jnp.sqrt(1.0 + 2.0 * d)
-
-
-def _erf(K, a, b, eye):
+def _erf(K, d_a, d_b, eye):
     del eye
-    (d_a, q_a), (d_b, q_b) = a, b
-    s = jnp.clip(2.0 * K * (q_a * q_b), -1.0, 1.0)
+    den = jnp.sqrt((1.0 + 2.0 * d_a) * (1.0 + 2.0 * d_b))
+    s = jnp.clip(2.0 * K / den, -1.0, 1.0)
     # (1 + 2 k11)(1 + 2 k22) - 4 k12^2 written without the cancellation of its two O(K^2) terms
     # (exact on the diagonal, where k11 k22 - k12^2 = 0): matters once K >> 1e4.
     det = 1.0 + 2.0 * (d_a + d_b) + 4.0 * jnp.maximum(d_a * d_b - K * K, 0.0)
     return asin(s) * (2.0 / np.pi), (4.0 / np.pi) / jnp.sqrt(det)
 
 
-@dataclasses.dataclass(frozen=True)
-class PairKernel:
-    """(S, dS) of a closed form from K and per-input quantities.
+def pair_kernel(act):
+    """A function (K, d_a, d_b, eye) -> (S, dS) for the activation's closed forms.
 
-    ``prep(d)`` maps the diagonal (N,) to a tuple of per-input arrays (square roots and the like, taken
-    N times rather than per entry); ``fn(K, a, b, eye)`` takes them broadcast along rows (a) and
-    columns (b), and eye marks the diagonal.  Calling the kernel with (K, d_a, d_b, eye) applies prep
-    to the broadcast diagonals itself.
+    d_a, d_b broadcast the diagonal of K along rows and columns; eye marks the diagonal.  The fast kernels above for relu, abs and erf
+    (recognised by their closed-form functions, not by name); the activation's own ``nngp`` and
+    ``dnngp`` otherwise.
     """
-
-    fn: Callable
-    prep: Callable = _diagonal_only
-
-    def __call__(self, K, d_a, d_b, eye):
-        return self.fn(K, self.prep(d_a), self.prep(d_b), eye)
-
-
-def pair_kernel(act) -> PairKernel:
-    """The :class:`PairKernel` of an activation with closed forms: the fast kernels above for relu, abs
-    and erf (recognised by their closed-form functions, not by name), the activation's own ``nngp``
-    and ``dnngp`` otherwise."""
     from . import activations as A
 
-    fast = {A._relu_nngp: (_relu, _diagonal_only), A._abs_nngp: (_abs, _diagonal_only),
-            A._erf_nngp: (_erf, _erf_prep)}
+    fast = {A._relu_nngp: _relu, A._abs_nngp: _abs, A._erf_nngp: _erf}
     dfast = {A._relu_nngp: A._relu_dnngp, A._abs_nngp: A._abs_dnngp, A._erf_nngp: A._erf_dnngp}
     if act.nngp in fast and dfast[act.nngp] is act.dnngp:
-        return PairKernel(*fast[act.nngp])
+        return fast[act.nngp]
     return _generic(act)
 
 
 @functools.lru_cache(maxsize=64)
-def _generic(act) -> PairKernel:
-    def kernel(K, a, b, eye):
+def _generic(act):
+    def kernel(K, d_a, d_b, eye):
         del eye
-        k11, k22 = jnp.broadcast_to(a[0], K.shape), jnp.broadcast_to(b[0], K.shape)
+        k11, k22 = jnp.broadcast_to(d_a, K.shape), jnp.broadcast_to(d_b, K.shape)
         return act.nngp(k11, k22, K), act.dnngp(k11, k22, K)
 
-    return PairKernel(kernel)
+    return kernel

@@ -62,16 +62,16 @@ from .gaussian import _expect2_multi, derivative, normal_rule, rule_size
 __all__ = ["hermite_functions", "coefficients", "series", "pair_moments", "expect_pairs", "MehlerInfo",
            "TOL", "MAX_TERMS"]
 
-TAIL = 13.0          # the 1-d rule spans |x| <= 13: beyond, |f h_k phi| < |f| exp(-x^2/4) ~ 5e-19 |f|
+TAIL = 13.0          # the 1-d rule spans |x| <= 13: the integrand h_k^2 phi is below exp(-x^2/4) ~ 5e-19 there
 TOL = 1e-11          # default bound (B), relative to sqrt(<f_a^2> <f_b^2>)
 MAX_TERMS = 256      # longest series; pairs that need more go to the 2-d rule
 _CHUNK = 16          # Horner terms per fused elementwise pass (longer fusions were measured to slow down)
 TERM_LADDER = tuple(range(_CHUNK, MAX_TERMS + 1, _CHUNK))  # series lengths n (terms k < n)
 _NODE_LADDER = (128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384)
-# Cost model (only the ratio matters): one node of the 2-d rule for one pair (both integrands, tanh)
-# against one term of both series at one entry; measured on the project's 2-core Xeon (jax 0.10):
-# ~10 ns against ~2.6 ns.
-_NODE_COST = 4.0
+# Cost model (seconds are machine-specific, only the ratio matters): one 2-d rule evaluation of the
+# pair (sigma_a sigma_b, sigma'_a sigma'_b) at one node ~ _NODE_COST series operations (one term of
+# both series at one entry).  Measured ~10 on a 2-core Xeon (jax 0.10).
+_NODE_COST = 10.0
 _SAMPLE_PAIRS = 16384  # pairs sampled to estimate how many the bound (B) rejects at each n
 
 
@@ -330,8 +330,7 @@ def pair_moments(act, K, *, tol: float = TOL, max_terms: int = MAX_TERMS, return
         C, D, m2, dm2 = coefficients(act.fn, d, n_max, smooth=act.smooth, n_nodes=n_nodes)
         Ch, Dh, m2h, dm2h = (np.asarray(v) for v in (C, D, m2, dm2))
         theta_c, theta_d = _thresholds(Ch, m2h, tol, ns), _thresholds(Dh, dm2h, tol, ns)
-        frac = (np.asarray(_rejected_fraction(K, ia_s, ib_s, jnp.asarray(theta_c), jnp.asarray(theta_d)))
-                if N > 1 else np.zeros(len(ns)))
+        frac = np.asarray(_rejected_fraction(K, ia_s, ib_s, jnp.asarray(theta_c), jnp.asarray(theta_d)))
         P = N * (N - 1) // 2
         cost = np.array(ns, dtype=float) * N * N + frac * P * _NODE_COST * order * order
         j = int(np.argmin(cost))

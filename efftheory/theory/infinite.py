@@ -58,142 +58,53 @@ def check_net(net) -> MLP:
     return net
 
 
-@jax.jit
-def _gram(x):
-    return x @ x.T / x.shape[1]
-
-
 def input_gram(x) -> jax.Array:
-    """(1/n_0) x x^T for inputs x of shape (N, n_0), validated.
-
-    Overflow is checked on the host from the diagonal (1/n_0)|x_a|^2: |G_ab| <= sqrt(G_aa G_bb), so a
-    finite diagonal means a finite G, without waiting for the device.
-    """
-    x = np.asarray(_validate.inputs("x", x), dtype=np.float64)
-    with np.errstate(over="ignore"):
-        diag = np.einsum("ij,ij->i", x, x) / x.shape[1]
-    if not np.all(np.isfinite(diag)):
+    """(1/n_0) x x^T for inputs x of shape (N, n_0), validated."""
+    x = _validate.inputs("x", x)
+    xj = jnp.asarray(x, dtype=jnp.float64)
+    G = xj @ xj.T / x.shape[1]
+    if not bool(jnp.all(jnp.isfinite(G))):
         raise ValueError("x: entries too large, (1/n_0) x x^T overflows float64")
-    return _gram(jnp.asarray(x))
+    return G
 
-
-# ------------------------------------------------------------------------------------------ folded layout
-# K and Theta are symmetric, and for a closed form each entry of the next layer depends only on the same
-# entry and the diagonal.  The closed-form recursion therefore runs on one triangle, stored without
-# gaps in an (N + 1) x N/2 array Z (N even; an odd N gets a zero-variance dummy input):
-#
-#     Z[r, j]     = K[r, M + j]                 r < M                  (the off-diagonal block, full)
-#     Z[M + i, j] = K[i, j]                     i <= j                 (upper triangle of the top-left block)
-#     Z[M + i, j] = K[M + i - 1, M + j]         i > j                  (lower triangle of the bottom-right)
-#
-# with M = N/2: half the entries, so half the arithmetic and memory traffic of a layer.  Folding needs
-# no transpose; unfolding (for the layers returned) does.  Rows past N + 1 (whole row blocks) are zeros.
 
 _ROW_BLOCK = 128  # rows per block of the closed-form step: XLA temporaries stay in cache (measured 2x on jax 0.5)
 
 
-def _folded_rows(N: int) -> int:
-    """Rows of the stored Z: N + 1, rounded up to whole row blocks when the step works in blocks
-    (the extra rows are zeros, computed on and ignored, so the blocks need no padding copies)."""
-    R = N + 1
-    return R if R < 2 * _ROW_BLOCK else -(-R // _ROW_BLOCK) * _ROW_BLOCK
-
-
-def _fold(K):
-    """(N, N) symmetric with N even -> Z (_folded_rows(N), N/2) (layout above)."""
-    N = K.shape[0]
-    M = N // 2
-    i, j = jnp.arange(M + 1)[:, None], jnp.arange(M)[None, :]
-    top = jnp.pad(K[:M, :M], ((0, 1), (0, 0)))
-    bottom = jnp.pad(K[M:, M:], ((1, 0), (0, 0)))
-    Z = jnp.concatenate([K[:M, M:], jnp.where(i <= j, top, bottom)])
-    return jnp.pad(Z, ((0, _folded_rows(N) - (N + 1)), (0, 0)))
-
-
-def _folded_diagonal(Z):
-    """The diagonal K_aa, a = 0..N-1, of a folded Z."""
-    M = Z.shape[1]
-    return jnp.concatenate([jnp.diagonal(Z[M:2 * M]), jnp.diagonal(Z[M + 1:2 * M + 1])])
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _unfold(Z, N: int):
-    """Folded Z -> the full (N, N) matrix (on the device)."""
-    M = Z.shape[1]
-    i, j = jnp.arange(M)[:, None], jnp.arange(M)[None, :]
-    X, Y0, Y1 = Z[:M], Z[M:2 * M], Z[M + 1:2 * M + 1]
-    A = jnp.where(i <= j, Y0, Y0.T)
-    B = jnp.where(i >= j, Y1, Y1.T)
-    return jnp.block([[A, X], [X.T, B]])[:N, :N]
-
-
-@functools.lru_cache(maxsize=8)
-def _strict_lower(M: int) -> np.ndarray:
-    return np.tril(np.ones((M, M), dtype=bool), -1)
-
-
-def _unfold_host(Z: np.ndarray, out: np.ndarray) -> None:
-    """Folded Z -> full matrix written into ``out`` (N, N), with numpy (3 ms for N = 1024, against 4-6 ms
-    for the same transposes in XLA here)."""
-    N, M = out.shape[0], Z.shape[1]
-    full = out if N == 2 * M else np.empty((2 * M, 2 * M), Z.dtype)
-    X, Y0, Y1 = Z[:M], Z[M:2 * M], Z[M + 1:2 * M + 1]
-    lower = _strict_lower(M)
-    full[:M, M:] = X
-    full[M:, :M] = X.T
-    full[:M, :M] = Y0
-    np.copyto(full[:M, :M], Y0.T, where=lower)
-    full[M:, M:] = Y1
-    np.copyto(full[M:, M:], Y1.T, where=lower.T)
-    if full is not out:
-        out[...] = full[:N, :N]
-
-
 @functools.partial(jax.jit, static_argnums=0)
-def _folded_first_layer(N: int, G, C_W, C_b, lam_W, lam_b):
-    """Layer 1 from the input Gram matrix, folded (an odd N padded with a zero-variance input)."""
-    if N % 2:
-        G = jnp.pad(G, ((0, 1), (0, 1)))
-    Z = _fold(G)
-    return C_b + C_W * Z, lam_b + lam_W * Z
+def _closed_form_step(kernel, K, T, C_W, C_b, lam_W, lam_b):
+    """Layer l+1 from layer l for a closed-form activation (THEORY.md, "Infinite width").
 
-
-@functools.partial(jax.jit, static_argnums=0)
-def _closed_form_step(kernel, Z, T, C_W, C_b, lam_W, lam_b):
-    """Layer l+1 from layer l for a closed-form activation (THEORY.md, "Infinite width"), folded.
-
-    ``kernel`` is the activation's :class:`efftheory._fastmath.PairKernel`, evaluated on blocks of rows
-    of Z so that its elementwise temporaries stay small; its per-input quantities (rows and columns)
-    and the diagonal mask follow the folded layout.
+    ``kernel(K, d_a, d_b, eye) -> (S, dS)`` is :func:`efftheory._fastmath.pair_kernel`; evaluated on
+    blocks of rows so that its elementwise temporaries never take N^2 memory.
     """
-    R, M = Z.shape
-    per_input = kernel.prep(_folded_diagonal(Z))  # tuple of (N,) vectors
-    pad = jnp.zeros(R - 2 * M, Z.dtype)  # row 2M and the block padding below it
-    # row vectors: rows M + i with i <= j hold input i; rows r < M input r; rows M + i with i > j input M + i - 1
-    rows_upper = [jnp.concatenate([jnp.zeros(M, Z.dtype), v[:M], pad]) for v in per_input]
-    rows_lower = [jnp.concatenate([v[:M], pad[:1], v[M:], pad[1:]]) for v in per_input]
-    j = jnp.arange(M)[None, :]
+    N = K.shape[0]
+    d = jnp.diagonal(K)
 
-    def rows(Zb, Tb, r):
-        rr = r[:, None]
-        upper = (rr >= M) & (rr - M <= j)
-        a = tuple(jnp.where(upper, u[r][:, None], w[r][:, None]) for u, w in zip(rows_upper, rows_lower))
-        b = tuple(jnp.where(upper, v[None, :M], v[None, M:]) for v in per_input)
-        eye = (rr >= M) & ((rr - M == j) | (rr - M - 1 == j))
-        S, dS = kernel.fn(Zb, a, b, eye)
+    def rows(Kb, Tb, db, i0):
+        eye = (i0 + jnp.arange(Kb.shape[0]))[:, None] == jnp.arange(N)[None, :]
+        S, dS = kernel(Kb, db[:, None], d[None, :], eye)
         return C_b + C_W * S, lam_b + lam_W * S + C_W * dS * Tb
 
-    if R % _ROW_BLOCK or R < 2 * _ROW_BLOCK:
-        return rows(Z, T, jnp.arange(R))
-    nb = R // _ROW_BLOCK
-    Zo, To = jax.lax.map(lambda a: rows(*a), (Z.reshape(nb, _ROW_BLOCK, M), T.reshape(nb, _ROW_BLOCK, M),
-                                              jnp.arange(R).reshape(nb, _ROW_BLOCK)))
-    return Zo.reshape(R, M), To.reshape(R, M)
+    if N < 2 * _ROW_BLOCK:
+        return rows(K, T, d, 0)
+    nb = -(-N // _ROW_BLOCK)
+    pad = nb * _ROW_BLOCK - N
+
+    def blocks(A, fill=0.0):
+        return jnp.pad(A, ((0, pad),) + ((0, 0),) * (A.ndim - 1), constant_values=fill).reshape(
+            (nb, _ROW_BLOCK) + A.shape[1:])
+
+    Ko, To = jax.lax.map(lambda a: rows(*a), (blocks(K), blocks(T), blocks(d, 1.0),
+                                              jnp.arange(0, nb * _ROW_BLOCK, _ROW_BLOCK)))
+    return Ko.reshape(-1, N)[:N], To.reshape(-1, N)[:N]
 
 
 @jax.jit
 def _first_layer(G, C_W, C_b, lam_W, lam_b):
-    """Layer 1 from the input Gram matrix (the Mehler path, full matrices)."""
+    """Layer 1 from the input Gram matrix.  (Not symmetrised: an XLA transpose of a 1024^2 matrix costs
+    17 ms here, as much as a whole layer; every later step is symmetric in a <-> b, so a symmetric G,
+    which XLA's x x^T is in practice, gives bitwise symmetric kernels.)"""
     return C_b + C_W * G, lam_b + lam_W * G
 
 
@@ -213,31 +124,25 @@ class _Layers:
     XLA CPU buffer that large (above glibc's mmap threshold) is faulted in 4 KiB pages on every call:
     measured here at 104 ms for 80 MB, against 32 ms for numpy, whose large allocations use
     transparent huge pages, and more than the whole relu recursion at N = 1024, depth 10.  Elsewhere
-    (GPU, small results) it is jnp.stack.  Same values either way.  Folded layers (see above) are
-    unfolded on the way: on CPU always with numpy into the host array (3.6 ms for N = 1024 against 5 ms
-    for XLA's transposes), elsewhere on the device.
+    (GPU, small results) it is jnp.stack.  Same values either way.
     """
 
-    def __init__(self, count: int, N: int, like: jax.Array, folded: bool = False):
+    def __init__(self, count: int, like: jax.Array):
         self.items: list = []
         self.host = None
-        self.N = N
+        nbytes = count * like.size * like.dtype.itemsize
         self.device = next(iter(like.devices()))
-        big = count * N * N * like.dtype.itemsize >= _HOST_STACK_BYTES
-        if self.device.platform == "cpu" and (big or folded):
-            n = count * N * N
+        if nbytes >= _HOST_STACK_BYTES and self.device.platform == "cpu":
+            n = count * like.size
             raw = np.empty(n + 64 // like.dtype.itemsize, dtype=like.dtype)
             off = (-raw.ctypes.data % 64) // raw.itemsize
-            self.host = raw[off:off + n].reshape(count, N, N)
+            self.host = raw[off:off + n].reshape((count,) + like.shape)
 
-    def append(self, a: jax.Array, folded: bool = False) -> None:
+    def append(self, a: jax.Array) -> None:
         if self.host is None:
-            self.items.append(_unfold(a, self.N) if folded else a)
+            self.items.append(a)
         else:
-            if folded:
-                _unfold_host(np.asarray(a), self.host[len(self.items)])
-            else:
-                self.host[len(self.items)] = np.asarray(a)
+            self.host[len(self.items)] = np.asarray(a)
             self.items.append(None)
 
     def stacked(self) -> jax.Array:
@@ -279,15 +184,12 @@ def infinite_width(net: MLP, x, *, layers=None) -> InfiniteWidth:
     keep = _check_layers(layers, net.depth)
     G = input_gram(x)
     hp = [[float(v) for v in vs] for vs in (net.C_Ws, net.C_bs, net.lambda_Ws, net.lambda_bs)]
-    N = G.shape[0]
+    K, Theta = _first_layer(G, *(v[0] for v in hp))
+    Ks, Ts = _Layers(len(keep), K), _Layers(len(keep), Theta)
+    if 1 in keep:
+        Ks.append(K)
+        Ts.append(Theta)
     kernel = pair_kernel(net.sigma) if net.sigma.has_closed_form else None
-    if kernel is not None:  # folded layout: one triangle of every layer
-        K, Theta = _folded_first_layer(N, G, *(v[0] for v in hp))
-    else:
-        K, Theta = _first_layer(G, *(v[0] for v in hp))
-    folded = kernel is not None
-    Ks, Ts = _Layers(len(keep), N, K, folded), _Layers(len(keep), N, Theta, folded)
-    pending = [(K, Theta)] if 1 in keep else []
     for l in range(1, net.depth):
         if kernel is not None:
             K, Theta = _closed_form_step(kernel, K, Theta, *(v[l] for v in hp))
@@ -295,13 +197,9 @@ def infinite_width(net: MLP, x, *, layers=None) -> InfiniteWidth:
             _check_diagonal(K)
             S, dS = mehler.pair_moments(net.sigma, K)
             K, Theta = _update(S, dS, Theta, *(v[l] for v in hp))
-        for Kp, Tp in pending:  # while layer l+1 computes (dispatch is asynchronous), store layer l
-            Ks.append(Kp, folded=kernel is not None)
-            Ts.append(Tp, folded=kernel is not None)
-        pending = [(K, Theta)] if l + 1 in keep else []
-    for Kp, Tp in pending:
-        Ks.append(Kp, folded=kernel is not None)
-        Ts.append(Tp, folded=kernel is not None)
+        if l + 1 in keep:
+            Ks.append(K)
+            Ts.append(Theta)
     out = InfiniteWidth(K=Ks.stacked(), Theta=Ts.stacked(), net=net,
                         layers=None if len(keep) == net.depth else keep)
     return _checked(out, K, Theta)
