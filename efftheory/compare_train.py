@@ -52,6 +52,7 @@ import time
 import numpy as np
 
 from . import _validate
+from .compare import _atomic_write, _clean, _g  # one JSON cleaner, one crash-safe writer
 from .network import MLP
 
 __all__ = ["TrainingSweep", "TrainingReport", "PosteriorCheck", "training_sweep", "compare_training",
@@ -560,30 +561,6 @@ def posterior_check(training) -> PosteriorCheck:
 def _uniform(vals):
     vals = tuple(float(v) for v in vals)
     return vals[0] if len(set(vals)) == 1 else list(vals)
-
-
-def _g(v) -> str:
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_g(u) for u in v) + "]"
-    return f"{float(v):.6g}"
-
-
-def _clean(a):
-    """numpy -> nested lists with NaN/inf -> None (strict JSON)."""
-    arr = np.asarray(a)
-    if arr.ndim == 0:
-        v = arr.item()
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        return v
-    return [_clean(u) for u in arr]
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def _pm(v, e) -> str:

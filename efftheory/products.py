@@ -9,8 +9,8 @@ with s = sigma(z), s' = sigma'(z), z ~ N(0, K).  Each value depends only on the 
 distinct inputs in the tuple and on the exponents of sigma and sigma' carried by each member
 of S (its "pattern").  :func:`source_moments` therefore loops over sets, not tuples: for every
 set S of k distinct inputs it evaluates sigma and sigma' once on one quadrature grid and forms
-every pattern that any of the three tensors needs from it (k = 4: 8 patterns, one integral
-instead of 24 + 24*6/... tuple entries), then scatters the values into the three (N,)*4 tensors.
+every pattern that any of the three tensors needs from it (k = 4: the 8 patterns of 72
+index tuples from one grid), then scatters the values into the three (N,)*4 tensors.
 
 Rules
 -----
@@ -213,7 +213,7 @@ def _grid_moments(sig, pattern_key, L, X, W):
     return jnp.stack(out, -1)  # (b, P)
 
 
-def _eval_sets(sig, dsig, patterns, Ls, rules):
+def _eval_sets(sig, patterns, Ls, rules):
     """Pattern moments (C, P) of sets with factors Ls (C, k, k) and per-direction 1-d rules
     ``rules`` (C rows of k rules).  Sets sharing rules share a grid; the batch size depends only
     on the padded grid size, so layers and calls share compiled kernels."""
@@ -271,14 +271,14 @@ def _moments_kd(act, sig, dsig, K, sets, patterns, tol):
                 vals = np.empty((C, len(patterns)))
                 vals[low] = _polar_sets(sig, dsig, L[low, :, :2], patterns)
                 if len(high):
-                    vals[high] = _eval_sets(sig, dsig, patterns, L[high], [rules[0]] * len(high))
+                    vals[high] = _eval_sets(sig, patterns, L[high], [rules[0]] * len(high))
                 return vals
     else:
         order = np.argsort(-scale, axis=1)  # widest direction first: fewer distinct size classes
         L = np.take_along_axis(L, order[:, None, :], axis=2)
         scale = np.take_along_axis(scale, order, axis=1)
         rules = [tuple(rule_for_scale(s, tol) for s in row) for row in scale]
-    return _eval_sets(sig, dsig, patterns, L, rules)
+    return _eval_sets(sig, patterns, L, rules)
 
 
 def _polar_sets(sig, dsig, L2, patterns):
