@@ -90,8 +90,10 @@ def _derivatives(fn):
 
 
 def _nodes(K_max: float, tol: float) -> int:
-    """Midpoint nodes per direction: the strip-width bound of gaussian.nodes_for on [-_TAIL, _TAIL]."""
-    h = min(0.5, np.pi**2 / (np.sqrt(max(K_max, 1e-300)) * (np.log(2.0 / tol) + 8.0)))
+    """Midpoint nodes per direction: the strip-width bound of gaussian.nodes_for on [-_TAIL, _TAIL], with
+    +30 instead of +8 in the logarithm: products like tanh''^2 tanh'^2 (poles of order 12 at i pi/2) were
+    measured to lose 4e-5 relative at the +8 step (K = 0.7, 38 nodes); +30 reaches 1e-11 there."""
+    h = min(0.5, np.pi**2 / (np.sqrt(max(K_max, 1e-300)) * (np.log(2.0 / tol) + 30.0)))
     return 2 * int(np.ceil(_TAIL / h))
 
 
