@@ -95,7 +95,6 @@ class PosteriorAtWidth:
     @property
     def variance(self) -> np.ndarray:
         """(N_T, k) Var(z_{i;t} | y)."""
-        NT, k = self.mean.shape
         return np.einsum("titi->ti", self.cov).copy()
 
 

@@ -7,14 +7,13 @@
   (Richardson extrapolation of difference quotients at three eps).
 * Any pair-symmetric V is the covariance of a random metric G^ (to this order), and a Gaussian with a
   random metric averages as E[F(G^)] = F(K) + (1/n)[G1 . dF + (1/2) V . d^2 F]: the posterior moments
-  of a Gaussian prior differentiated twice in the metric by JAX autodiff (no Edgeworth, no Wick).
+  of a Gaussian prior differentiated twice in the metric numerically (no Edgeworth, no Wick).
 * Deep linear network: G1 = 0 and V closed form (THEORY.md), non-uniform widths.
 """
 
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import integrate, stats
@@ -107,38 +106,33 @@ def _pair_symmetric(rng, N):
 
 
 def _random_metric_route(K, G1, V, y, noise):
-    """First-order posterior of a Gaussian with a random metric, by autodiff in the metric."""
+    """First-order posterior of a Gaussian with a random metric, by numerical derivatives in the metric."""
     d, k = y.shape
-    yj = jnp.asarray(y)
 
     def F(S):
-        S = (S + S.T) / 2
-        A = S[:d, :d] + noise * jnp.eye(d)
-        Ai = jnp.linalg.inv(A)
-        Z = jnp.exp(-0.5 * jnp.sum(yj * (Ai @ yj)) - 0.5 * k * jnp.linalg.slogdet(A)[1])
-        m = S[d:, :d] @ Ai @ yj
-        C = S[d:, d:] - S[d:, :d] @ Ai @ S[:d, d:]
-        sec = jnp.einsum("tu,ij->tiuj", C, jnp.eye(k)) + jnp.einsum("ti,uj->tiuj", m, m)
-        return Z, Z * m, Z * sec
+        logZ, m, sec = _gaussian_posterior(S, y, noise)
+        Z = math.exp(logZ)
+        return np.concatenate([[Z], Z * m.ravel(), Z * sec.ravel()])
+
+    def d2(D, h):  # second derivative of F(K + t D) at t = 0: central differences, Richardson h, h/2
+        c = [(F(K + e * D) - 2 * F(K) + F(K - e * D)) / e**2 for e in (h, h / 2)]
+        return (4 * c[1] - c[0]) / 3
 
     # V . d^2 F = sum_r lam_r d^2/dt^2 F(K + t E_r) over the eigenpairs (lam_r, E_r) of V as an N^2 x N^2 matrix
     N = K.shape[0]
     lam, E = np.linalg.eigh(V.reshape(N * N, N * N))
-    dirs = jnp.asarray(E.T.reshape(-1, N, N))
-    K = jnp.asarray(K)
-
-    def second(D):
-        return jax.jvp(lambda t: jax.jvp(lambda u: F(K + u * D), (t,), (1.0,))[1], (0.0,), (1.0,))[1]
-
-    F0, FG = jax.jvp(F, (K,), (jnp.asarray(G1),))
-    F2 = jax.jit(jax.vmap(second))(dirs)
-    d1 = [g + 0.5 * jnp.einsum("r,r...->...", jnp.asarray(lam), h) for g, h in zip(FG, F2)]
-    Z0, Zm0, Zs0 = F0
+    h = 2e-3
+    first = (8 * (F(K + h * G1) - F(K - h * G1)) - (F(K + 2 * h * G1) - F(K - 2 * h * G1))) / (12 * h)
+    dF = first + 0.5 * sum(l * d2(Er.reshape(N, N), 4 * h) for l, Er in zip(lam, E.T) if abs(l) > 1e-12 * abs(lam).max())
+    F0 = F(K)
+    NT = N - d
+    Z0, Zm0, Zs0 = F0[0], F0[1:1 + NT * k].reshape(NT, k), F0[1 + NT * k:].reshape(NT, k, NT, k)
+    dZ, dZm, dZs = dF[0], dF[1:1 + NT * k].reshape(NT, k), dF[1 + NT * k:].reshape(NT, k, NT, k)
     m = Zm0 / Z0
-    mean1 = (d1[1] - m * d1[0]) / Z0
-    s1 = (d1[2] - Zs0 / Z0 * d1[0]) / Z0
-    cov1 = s1 - jnp.einsum("ti,uj->tiuj", mean1, m) - jnp.einsum("ti,uj->tiuj", m, mean1)
-    return np.asarray(m), np.asarray(mean1), np.asarray(cov1)
+    mean1 = (dZm - m * dZ) / Z0
+    s1 = (dZs - Zs0 / Z0 * dZ) / Z0
+    cov1 = s1 - np.einsum("ti,uj->tiuj", mean1, m) - np.einsum("ti,uj->tiuj", m, mean1)
+    return m, mean1, cov1
 
 
 def test_output_components_couple_through_V():
@@ -154,8 +148,8 @@ def test_output_components_couple_through_V():
     m, mean1, cov1 = _random_metric_route(K, G1, V, y, 0.3)
     np.testing.assert_allclose(p.mean, m, rtol=1e-12, atol=1e-13)
     scale = np.abs(mean1).max()
-    np.testing.assert_allclose(p.mean1, mean1, rtol=0, atol=1e-11 * scale)
-    np.testing.assert_allclose(p.cov1, cov1, rtol=0, atol=1e-11 * np.abs(cov1).max())
+    np.testing.assert_allclose(p.mean1, mean1, rtol=0, atol=1e-7 * scale)
+    np.testing.assert_allclose(p.cov1, cov1, rtol=0, atol=1e-7 * np.abs(cov1).max())
     # components are coupled: off-diagonal covariances at O(1/n), and other components' targets move a mean
     off = cov1[:, 0, :, 1]
     assert np.abs(off).max() > 0.05 * np.abs(cov1).max()
