@@ -172,8 +172,8 @@ def _inverse(A: np.ndarray, noise: float) -> np.ndarray:
             raise ValueError(f"noise: 0 needs a positive-definite training kernel, but K_train has eigenvalue "
                              f"{lam[0]:.3g} (largest {lam[-1]:.3g}): duplicated or collinear training inputs make "
                              f"the interpolating posterior singular; use noise > 0")
-        raise ValueError(f"noise: K_train + noise has eigenvalue {lam[0]:.3g}; expected a positive-definite kernel "
-                         f"(is K_train positive semi-definite?)")
+        raise ValueError(f"noise: K_train + noise is numerically singular (smallest eigenvalue {lam[0]:.3g}, largest "
+                         f"{lam[-1]:.3g}); use a larger noise (and check that K_train is positive semi-definite)")
     return (Q / lam) @ Q.T
 
 

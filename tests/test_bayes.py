@@ -269,3 +269,17 @@ def test_result_is_a_pytree(linear):
     q = jax.tree_util.tree_map(lambda a: 2 * a, p)
     np.testing.assert_allclose(q.mean1, 2 * p.mean1)
     assert q.fan_in == p.fan_in
+
+
+def test_depth_one_is_exactly_gaussian():
+    x = np.array([[0.5, -1.0, 0.3], [1.2, 0.4, -0.7], [0.9, -0.2, 0.1]])
+    y = np.array([[0.4, -0.3], [1.0, 0.2]])
+    net = et.MLP(1, activation="tanh", C_W=1.7, C_b=0.2, output_width=2)
+    p = posterior(net, x[:2], y, x[2:], noise=0.15)
+    K = 0.2 + 1.7 * x @ x.T / 3                                  # K^(1), no hidden layer
+    A = K[:2, :2] + 0.15 * np.eye(2)
+    np.testing.assert_allclose(p.mean, K[2:, :2] @ np.linalg.solve(A, y), rtol=1e-12)
+    np.testing.assert_allclose(p.cov, K[2:, 2:] - K[2:, :2] @ np.linalg.solve(A, K[:2, 2:]), rtol=1e-12)
+    assert p.fan_in == math.inf
+    assert np.all(p.mean1 == 0) and np.all(p.cov1 == 0)
+    np.testing.assert_array_equal(p.at_width().mean, p.mean)
