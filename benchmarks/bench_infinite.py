@@ -163,6 +163,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (median; at least 3)")
     p.add_argument("--deg", type=int, default=25, help="Gauss-Hermite degree of NT's ElementwiseNumerical")
     p.add_argument("--sizes", type=int, nargs=2, metavar=("N_CLOSED", "N_TANH"), help="override the N values")
+    p.add_argument("--cases", nargs="+", choices=("relu", "erf", "tanh"), help="run only these cases")
     args = p.parse_args(argv)
 
     if args.sizes:
@@ -184,6 +185,8 @@ def main(argv=None):
     rows = []
     t0 = time.perf_counter()
     for label in CASES:
+        if args.cases and label.split()[0] not in args.cases:
+            continue
         N = n_tanh if label.startswith("tanh") else n_closed
         row = run_case(label, N, args.repeats, args.deg, ntm)
         rows.append(row)

@@ -90,10 +90,10 @@ def test_bad_layers(layers):
         et.infinite_width(et.MLP(5, 8, "relu"), np.eye(3), layers=layers)
 
 
-def test_host_assembly_equals_stack(monkeypatch):
-    """Results above the size threshold are assembled in host memory: same values as jnp.stack."""
-    x = np.random.default_rng(2).normal(size=(40, 3))
-    net = et.MLP(4, 8, "relu", C_W=2.0)
+def test_mehler_host_assembly_equals_stack(monkeypatch):
+    """Mehler-path results above the size threshold are assembled in host memory: same values as jnp.stack."""
+    x = np.random.default_rng(2).normal(size=(12, 3))
+    net = et.MLP(3, 8, "tanh", C_W=1.5)
     monkeypatch.setattr(infinite, "_HOST_STACK_BYTES", 1)
     host = et.infinite_width(net, x)
     monkeypatch.setattr(infinite, "_HOST_STACK_BYTES", 2**62)
@@ -103,13 +103,59 @@ def test_host_assembly_equals_stack(monkeypatch):
     np.testing.assert_array_equal(np.asarray(host.Theta), np.asarray(dev.Theta))
 
 
-def test_row_blocks_equal_one_block(monkeypatch):
-    x = np.random.default_rng(3).normal(size=(300, 3))   # 300 rows: 3 blocks of 128 with padding
-    net = et.MLP(3, 8, "erf", C_W=1.7, C_b=0.2)
-    blocked = et.infinite_width(net, x)
-    monkeypatch.setattr(infinite, "_ROW_BLOCK", 10**6)
-    infinite._closed_form_step.clear_cache()  # retrace with one block
-    whole = et.infinite_width(net, x)
-    infinite._closed_form_step.clear_cache()
-    np.testing.assert_array_equal(np.asarray(blocked.K), np.asarray(whole.K))
-    np.testing.assert_array_equal(np.asarray(blocked.Theta), np.asarray(whole.Theta))
+@pytest.mark.parametrize("N", [1, 2, 7, 10])
+def test_fold_unfold_round_trip(N):
+    A = np.random.default_rng(N).normal(size=(N, N))
+    A = A + A.T
+    Ne = N + N % 2
+    Z = np.asarray(infinite._fold(jnp.asarray(np.pad(A, ((0, Ne - N), (0, Ne - N))))))
+    assert Z.shape == (infinite._folded_rows(Ne), Ne // 2) and not Z[Ne + 1:].any()
+    out = np.full((N, N), np.nan)
+    infinite._unfold_host(Z, out)
+    np.testing.assert_array_equal(out, A)
+    np.testing.assert_array_equal(np.asarray(infinite._unfold(jnp.asarray(Z), N)), A)
+
+
+def _registry_recursion(net, x):
+    """Every layer's K and Theta with the registry's closed forms (arccos-based, efftheory.activations)
+    on full matrices in numpy: independent of the folded/packed code under test."""
+    act = net.sigma
+    G = x @ x.T / x.shape[1]
+    K, T = net.C_bs[0] + net.C_Ws[0] * G, net.lambda_bs[0] + net.lambda_Ws[0] * G
+    Ks, Ts = [K], [T]
+    for l in range(1, net.depth):
+        d = np.diag(K)
+        k11, k22 = np.broadcast_to(d[:, None], K.shape), np.broadcast_to(d[None, :], K.shape)
+        S = np.asarray(act.nngp(jnp.asarray(k11), jnp.asarray(k22), jnp.asarray(K)))
+        dS = np.asarray(act.dnngp(jnp.asarray(k11), jnp.asarray(k22), jnp.asarray(K)))
+        K, T = net.C_bs[l] + net.C_Ws[l] * S, net.lambda_bs[l] + net.lambda_Ws[l] * S + net.C_Ws[l] * dS * T
+        Ks.append(K)
+        Ts.append(T)
+    return np.stack(Ks), np.stack(Ts)
+
+
+@pytest.mark.parametrize("name", ["relu", "abs", "erf"])
+@pytest.mark.parametrize("N", [1, 2, 9, 40])
+def test_folded_and_full_layouts_equal_the_registry_recursion(name, N):
+    """layers="last" and [1, 5] run folded, all layers full: both equal the registry recursion (odd N
+    included, with identical, collinear, antiparallel and zero inputs), and identical inputs keep
+    identical rows to rounding."""
+    x = np.random.default_rng(N).normal(size=(N, 3))
+    if N >= 5:
+        x[1], x[2], x[3], x[4] = x[0], 2 * x[0], -x[0], 0.0
+    net = et.MLP(5, 8, name, C_W=[1.5, 1.9, 1.2, 2.0, 1.7], C_b=[0.1, 0.0, 0.3, 0.05, 0.2])
+    Kr, Tr = _registry_recursion(net, x)
+    full = et.infinite_width(net, x)
+    folded = et.infinite_width(net, x, layers=[1, 5])
+    last = et.infinite_width(net, x, layers="last")
+    for K, T, idx in ((full.K, full.Theta, slice(None)), (folded.K, folded.Theta, [0, 4]), (last.K, last.Theta, [4])):
+        K, T = np.asarray(K), np.asarray(T)
+        np.testing.assert_allclose(K, Kr[idx], rtol=1e-13, atol=1e-13 * np.abs(Kr).max())
+        np.testing.assert_allclose(T, Tr[idx], rtol=1e-12, atol=1e-12 * np.abs(Tr).max())
+        np.testing.assert_array_equal(K, np.swapaxes(K, 1, 2))
+        np.testing.assert_array_equal(T, np.swapaxes(T, 1, 2))
+        if N >= 5:  # (x x^T itself may differ in the last bit between identical rows; rho snaps to 1, so
+            # Theta, through <sigma' sigma'>, does not pick up the ~1e-8 of a correlation an ulp below 1)
+            np.testing.assert_allclose(K[:, 0], K[:, 1], rtol=1e-14, atol=0)
+            np.testing.assert_allclose(T[:, 0], T[:, 1], rtol=1e-14, atol=0)
+    np.testing.assert_array_equal(np.asarray(folded.K[1]), np.asarray(last.K[0]))

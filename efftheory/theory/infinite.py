@@ -58,53 +58,152 @@ def check_net(net) -> MLP:
     return net
 
 
+@jax.jit
+def _gram(x):
+    return x @ x.T / x.shape[1]
+
+
 def input_gram(x) -> jax.Array:
-    """(1/n_0) x x^T for inputs x of shape (N, n_0), validated."""
-    x = _validate.inputs("x", x)
-    xj = jnp.asarray(x, dtype=jnp.float64)
-    G = xj @ xj.T / x.shape[1]
-    if not bool(jnp.all(jnp.isfinite(G))):
+    """(1/n_0) x x^T for inputs x of shape (N, n_0), validated.
+
+    Overflow is checked on the host from the diagonal (1/n_0)|x_a|^2: |G_ab| <= sqrt(G_aa G_bb), so a
+    finite diagonal means a finite G, without waiting for the device.
+    """
+    x = np.asarray(_validate.inputs("x", x), dtype=np.float64)
+    with np.errstate(over="ignore"):
+        diag = np.einsum("ij,ij->i", x, x) / x.shape[1]
+    if not np.all(np.isfinite(diag)):
         raise ValueError("x: entries too large, (1/n_0) x x^T overflows float64")
-    return G
+    return _gram(jnp.asarray(x))
 
 
-_ROW_BLOCK = 128  # rows per block of the closed-form step: XLA temporaries stay in cache (measured 2x on jax 0.5)
+# ------------------------------------------------------------------------------------------ folded layout
+# K and Theta are symmetric, and for a closed form each entry of the next layer depends only on the same
+# entry and the diagonal.  The closed-form recursion therefore runs on one triangle, stored without
+# gaps in an (N + 1) x N/2 array Z (N even; an odd N gets a zero-variance dummy input):
+#
+#     Z[r, j]     = K[r, M + j]                 r < M                  (the off-diagonal block, full)
+#     Z[M + i, j] = K[i, j]                     i <= j                 (upper triangle of the top-left block)
+#     Z[M + i, j] = K[M + i - 1, M + j]         i > j                  (lower triangle of the bottom-right)
+#
+# with M = N/2: half the entries, so half the arithmetic and memory traffic of a layer.  K and Theta of a
+# layer travel together as one complex array Z_K + i Z_Theta: XLA then computes a layer in one fused
+# pass (with two real outputs it materialises the shared intermediates -- asin(rho), the square roots --
+# in five passes over memory; measured 5x slower).  Folding needs no transpose; unfolding (for the
+# layers returned) does.
+
+
+def _fold(K):
+    """(N, N) symmetric with N even -> Z (_folded_rows(N), N/2) (layout above)."""
+    N = K.shape[0]
+    M = N // 2
+    i, j = jnp.arange(M + 1)[:, None], jnp.arange(M)[None, :]
+    top = jnp.pad(K[:M, :M], ((0, 1), (0, 0)))
+    bottom = jnp.pad(K[M:, M:], ((1, 0), (0, 0)))
+    Z = jnp.concatenate([K[:M, M:], jnp.where(i <= j, top, bottom)])
+    return jnp.pad(Z, ((0, _folded_rows(N) - (N + 1)), (0, 0)))
+
+
+def _folded_rows(N: int) -> int:
+    """Rows of a folded Z: N + 1 rounded up to a multiple of 8 (zero rows, computed on and ignored).
+    With N + 1 rows XLA's CPU runtime (jax 0.10) was measured to move the last bit of a few relu
+    entries from run to run (its parallel split of the odd-sized loop); with whole blocks of 8 rows
+    the results are bitwise reproducible."""
+    return -(-(N + 1) // 8) * 8
+
+
+def _folded_diagonal(Z):
+    """The diagonal K_aa, a = 0..N-1, of a folded Z."""
+    M = Z.shape[1]
+    return jnp.concatenate([jnp.diagonal(Z[M:2 * M]), jnp.diagonal(Z[M + 1:2 * M + 1])])
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _unfold(Z, N: int):
+    """Folded Z -> the full (N, N) matrix (on the device)."""
+    M = Z.shape[1]
+    i, j = jnp.arange(M)[:, None], jnp.arange(M)[None, :]
+    X, Y0, Y1 = Z[:M], Z[M:2 * M], Z[M + 1:2 * M + 1]
+    A = jnp.where(i <= j, Y0, Y0.T)
+    B = jnp.where(i >= j, Y1, Y1.T)
+    return jnp.block([[A, X], [X.T, B]])[:N, :N]
+
+
+@functools.lru_cache(maxsize=8)
+def _strict_lower(M: int) -> np.ndarray:
+    return np.tril(np.ones((M, M), dtype=bool), -1)
+
+
+def _unfold_host(Z: np.ndarray, out: np.ndarray) -> None:
+    """Folded Z -> the full matrix, written into ``out`` (N, N) with numpy."""
+    N, M = out.shape[0], Z.shape[1]
+    full = out if N == 2 * M else np.empty((2 * M, 2 * M), Z.dtype)
+    X, Y0, Y1 = Z[:M], Z[M:2 * M], Z[M + 1:2 * M + 1]
+    lower = _strict_lower(M)
+    full[:M, M:] = X
+    full[M:, :M] = X.T
+    full[:M, :M] = Y0
+    np.copyto(full[:M, :M], Y0.T, where=lower)
+    full[M:, M:] = Y1
+    np.copyto(full[M:, M:], Y1.T, where=lower.T)
+    if full is not out:
+        out[...] = full[:N, :N]
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _closed_form_step(kernel, K, T, C_W, C_b, lam_W, lam_b):
-    """Layer l+1 from layer l for a closed-form activation (THEORY.md, "Infinite width").
+def _folded_first_layer(N: int, G, C_W, C_b, lam_W, lam_b):
+    """Layer 1 from the input Gram matrix, folded and packed as Z_K + i Z_Theta."""
+    if N % 2:
+        G = jnp.pad(G, ((0, 1), (0, 1)))
+    Z = _fold(G)
+    return jax.lax.complex(C_b + C_W * Z, lam_b + lam_W * Z)
 
-    ``kernel(K, d_a, d_b, eye) -> (S, dS)`` is :func:`efftheory._fastmath.pair_kernel`; evaluated on
-    blocks of rows so that its elementwise temporaries never take N^2 memory.
+
+@functools.partial(jax.jit, static_argnums=0)
+def _closed_form_step(kernel, C, C_W, C_b, lam_W, lam_b):
+    """Layer l+1 from layer l for a closed-form activation (THEORY.md, "Infinite width"), folded.
+
+    ``C`` = Z_K + i Z_Theta of layer l; ``kernel`` is the activation's
+    :class:`efftheory._fastmath.PairKernel`, its per-input quantities (rows and columns) and the
+    diagonal mask laid out as the folded layout says.
     """
+    Z, T = jnp.real(C), jnp.imag(C)
+    R, M = Z.shape
+    per_input = kernel.prep(_folded_diagonal(Z))  # tuple of (N,) vectors
+    pad = jnp.zeros(R - 2 * M, Z.dtype)  # row 2M and the padding rows below it
+    # row r holds input r (r < M); row M + i input i left of and on the diagonal (i <= j), M + i - 1 right of it
+    rows_upper = [jnp.concatenate([jnp.zeros(M, Z.dtype), v[:M], pad]) for v in per_input]
+    rows_lower = [jnp.concatenate([v[:M], pad[:1], v[M:], pad[1:]]) for v in per_input]
+    r, j = jnp.arange(R)[:, None], jnp.arange(M)[None, :]
+    upper = (r >= M) & (r - M <= j)
+    a = tuple(jnp.where(upper, u[:, None], w[:, None]) for u, w in zip(rows_upper, rows_lower))
+    b = tuple(jnp.where(upper, v[None, :M], v[None, M:]) for v in per_input)
+    eye = (r >= M) & ((r - M == j) | (r - M - 1 == j))
+    S, dS = kernel.fn(Z, a, b, eye)
+    return jax.lax.complex(C_b + C_W * S, lam_b + lam_W * S + C_W * dS * T)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _closed_form_step_full(kernel, C, C_W, C_b, lam_W, lam_b):
+    """The same step on full (N, N) matrices, C = K + i Theta (for results that keep many layers)."""
+    K, T = jnp.real(C), jnp.imag(C)
     N = K.shape[0]
-    d = jnp.diagonal(K)
+    per_input = kernel.prep(jnp.diagonal(K))
+    eye = jnp.arange(N)[:, None] == jnp.arange(N)[None, :]
+    S, dS = kernel.fn(K, tuple(v[:, None] for v in per_input), tuple(v[None, :] for v in per_input), eye)
+    return jax.lax.complex(C_b + C_W * S, lam_b + lam_W * S + C_W * dS * T)
 
-    def rows(Kb, Tb, db, i0):
-        eye = (i0 + jnp.arange(Kb.shape[0]))[:, None] == jnp.arange(N)[None, :]
-        S, dS = kernel(Kb, db[:, None], d[None, :], eye)
-        return C_b + C_W * S, lam_b + lam_W * S + C_W * dS * Tb
 
-    if N < 2 * _ROW_BLOCK:
-        return rows(K, T, d, 0)
-    nb = -(-N // _ROW_BLOCK)
-    pad = nb * _ROW_BLOCK - N
-
-    def blocks(A, fill=0.0):
-        return jnp.pad(A, ((0, pad),) + ((0, 0),) * (A.ndim - 1), constant_values=fill).reshape(
-            (nb, _ROW_BLOCK) + A.shape[1:])
-
-    Ko, To = jax.lax.map(lambda a: rows(*a), (blocks(K), blocks(T), blocks(d, 1.0),
-                                              jnp.arange(0, nb * _ROW_BLOCK, _ROW_BLOCK)))
-    return Ko.reshape(-1, N)[:N], To.reshape(-1, N)[:N]
+@jax.jit
+def _packed_first_layer(G, C_W, C_b, lam_W, lam_b):
+    return jax.lax.complex(C_b + C_W * G, lam_b + lam_W * G)
 
 
 @jax.jit
 def _first_layer(G, C_W, C_b, lam_W, lam_b):
-    """Layer 1 from the input Gram matrix.  (Not symmetrised: an XLA transpose of a 1024^2 matrix costs
-    17 ms here, as much as a whole layer; every later step is symmetric in a <-> b, so a symmetric G,
-    which XLA's x x^T is in practice, gives bitwise symmetric kernels.)"""
+    """Layer 1 from the input Gram matrix (the Mehler path, full matrices).  (Not symmetrised: every
+    later step is symmetric in a <-> b, so a symmetric G, which XLA's x x^T is in practice, gives
+    bitwise symmetric kernels.)"""
     return C_b + C_W * G, lam_b + lam_W * G
 
 
@@ -151,6 +250,51 @@ class _Layers:
         return jax.device_put(self.host, self.device)
 
 
+def _host_array(count: int, N: int, dtype) -> np.ndarray:
+    """An uninitialised (count, N, N) numpy array, 64-byte aligned (device_put then wraps it)."""
+    n = count * N * N
+    itemsize = np.dtype(dtype).itemsize
+    raw = np.empty(n + 64 // itemsize, dtype=dtype)
+    off = (-raw.ctypes.data % 64) // itemsize
+    return raw[off:off + n].reshape(count, N, N)
+
+
+class _PackedLayers:
+    """Collects the kept layers of the closed-form recursion (K + i Theta, folded or full) as two
+    (L', N, N) arrays.  On the CPU backend each layer is unfolded or split with numpy straight into
+    64-byte aligned host arrays (see :class:`_Layers` for why), while XLA computes the next layer;
+    elsewhere on the device."""
+
+    def __init__(self, count: int, N: int, like: jax.Array, folded: bool):
+        self.N, self.folded = N, folded
+        self.device = next(iter(like.devices()))
+        self.count = 0
+        if self.device.platform == "cpu":
+            self.K, self.T = _host_array(count, N, np.float64), _host_array(count, N, np.float64)
+        else:
+            self.K, self.T = [], []
+
+    def append(self, C: jax.Array) -> None:
+        if isinstance(self.K, list):
+            K, T = jnp.real(C), jnp.imag(C)
+            self.K.append(_unfold(K, self.N) if self.folded else K)
+            self.T.append(_unfold(T, self.N) if self.folded else T)
+        elif self.folded:
+            c = np.asarray(C)
+            _unfold_host(c.real, self.K[self.count])
+            _unfold_host(c.imag, self.T[self.count])
+        else:
+            c = np.asarray(C)
+            np.copyto(self.K[self.count], c.real)
+            np.copyto(self.T[self.count], c.imag)
+        self.count += 1
+
+    def stacked(self) -> tuple[jax.Array, jax.Array]:
+        if isinstance(self.K, list):
+            return jnp.stack(self.K), jnp.stack(self.T)
+        return jax.device_put(self.K, self.device), jax.device_put(self.T, self.device)
+
+
 def _check_layers(layers, L: int) -> tuple[int, ...]:
     """None -> all layers 1..L; "last" -> (L,); an int or a sequence of ints in 1..L -> sorted, unique."""
     if layers is None:
@@ -184,25 +328,54 @@ def infinite_width(net: MLP, x, *, layers=None) -> InfiniteWidth:
     keep = _check_layers(layers, net.depth)
     G = input_gram(x)
     hp = [[float(v) for v in vs] for vs in (net.C_Ws, net.C_bs, net.lambda_Ws, net.lambda_bs)]
+    if net.sigma.has_closed_form:
+        return _closed_form(net, G, hp, keep)
     K, Theta = _first_layer(G, *(v[0] for v in hp))
     Ks, Ts = _Layers(len(keep), K), _Layers(len(keep), Theta)
     if 1 in keep:
         Ks.append(K)
         Ts.append(Theta)
-    kernel = pair_kernel(net.sigma) if net.sigma.has_closed_form else None
     for l in range(1, net.depth):
-        if kernel is not None:
-            K, Theta = _closed_form_step(kernel, K, Theta, *(v[l] for v in hp))
-        else:
-            _check_diagonal(K)
-            S, dS = mehler.pair_moments(net.sigma, K)
-            K, Theta = _update(S, dS, Theta, *(v[l] for v in hp))
+        _check_diagonal(K)
+        S, dS = mehler.pair_moments(net.sigma, K)
+        K, Theta = _update(S, dS, Theta, *(v[l] for v in hp))
         if l + 1 in keep:
             Ks.append(K)
             Ts.append(Theta)
     out = InfiniteWidth(K=Ks.stacked(), Theta=Ts.stacked(), net=net,
                         layers=None if len(keep) == net.depth else keep)
     return _checked(out, K, Theta)
+
+
+def _closed_form(net: MLP, G, hp, keep) -> InfiniteWidth:
+    """The packed recursion, one dispatched step per layer; each kept layer is unfolded or split (on
+    the host) while the next one computes (dispatch is asynchronous).
+
+    Folded when few layers are kept: a folded step costs half a full one, but unfolding a kept layer
+    (transposes) costs about four folded steps, against one and a half for splitting a full layer
+    (measured at N = 1024 on the project's 2-core Xeon): folded wins while 5 len(layers) <= 2 L.
+    """
+    N = G.shape[0]
+    kernel = pair_kernel(net.sigma)
+    folded = 5 * len(keep) <= 2 * net.depth
+    if folded:
+        C = _folded_first_layer(N, G, *(v[0] for v in hp))
+        step = _closed_form_step
+    else:
+        C = _packed_first_layer(G, *(v[0] for v in hp))
+        step = _closed_form_step_full
+    layers = _PackedLayers(len(keep), N, C, folded)
+    pending = C if 1 in keep else None
+    for l in range(1, net.depth):
+        C = step(kernel, C, *(v[l] for v in hp))
+        if pending is not None:
+            layers.append(pending)
+        pending = C if l + 1 in keep else None
+    if pending is not None:
+        layers.append(pending)
+    K, Theta = layers.stacked()
+    out = InfiniteWidth(K=K, Theta=Theta, net=net, layers=None if len(keep) == net.depth else keep)
+    return _checked(out, C, C)  # the last layer computed, packed (isfinite of a complex: both parts)
 
 
 class KernelOverflowError(ValueError, FloatingPointError):
