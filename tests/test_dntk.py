@@ -88,7 +88,7 @@ def test_dntk_estimates_errors():
 from scipy.integrate import quad  # noqa: E402
 
 from efftheory.theory.dntk import dntk_statistics  # noqa: E402
-from efftheory.theory.finite import finite_width  # noqa: E402
+from efftheory.theory.infinite import infinite_width  # noqa: E402
 
 X3 = np.array([[1.0, 0.3, -0.5], [0.2, -1.0, 0.8], [0.93, 0.42, -0.43]])
 
@@ -128,10 +128,10 @@ def _tanh_derivs(z):
 def _single_input_reference(net, x1):
     """Single input, by scipy quadrature, derivatives of two-slot functions by Stein's lemma
     <f'>_K = <z f>_K / K (an independent route from the slot derivatives of the implementation)."""
-    fw = finite_width(net, x1)
-    K, Th = np.asarray(fw.K)[:, 0, 0], np.asarray(fw.Theta)[:, 0, 0]
-    B, F = np.asarray(fw.B)[:, 0, 0, 0, 0], np.asarray(fw.F)[:, 0, 0, 0, 0]
+    inf = infinite_width(net, x1)
+    K, Th = np.asarray(inf.K)[:, 0, 0], np.asarray(inf.Theta)[:, 0, 0]
     out = [np.zeros(6)]
+    b = f = 0.0  # single-input B and F (THEORY.md / finite.py recursions), carried along
     for ell in range(1, net.depth):
         k, th, C, lam, r = K[ell - 1], Th[ell - 1], net.C_Ws[ell], net.lambda_Ws[ell], 1.0
 
@@ -144,7 +144,6 @@ def _single_input_reference(net, x1):
         dg = E(lambda s, d1, d2, d3, z: z * g(s, d1, d2, d3, z)) / k
         du = E(lambda s, d1, d2, d3, z: z * d1 * s) / k
         P, Q, R, S, T, U = out[-1]
-        b, f = B[ell - 1], F[ell - 1]
         out.append(np.array([
             C * th * E(lambda s, d1, d2, d3, z: g(s, d1, d2, d3, z) * d1 * s) + r * C * (f * dg * du + C * s11 * P * du),
             C**2 * th**2 * E(lambda s, d1, d2, d3, z: d2 * d1 * d1 * s)
@@ -156,6 +155,8 @@ def _single_input_reference(net, x1):
             th * E(lambda s, d1, d2, d3, z: g(s, d1, d2, d3, z) ** 2) + r * (f * dg**2 + 2 * C * s11 * P * dg + C**2 * s11**2 * T),
             C**2 * th**3 * E(lambda s, d1, d2, d3, z: d2 * d2 * d1 * d1) + r * C**2 * s11**2 * U,
         ]))
+        b, f = (C**2 * th**2 * E(lambda s, d1, d2, d3, z: d1**4) + r * C**2 * s11**2 * b,
+                C**2 * th * E(lambda s, d1, d2, d3, z: d1 * d1 * s * s) + r * C**2 * du**2 * f)
     return np.array(out)
 
 

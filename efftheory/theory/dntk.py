@@ -14,8 +14,7 @@ carries 1/n_{l-1}):
 Storage: P[l, a, b, c, d] = P^(l+1)_{abcd} with the indices exactly as above (no permutation for any of
 the six); index 0 is layer 1, where all vanish.
 
-Recursions from layer l to l+1 (K, Theta, B, F of :func:`efftheory.theory.finite.finite_width` and P..U at
-layer l; <.> = <.>_{K^(l)}; C_W, lambda_W of layer l+1; r = n_l/n_{l-1}; E_kl[a,b] = <s^(k)_a s^(l)_b>;
+Recursions from layer l to l+1 (K, Theta, B, F and P..U at layer l; <.> = <.>_{K^(l)}; C_W, lambda_W of layer l+1; r = n_l/n_{l-1}; E_kl[a,b] = <s^(k)_a s^(l)_b>;
 g_ab = lambda_W s'_a s_b + C_W Theta_ab s''_a s'_b, gt_ab = lambda_W s''_a s_b + C_W Theta_ab s'''_a s'_b,
 h_ab = lambda_W s'_a s'_b + C_W Theta_ab s''_a s''_b, u_ab = s'_a s_b; for a two-input function phi,
 Dphi[a, b, g] = d_{ga} <d_1 phi> + d_{gb} <d_2 phi> = <d phi / d z_g>):
@@ -28,6 +27,13 @@ Dphi[a, b, g] = d_{ga} <d_1 phi> + d_{gb} <d_2 phi> = <d phi / d z_g>):
     T'_1234 = Th_12 <g_13 g_24> + r [sum F_{1g2h} Dg[1,3,g] Dg[2,4,h]
               + C_W (E11_24 sum_g P_{241g} Dg[1,3,g] + E11_13 sum_g P_{132g} Dg[2,4,g]) + C_W^2 E11_13 E11_24 T_1234]
     U'_1234 = C_W^2 Th_12 Th_13 Th_24 <s''_1 s''_2 s'_3 s'_4> + r C_W^2 E11_14 E11_23 U_1234
+
+The recursions read the NTK-variance and NTK-preactivation tensors B and F of layer l (THEORY.md,
+:mod:`efftheory.theory.finite`); they are carried along here from the same moments (E11, E20 and the
+patterns 1111, 1010 below), which avoids the three- and four-input machinery of finite_width:
+
+    B'_{(ab)(cd)} = C_W^2 Th_ac Th_bd <s'_a s'_b s'_c s'_d> + r C_W^2 E11_ab E11_cd B_{(ab)(cd)}
+    F'_abcd       = C_W^2 Th_ac <s'_a s_b s'_c s_d> + r C_W^2 sum_{g h} Du[a,b,g] Du[c,d,h] F_{a g c h}
 
 Derivation (docs/dntk.md): condition layer l+1 on layer l, differentiate z' = b + W sigma(z) up to three
 times, average W^(l+1) by Wick's theorem; same-neuron terms are the sources (Gaussian integrals over at
@@ -52,10 +58,9 @@ from .. import _validate
 from .._pytree import result
 from ..gaussian import derivative, range_factor
 from ..network import MLP
-from .finite import finite_width
 from .infinite import check_net, infinite_width
 
-__all__ = ["DNTKStatistics", "dntk_statistics", "dntk_step", "gaussian_moments"]
+__all__ = ["DNTKStatistics", "dntk_statistics", "dntk_step", "bf_step", "gaussian_moments"]
 
 _TAIL = 7.5  # standard-normal mass beyond: 6e-14
 _PATTERNS = ("1010", "2110", "2011", "3111", "1111", "2211", "1100", "1201")
@@ -154,6 +159,16 @@ def _slot_derivative(first, second):
     return first[:, :, None] * eye[:, None, :] + second[:, :, None] * eye[None, :, :]
 
 
+def bf_step(C_W, r, Theta, B, F, M4, E2):
+    """One step l -> l+1 of B and F (module docstring; the recursions of finite.py)."""
+    C, Th, E11 = C_W, Theta, E2["11"]
+    Du = _slot_derivative(E2["20"], E11)
+    B_new = C**2 * Th[:, None, :, None] * Th[None, :, None, :] * M4["1111"] \
+        + r * C**2 * E11[:, :, None, None] * E11[None, None, :, :] * B
+    F_new = C**2 * Th[:, None, :, None] * M4["1010"] + r * C**2 * np.einsum("agch,abg,cdh->abcd", F, Du, Du)
+    return B_new, F_new
+
+
 def dntk_step(C_W, lam_W, r, K, Theta, B, F, P, Q, R, S, T, U, M4, E2):
     """One step l -> l+1 of the six recursions (module docstring); numpy float64 in and out."""
     C, lam, Th = C_W, lam_W, Theta
@@ -195,8 +210,7 @@ def dntk_statistics(net: MLP, x, *, tol: float = 1e-9) -> DNTKStatistics:
     coefficient of 1/n_{l-1}.  Needs a smooth activation (sigma''' is integrated as a function).
 
     Args:
-      tol: target absolute accuracy of the Gaussian integrals (the four-input sources here and, through
-        :func:`efftheory.theory.finite.finite_width`, the B and F tensors the recursions read).
+      tol: target accuracy of the Gaussian integrals (the step of the midpoint rule, module docstring).
     """
     net = check_net(net)
     tol = _validate.real("tol", tol, positive=True)
@@ -206,18 +220,19 @@ def dntk_statistics(net: MLP, x, *, tol: float = 1e-9) -> DNTKStatistics:
         raise ValueError(f"net: the dNTK/ddNTK recursions need a smooth activation (they integrate sigma''' "
                          f"as a function); {net.sigma.name!r} has a kink (smooth=False). Use e.g. tanh, gelu, "
                          f"erf, silu, softplus")
-    fw = finite_width(net, x, tol=tol)
-    Ks, Ts = np.asarray(fw.K), np.asarray(fw.Theta)
-    Bs, Fs = np.asarray(fw.B), np.asarray(fw.F)
+    inf = infinite_width(net, x)
+    Ks, Ts = np.asarray(inf.K, np.float64), np.asarray(inf.Theta, np.float64)
     L, N = Ks.shape[0], Ks.shape[1]
     z4 = np.zeros((N,) * 4)
+    B, F = z4, z4
     state = (z4,) * 6
     out = [state]
     ratios = net.width_ratios()
     for l in range(1, L):
         M4, E2 = gaussian_moments(net.sigma.fn, Ks[l - 1], tol=tol)
-        state = dntk_step(net.C_Ws[l], net.lambda_Ws[l], ratios[l - 1], Ks[l - 1], Ts[l - 1], Bs[l - 1], Fs[l - 1],
-                          *state, M4, E2)
+        C_W, r = net.C_Ws[l], ratios[l - 1]
+        state = dntk_step(C_W, net.lambda_Ws[l], r, Ks[l - 1], Ts[l - 1], B, F, *state, M4, E2)
+        B, F = bf_step(C_W, r, Ts[l - 1], B, F, M4, E2)
         out.append(state)
     P, Q, R, S, T, U = (jnp.asarray(np.stack([s[i] for s in out])) for i in range(6))
-    return DNTKStatistics(K=fw.K, Theta=fw.Theta, P=P, Q=Q, R=R, S=S, T=T, U=U, net=net)
+    return DNTKStatistics(K=inf.K, Theta=inf.Theta, P=P, Q=Q, R=R, S=S, T=T, U=U, net=net)
