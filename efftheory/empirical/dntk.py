@@ -192,13 +192,13 @@ def dntk_estimates(net, x, n_networks: int, seed: int, *, chunk: int = 8, dtype=
     xj = jnp.asarray(x, dt)
     lr = learning_rates(net, x.shape[1])
     base = jax.random.key(seed)
+    chunk = min(chunk, M)
     parts = []
-    for lo in range(0, M, chunk):
-        size = min(chunk, M - lo)
-        out = _chunk(net, base, jnp.uint32(lo), xj, size, lr)
+    for lo in range(0, M, chunk):  # every call has the same size (one compile): the last one runs past M
+        out = _chunk(net, base, jnp.uint32(lo), xj, chunk, lr)
         parts.append({k: np.asarray(v, np.float64) for k, v in out.items()})
     fan_in = net.layer_widths(x.shape[1])[-2]
-    per = {k: np.concatenate([p[k] for p in parts]) * fan_in for k in parts[0]}
+    per = {k: np.concatenate([p[k] for p in parts])[:M] * fan_in for k in parts[0]}
     est = {k: mean_and_stderr(v) for k, v in per.items()}
     g = lambda k: est.get(k)  # noqa: E731
     return DNTKEstimates(P=g("P"), Q=g("Q"), R=g("R"), S=g("S"), T=g("T"), U=g("U"), dntk=est["dntk"],
