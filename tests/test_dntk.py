@@ -29,7 +29,7 @@ def _brute(net, params, x):
 
 
 def test_network_dntk_matches_brute_force():
-    net = MLP(3, width=[2, 3], activation="tanh", C_W=1.3, C_b=0.2, lambda_W=0.7, lambda_b=0.4, output_width=2)
+    net = MLP(3, width=[2, 2], activation="tanh", C_W=1.3, C_b=0.2, lambda_W=0.7, lambda_b=0.4, output_width=2)
     x = np.random.default_rng(0).normal(size=(2, 2))
     params = init_params(net, jax.random.key(1), 2)
     z, dH, d1, d2 = _brute(net, params, x)
@@ -160,7 +160,7 @@ def _single_input_reference(net, x1):
     return np.array(out)
 
 
-TANH = MLP(4, width=8, activation="tanh", C_W=1.2, C_b=0.15, lambda_W=0.8, lambda_b=0.3)
+TANH = MLP(3, width=8, activation="tanh", C_W=1.2, C_b=0.15, lambda_W=0.8, lambda_b=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +190,9 @@ def test_symmetries_and_degenerate_inputs(tanh_single):
         np.testing.assert_allclose(R, R.transpose(0, 1, 2, 4, 3), atol=1e-12)
         for A in (S, T, U):
             np.testing.assert_allclose(A, A.transpose(0, 2, 1, 4, 3), atol=1e-12)
+    # a zero input with C_b = 0: K = 0, rank 0
+    zero = dntk_statistics(MLP(3, width=8, activation="tanh", C_b=0.0), np.zeros((1, 3)))
+    assert all(np.all(np.isfinite(np.asarray(getattr(zero, k)))) for k in "PQRSTU")
     for k in "PQRSTU":
         A = np.asarray(getattr(degenerate, k))
         assert np.all(np.isfinite(A))

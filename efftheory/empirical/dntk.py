@@ -137,7 +137,7 @@ def _interleave(a, k):
     return a.transpose(tuple(range(0, 2 * k, 2)) + tuple(range(1, 2 * k, 2)))
 
 
-def pattern_values(t: NetworkDNTK) -> dict:
+def _pattern_values(t: NetworkDNTK) -> dict:
     """Per-network pattern averages (before the fan-in factor), each (N, N, N, N):
 
     P: dH_{iik} z_k, Q: dH_{ikk} z_i, R: ddH^I_{iikk}, S: ddH^II_{iikk}, T: ddH^II_{ikik},
@@ -166,11 +166,15 @@ def pattern_values(t: NetworkDNTK) -> dict:
     return out
 
 
+pattern_values = jax.jit(_pattern_values)
+pattern_values.__doc__ = _pattern_values.__doc__
+
+
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _chunk(net, base_key, start, x, size, lr):
     def one(m):
         params = _init(net, jax.random.fold_in(base_key, m), x.shape[1], x.dtype)
-        return pattern_values(_tensors(net, params, x, lr))
+        return _pattern_values(_tensors(net, params, x, lr))
 
     return jax.lax.map(one, start + jnp.arange(size, dtype=jnp.uint32))
 

@@ -140,11 +140,11 @@ def gaussian_moments(fn, K, *, tol: float = 1e-9):
             for p in _PAIRS:
                 k, l = int(p[0]), int(p[1])
                 acc2[p] += (D[k] * Wt[:, None]).T @ D[l]
+            two = {}  # products of two slots, each formed once: (nodes, s*s)
+            for q in {p[:2] for p in _PATTERNS} | {p[2:] for p in _PATTERNS}:
+                two[q] = (D[int(q[0])][:, :, None] * D[int(q[1])][:, None, :]).reshape(-1, s * s)
             for p in _PATTERNS:
-                k = [int(c) for c in p]
-                A = (D[k[0]][:, :, None] * D[k[1]][:, None, :]).reshape(-1, s * s)
-                B = (D[k[2]][:, :, None] * D[k[3]][:, None, :]).reshape(-1, s * s)
-                acc4[p] += (A * Wt[:, None]).T @ B
+                acc4[p] += (two[p[:2]] * Wt[:, None]).T @ two[p[2:]]
         for p in _PATTERNS:
             M4[p][np.ix_(S, S, S, S)] = acc4[p].reshape(s, s, s, s)
         for p in _PAIRS:
