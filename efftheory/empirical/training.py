@@ -23,6 +23,16 @@ steps 0, r, 2r, ... and at the last step (r = ``record_every``); the empirical N
 test inputs together is recorded at the first and the last step, and the last layer's kernel given
 the network's own features at the first.
 
+Devices.  As in :mod:`.ensemble`, the networks are sharded over ``devices`` (default: every device
+``jax.devices()`` lists) along a 1-d mesh "networks": init, the gradient-descent segments and the
+records are ``shard_map`` s of the one-device chunk programs, so that with D devices one group of D
+chunks trains at once, device i the ``chunk`` networks starting at group start + i chunk, with the keys
+above (they do not depend on the device count).  Each device runs exactly the one-device program, so a
+run with the same ``chunk`` is bit-identical to one device, seed for seed (tests/test_sharding.py), and
+cached chunks and checkpoints (one file per device block) are shared between device counts.  Several
+hosts: as in :mod:`.ensemble` (``jax.distributed.initialize`` in every process; records gathered to
+every process; only process 0 writes the cache, which must be on a shared filesystem).
+
 With ``cache_dir`` the run is resumable: each finished chunk is written atomically as in
 :mod:`.cache` (``train-...`` files), and while a chunk trains its state (parameters and the records
 so far) is checkpointed atomically at recorded steps (at most every ``checkpoint_every`` seconds), so
@@ -41,12 +51,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from .. import _validate
 from .._pytree import result
 from ..network import MLP
 from . import cache as _cache
+from .ensemble import _shard_map, _to_host, network_mesh
 from .networks import _check_key, _init, check_dtype, check_net, check_x, forward, learning_rates
 from .tangent import backward_vectors, ntk_from_layers
 
@@ -177,8 +189,9 @@ def default_train_chunk(net: MLP, n0: int, N: int, R: int = 2, dtype=jnp.float64
 
 # --------------------------------------------------------------------------------------- compiled pieces
 @functools.lru_cache(maxsize=32)
-def _fns(net: MLP, n0: int, dtype_name: str, chunk: int):
-    """(init, segment, record) for chunks of ``chunk`` networks, jitted once per shape."""
+def _fns(net: MLP, n0: int, dtype_name: str, chunk: int, mesh: Mesh | None = None):
+    """(init, segment, record) for chunks of ``chunk`` networks, jitted once per shape; with a mesh of D
+    devices for D chunks at once, one per device (networks start .. start + D chunk - 1)."""
     dtype = jnp.dtype(dtype_name)
     lrs = learning_rates(net, n0)
     k = net.widths[-1]
@@ -232,51 +245,93 @@ def _fns(net: MLP, n0: int, dtype_name: str, chunk: int):
     # On CPU, LLVM's expensive passes lengthen the compilation of the RNG-bound init (as in .ensemble)
     # for no speed-up; other backends keep their defaults.
     opts = {"xla_llvm_disable_expensive_passes": True} if jax.default_backend() == "cpu" else None
-    return (jax.jit(init, compiler_options=opts), jax.jit(segment, static_argnums=4),
-            jax.jit(record, static_argnums=(3, 4)))
+    if mesh is None:
+        return (jax.jit(init, compiler_options=opts), jax.jit(segment, static_argnums=4),
+                jax.jit(record, static_argnums=(3, 4)))
+
+    # Several devices: each runs the one-device program above on its block of ``chunk`` networks
+    # (device i: networks start + i chunk ..), parameters and records split over the mesh's
+    # "networks" axis, the data replicated.
+    P = PartitionSpec
+    rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("networks"))
+
+    def init_block(base_key, start):
+        i = jax.lax.axis_index("networks").astype(jnp.uint32)
+        return init(base_key, start + i * jnp.uint32(chunk))
+
+    def sharded_segment(params, x, y, eta, nsteps):
+        return _shard_map(functools.partial(segment, nsteps=nsteps), mesh=mesh,
+                          in_specs=(P("networks"), P(), P(), P()), out_specs=P("networks"))(params, x, y, eta)
+
+    def sharded_record(params, x_all, y, n_train, with_ntk):
+        fn = functools.partial(record, n_train=n_train, with_ntk=with_ntk)
+        return _shard_map(fn, mesh=mesh, in_specs=(P("networks"), P(), P()), out_specs=P("networks"))(
+            params, x_all, y)
+
+    sh_init = _shard_map(init_block, mesh=mesh, in_specs=(P(), P()), out_specs=P("networks"))
+    return (jax.jit(sh_init, in_shardings=(rep, rep), out_shardings=split, compiler_options=opts),
+            jax.jit(sharded_segment, static_argnums=4, in_shardings=(split, rep, rep, rep), out_shardings=split),
+            jax.jit(sharded_record, static_argnums=(3, 4), in_shardings=(split, rep, rep), out_shardings=split))
 
 
 # --------------------------------------------------------------------------------------- the run
 def _param_arrays(params) -> dict:
-    return {f"{name}{l}": np.asarray(layer[name]) for l, layer in enumerate(params) for name in ("W", "b")}
+    return {f"{name}{l}": layer[name] for l, layer in enumerate(params) for name in ("W", "b")}
 
 
 def _params_from(arrays: dict, depth: int):
     return tuple({"W": jnp.asarray(arrays[f"W{l}"]), "b": jnp.asarray(arrays[f"b{l}"])} for l in range(depth))
 
 
-def _run_chunk(fns, net, base, start, stop, chunk, xd_train, yd, xd_all, eta, rec_steps, cache, bar,
+def _run_group(fns, net, base, gstart, blocks, chunk, D, xd_train, yd, xd_all, eta, rec_steps, cache, bar,
                checkpoint_every):
-    """Train networks start..start+chunk-1; returns the host records of networks start..stop-1."""
+    """Train networks gstart .. gstart + D chunk - 1 (block i, of ``chunk`` networks, on device i); returns
+    {start: host records of networks start..stop-1} for the (start, stop) in ``blocks``."""
     init, segment, record = fns
     n_train = xd_train.shape[0]
     R = len(rec_steps)
     k = net.widths[-1]
     N = xd_all.shape[0]
     dt = np.dtype(xd_all.dtype)
-    ckpt = None
+    G = D * chunk
+    ckpts = {}
     state = None
     if cache is not None:
         cache_dir, stem, config, digest = cache
-        ckpt = _cache.chunk_path(cache_dir, stem + "-checkpoint", start, start + chunk)
-        pshapes = jax.eval_shape(init, base, jnp.uint32(0))
-        expected = {f"{name}{l}": (pshapes[l][name].shape, pshapes[l][name].dtype)
+        pshapes = jax.eval_shape(init, base, np.uint32(0))
+        expected = {f"{name}{l}": ((chunk,) + pshapes[l][name].shape[1:], pshapes[l][name].dtype)
                     for l in range(net.depth) for name in ("W", "b")}
         expected.update({"f_all": ((chunk, R, N, k), dt), "loss": ((chunk, R), dt),
                          "ntk_start": ((chunk, k, k, N, N), dt), "kernel_start": ((chunk, N, N), dt),
                          "next_record": ((), np.int64)})
-        state = _cache.load_chunk(ckpt, digest, start, start + chunk, expected)
+        ckpts = {start: _cache.chunk_path(cache_dir, stem + "-checkpoint", start, start + chunk)
+                 for start, _ in blocks}
+        parts = [_cache.load_chunk(ckpts[start], digest, start, start + chunk, expected) for start, _ in blocks]
+        # resume only if every block of the group stopped at the same record
+        if all(p is not None for p in parts) and len({int(p["next_record"]) for p in parts}) == 1:
+            state = parts
     if state is not None:
-        params = _params_from(state, net.depth)
-        f_all, loss, H0, K0 = state["f_all"], state["loss"], state["ntk_start"], state["kernel_start"]
-        r0 = int(state["next_record"])
-        bar.update(int(rec_steps[r0 - 1]))
+        fresh = None
+        if len(blocks) < D:  # blocks past the last network were not saved: any parameters do (dropped)
+            fresh = {n: _to_host(v) for n, v in _param_arrays(init(base, np.uint32(gstart))).items()}
+
+        def whole(name):
+            have = [p[name] for p in state]
+            if fresh is not None:
+                have.append(fresh[name][len(blocks) * chunk:] if name in fresh else
+                            np.repeat(have[0][:1], G - len(blocks) * chunk, axis=0))
+            return np.concatenate(have)
+
+        params = _params_from({n: whole(n) for n in state[0] if n[0] in "Wb" and n[1:].isdigit()}, net.depth)
+        f_all, loss, H0, K0 = whole("f_all"), whole("loss"), whole("ntk_start"), whole("kernel_start")
+        r0 = int(state[0]["next_record"])
+        bar.update(int(rec_steps[r0 - 1]) * len(blocks))
     else:
-        params = init(base, jnp.uint32(start))
+        params = init(base, np.uint32(gstart))
         z, l0, H, Khat = record(params, xd_all, yd, n_train, True)
-        f_all = np.full((chunk, R, N, k), np.nan, dt)
-        loss = np.full((chunk, R), np.nan, dt)
-        f_all[:, 0], loss[:, 0], H0, K0 = np.asarray(z), np.asarray(l0), np.asarray(H), np.asarray(Khat)
+        f_all = np.full((G, R, N, k), np.nan, dt)
+        loss = np.full((G, R), np.nan, dt)
+        f_all[:, 0], loss[:, 0], H0, K0 = _to_host(z), _to_host(l0), _to_host(H), _to_host(Khat)
         r0 = 1
     last_save = time.monotonic()
     H_end = H0 if R == 1 else None
@@ -285,19 +340,26 @@ def _run_chunk(fns, net, base, start, stop, chunk, xd_train, yd, xd_all, eta, re
         params = segment(params, xd_train, yd, eta, n)
         final = r == R - 1
         z, lr_, H, _ = record(params, xd_all, yd, n_train, final)
-        f_all[:, r], loss[:, r] = np.asarray(z), np.asarray(lr_)
-        bar.update(n)
+        f_all[:, r], loss[:, r] = _to_host(z), _to_host(lr_)
+        bar.update(n * len(blocks))
         if final:
-            H_end = np.asarray(H)
-        elif ckpt is not None and time.monotonic() - last_save >= checkpoint_every:
-            arrays = _param_arrays(params)
-            arrays.update(f_all=f_all, loss=loss, ntk_start=H0, kernel_start=K0,
-                          next_record=np.asarray(r + 1, np.int64))
-            _cache.save_chunk(ckpt, arrays, config, digest, start, start + chunk)
+            H_end = _to_host(H)
+        elif ckpts and time.monotonic() - last_save >= checkpoint_every:
+            arrays = {n_: _to_host(v) for n_, v in _param_arrays(params).items()}
+            for i, (start, _) in enumerate(blocks):
+                sl = slice(i * chunk, (i + 1) * chunk)
+                part = {n_: v[sl] for n_, v in arrays.items()}
+                part.update(f_all=f_all[sl], loss=loss[sl], ntk_start=H0[sl], kernel_start=K0[sl],
+                            next_record=np.asarray(r + 1, np.int64))
+                if jax.process_index() == 0:
+                    _cache.save_chunk(ckpts[start], part, config, digest, start, start + chunk)
             last_save = time.monotonic()
-    m = stop - start
-    return {"f_all": f_all[:m], "loss": loss[:m], "ntk_start": H0[:m], "ntk_end": H_end[:m],
-            "kernel_start": K0[:m]}, ckpt
+    out = {}
+    for i, (start, stop) in enumerate(blocks):
+        sl = slice(i * chunk, i * chunk + stop - start)
+        out[start] = {"f_all": f_all[sl], "loss": loss[sl], "ntk_start": H0[sl], "ntk_end": H_end[sl],
+                      "kernel_start": K0[sl]}
+    return out, ckpts
 
 
 def _config(net, x_train, y_train, x_test, key, eta, steps, record_every, dtype_name) -> dict:
@@ -314,7 +376,7 @@ def _config(net, x_train, y_train, x_test, key, eta, steps, record_every, dtype_
 
 def train(net: MLP, x_train, y_train, x_test, *, steps: int, learning_rate: float, n_networks: int, key,
           record_every: int | None = None, chunk: int | None = None, dtype=jnp.float64, cache_dir=None,
-          progress: bool = True, checkpoint_every: float = 60.0) -> Training:
+          progress: bool = True, checkpoint_every: float = 60.0, devices=None) -> Training:
     """Train ``n_networks`` independently initialized networks by full-batch gradient descent.
 
     Args:
@@ -327,13 +389,16 @@ def train(net: MLP, x_train, y_train, x_test, *, steps: int, learning_rate: floa
       key: a jax PRNG key; network m starts from ``init_params(net, fold_in(key, m), n_0, dtype)``.
       record_every: record predictions and loss every this many steps (default: 10 records);
         the step 0 and the last step are always recorded.
-      chunk: networks per vmapped chunk (default :func:`default_train_chunk`).
+      chunk: networks per vmapped chunk and device (default :func:`default_train_chunk`, capped at
+        ceil(M / number of devices)).
       dtype: float32 or float64 arithmetic of the networks.
       cache_dir: if given, finished chunks and in-progress checkpoints are written there atomically
         and reused on restart (module docstring).
       progress: a tqdm bar (steps of all chunks) when the run takes more than a second.
       checkpoint_every: seconds between checkpoints of a chunk in training (at recorded steps; 0 means
         every recorded step).
+      devices: the devices to shard the networks over (default: all of ``jax.devices()``; module
+        docstring).  The keys, hence the networks, do not depend on them.
 
     Returns:
       A :class:`Training`.
@@ -363,13 +428,21 @@ def train(net: MLP, x_train, y_train, x_test, *, steps: int, learning_rate: floa
     _validate.memory("record_every", 8.0 * M * (R * (N * k + 1) + 2 * k * k * N * N + N * N),
                      f"recording {M} networks' predictions at {R} steps and their NTKs on {N} inputs")
     rec_steps = _record_steps(T, r_every)
-    if chunk is None:
-        chunk = default_train_chunk(net, n0, x_all.shape[0], len(rec_steps), dtype_name)
+    mesh = network_mesh(devices)
+    D = mesh.size
+    if chunk is None:  # capped at ceil(M / D) so that every device has work
+        chunk = max(1, min(default_train_chunk(net, n0, x_all.shape[0], len(rec_steps), dtype_name), -(-M // D)))
     chunk = min(_validate.positive_int("chunk", chunk), M)
 
-    fns = _fns(net, n0, dtype_name, chunk)
-    xd_train, yd, xd_all = (jnp.asarray(a, dtype_name) for a in (x_train, y, x_all))
-    eta_d = jnp.asarray(eta, dtype_name)
+    fns = _fns(net, n0, dtype_name, chunk, mesh if D > 1 else None)
+    if D > 1:  # host values, replicated by the jitted functions on every device (and host)
+        base = np.asarray(key) if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+        xd_train, yd, xd_all = (np.asarray(a, dtype_name) for a in (x_train, y, x_all))
+        eta_d = np.asarray(eta, dtype_name)
+    else:
+        base = key
+        xd_train, yd, xd_all = (jnp.asarray(a, dtype_name) for a in (x_train, y, x_all))
+        eta_d = jnp.asarray(eta, dtype_name)
     cache = None
     if cache_dir is not None:
         cache_dir = os.fspath(cache_dir)
@@ -379,31 +452,38 @@ def train(net: MLP, x_train, y_train, x_test, *, steps: int, learning_rate: floa
         cache = (cache_dir, stem, config, digest)
     names = ("f_all", "loss", "ntk_start", "ntk_end", "kernel_start")
     R, dt = len(rec_steps), np.dtype(dtype_name)
+    writer = jax.process_index() == 0
 
-    starts = list(range(0, M, chunk))
+    starts = list(range(0, M, chunk))   # one block of networks per device and group: the cache's unit
     done = {}
     bar = tqdm(total=T * len(starts), unit="step", desc=f"train widths {net.widths}", disable=not progress,
                delay=1.0, leave=False)
     try:
-        for start in starts:
-            stop = min(start + chunk, M)
+        for gstart in range(0, M, D * chunk):
+            blocks = [(s_, min(s_ + chunk, M)) for s_ in range(gstart, min(gstart + D * chunk, M), chunk)]
             if cache is not None:
-                path = _cache.chunk_path(cache_dir, stem, start, stop)
-                expected = {"f_all": ((stop - start, R, N, k), dt), "loss": ((stop - start, R), dt),
-                            "ntk_start": ((stop - start, k, k, N, N), dt), "ntk_end": ((stop - start, k, k, N, N), dt),
-                            "kernel_start": ((stop - start, N, N), dt)}
-                hit = _cache.load_chunk(path, digest, start, stop, expected)
-                if hit is not None:
-                    done[start] = hit
-                    bar.update(T)
-                    _remove(_cache.chunk_path(cache_dir, stem + "-checkpoint", start, start + chunk))
+                hits = {}
+                for start, stop in blocks:
+                    expected = {"f_all": ((stop - start, R, N, k), dt), "loss": ((stop - start, R), dt),
+                                "ntk_start": ((stop - start, k, k, N, N), dt),
+                                "ntk_end": ((stop - start, k, k, N, N), dt), "kernel_start": ((stop - start, N, N), dt)}
+                    hits[start] = _cache.load_chunk(_cache.chunk_path(cache_dir, stem, start, stop), digest, start,
+                                                    stop, expected)
+                if all(h is not None for h in hits.values()):
+                    for start, _ in blocks:
+                        done[start] = hits[start]
+                        bar.update(T)
+                        if writer:
+                            _remove(_cache.chunk_path(cache_dir, stem + "-checkpoint", start, start + chunk))
                     continue
-            out, ckpt = _run_chunk(fns, net, key, start, stop, chunk, xd_train, yd, xd_all, eta_d,
-                                   rec_steps, cache, bar, ckpt_s)
-            if cache is not None:
-                _cache.save_chunk(path, out, config, digest, start, stop)
-                _remove(ckpt)
-            done[start] = out
+            outs, ckpts = _run_group(fns, net, base, gstart, blocks, chunk, D, xd_train, yd, xd_all, eta_d,
+                                     rec_steps, cache, bar, ckpt_s)
+            for start, stop in blocks:
+                if cache is not None and writer:
+                    _cache.save_chunk(_cache.chunk_path(cache_dir, stem, start, stop), outs[start], config, digest,
+                                      start, stop)
+                    _remove(ckpts.get(start))
+                done[start] = outs[start]
     finally:
         bar.close()
     arr = {n: np.concatenate([done[s][n] for s in starts]).astype(np.float64) for n in names}
