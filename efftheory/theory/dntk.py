@@ -41,8 +41,9 @@ most four inputs at K), cross-neuron terms read the O(1/n) correlations of layer
 means R, S, T, U).  Smooth activations only: sigma''' enters as a function.
 
 Numerics: per set of at most four distinct inputs, a tensor midpoint rule in the range of the marginal
-covariance (eigendecomposition, zero directions dropped: identical or collinear inputs give no NaN), the
-step chosen from K_max and ``tol`` as in :func:`efftheory.gaussian.nodes_for` on [-7.5, 7.5].
+covariance (eigendecomposition, zero directions dropped: identical or collinear inputs give no NaN) on
+[-7.5, 7.5], the step of each direction chosen from how fast z moves along it and ``tol`` (the strip bound
+of :func:`efftheory.gaussian.nodes_for`, see ``_nodes``).  Cost ~ C(N, 4) x (product of the node counts).
 """
 
 from __future__ import annotations
@@ -94,12 +95,20 @@ def _derivatives(fn):
     return jax.jit(lambda z: (fn(z), d1(z), d2(z), d3(z)))
 
 
-def _nodes(K_max: float, tol: float) -> int:
-    """Midpoint nodes per direction: the strip-width bound of gaussian.nodes_for on [-_TAIL, _TAIL], with
-    +30 instead of +8 in the logarithm: products like tanh''^2 tanh'^2 (poles of order 12 at i pi/2) were
-    measured to lose 4e-5 relative at the +8 step (K = 0.7, 38 nodes); +30 reaches 1e-11 there."""
-    h = min(0.5, np.pi**2 / (np.sqrt(max(K_max, 1e-300)) * (np.log(2.0 / tol) + 30.0)))
+def _nodes(scale: float, tol: float) -> int:
+    """Midpoint nodes on [-_TAIL, _TAIL] for a direction u along which z moves by at most ``scale`` per
+    unit of u: the strip bound of gaussian.nodes_for (poles of tanh at distance pi/(2 scale) in u), with
+    +30 instead of +8 in the logarithm: products like tanh''^2 tanh'^2 (poles of order 12) were measured
+    to lose 4e-5 relative at the +8 step (K = 0.7, 38 nodes); +30 reaches 1e-11 there."""
+    h = min(0.5, np.pi**2 / (max(scale, 1e-300) * (np.log(2.0 / tol) + 30.0)))
     return 2 * int(np.ceil(_TAIL / h))
+
+
+@functools.lru_cache(maxsize=64)
+def _rule(m: int):
+    u = -_TAIL + (np.arange(m) + 0.5) * (2 * _TAIL / m)
+    w = np.exp(-0.5 * u * u)
+    return u, w / w.sum()
 
 
 def gaussian_moments(fn, K, *, tol: float = 1e-9):
@@ -111,10 +120,6 @@ def gaussian_moments(fn, K, *, tol: float = 1e-9):
     K = np.asarray(K, np.float64)
     N = K.shape[0]
     ders = _derivatives(fn)
-    m = _nodes(float(np.max(np.diag(K), initial=0.0)), tol)
-    u = -_TAIL + (np.arange(m) + 0.5) * (2 * _TAIL / m)
-    w = np.exp(-0.5 * u * u)
-    w /= w.sum()
     M4 = {p: np.zeros((N,) * 4) for p in _PATTERNS}
     E2 = {p: np.zeros((N, N)) for p in _PAIRS}
     subsets = [tuple(range(N))] if N <= 4 else list(itertools.combinations(range(N), 4))
@@ -123,18 +128,25 @@ def gaussian_moments(fn, K, *, tol: float = 1e-9):
         s = len(S)
         L = range_factor(K[np.ix_(S, S)])
         L = L[:, np.any(L != 0, axis=0)]
+        # per direction of the range, the step its own strip allows (small eigen-directions need few nodes)
+        rules = sorted((_rule(_nodes(float(np.max(np.abs(L[:, i]))), tol)) + (i,) for i in range(L.shape[1])),
+                       key=lambda t: len(t[0]))
+        L = L[:, [t[2] for t in rules]]  # directions by increasing node count
         r = L.shape[1]
         acc4 = {p: np.zeros((s * s, s * s)) for p in _PATTERNS}
         acc2 = {p: np.zeros((s, s)) for p in _PAIRS}
-        # blocks: all nodes of the last min(r, 3) directions, looping over the first r - 3
+        # blocks: all nodes of the last (largest) min(r, 3) directions, looping over the others
         inner = min(r, 3)
-        Ui = np.stack(np.meshgrid(*([u] * inner), indexing="ij"), -1).reshape(-1, inner) if inner else np.zeros((1, 0))
-        Wi = np.prod(np.stack(np.meshgrid(*([w] * inner), indexing="ij"), -1).reshape(-1, inner), -1) if inner \
-            else np.ones(1)
-        outer = list(itertools.product(range(m), repeat=r - inner))
-        for idx in outer:
-            U = np.concatenate([np.broadcast_to(u[list(idx)], (Ui.shape[0], len(idx))), Ui], axis=1)
-            Wt = Wi * np.prod(w[list(idx)]) if idx else Wi
+        ins = rules[r - inner:]
+        Ui = np.stack(np.meshgrid(*[t[0] for t in ins], indexing="ij"), -1).reshape(-1, inner) if inner \
+            else np.zeros((1, 0))
+        Wi = np.prod(np.stack(np.meshgrid(*[t[1] for t in ins], indexing="ij"), -1).reshape(-1, inner), -1) \
+            if inner else np.ones(1)
+        outs = rules[:r - inner]
+        for idx in itertools.product(*[range(len(t[0])) for t in outs]):
+            uo = np.array([t[0][j] for t, j in zip(outs, idx)])
+            U = np.concatenate([np.broadcast_to(uo, (Ui.shape[0], len(idx))), Ui], axis=1)
+            Wt = Wi * np.prod([t[1][j] for t, j in zip(outs, idx)])
             Z = U @ L.T  # (nodes, s)
             D = [np.asarray(d) for d in ders(jnp.asarray(Z))]
             for p in _PAIRS:
