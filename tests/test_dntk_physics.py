@@ -77,12 +77,16 @@ def test_dntk_width_sweep(sweep):
         if ok.any():
             assert np.all(np.abs(slope[ok] + 2) <= 0.3 + 2 * slope_se[ok]), (k, slope[ok], slope_se[ok])
         worst = max(worst, float(np.max(np.abs(pulls))))
-    # the n_L = 1 combination (i = k) agrees statistically with the separately measured tensors (i != k)
+    # the n_L = 1 combinations (i = k) agree statistically with the separately measured tensors (i != k)
+    combos = {"dntk": [("P", (0, 1, 2, 3)), ("P", (0, 2, 1, 3)), ("Q", (0, 1, 2, 3))],
+              "ddntk_I": [("R", (0, 1, 2, 3)), ("R", (0, 2, 1, 3)), ("R", (0, 2, 3, 1))],
+              "ddntk_II": [("S", (0, 1, 2, 3)), ("T", (0, 1, 2, 3)), ("U", (0, 1, 2, 3))]}
     for e in ests:
-        P, Q = e.P, e.Q
-        diff = e.dntk.value - (P.value + P.value.transpose(0, 2, 1, 3) + Q.value)
-        se = e.dntk.stderr + P.stderr + P.stderr.transpose(0, 2, 1, 3) + Q.stderr  # correlated: add, not in quadrature
-        assert np.all(np.abs(diff) <= NSIGMA * se + 1e-12)
+        for comb, terms in combos.items():
+            c = getattr(e, comb)
+            want = sum(getattr(e, k).value.transpose(ax) for k, ax in terms)
+            se = c.stderr + sum(getattr(e, k).stderr.transpose(ax) for k, ax in terms)  # correlated: add
+            assert np.all(np.abs(c.value - want) <= NSIGMA * se + 1e-12), comb
     print(f"{name}: worst |pull| {worst:.2f} (limit {NSIGMA:.2f})")
 
 
