@@ -145,14 +145,16 @@ def _single_input_reference(net, x1):
         du = E(lambda s, d1, d2, d3, z: z * d1 * s) / k
         P, Q, R, S, T, U = out[-1]
         out.append(np.array([
-            C * th * E(lambda s, d1, d2, d3, z: g(s, d1, d2, d3, z) * d1 * s) + r * C * (f * dg * du + C * s11 * P * du),
+            C * th * E(lambda s, d1, d2, d3, z: g(s, d1, d2, d3, z) * d1 * s)
+            + r * C * (f * dg * du + C * s11 * P * du),
             C**2 * th**2 * E(lambda s, d1, d2, d3, z: d2 * d1 * d1 * s)
             + r * C**2 * s11 * (b * E(lambda s, d1, d2, d3, z: d2 * s) + Q * du),
             C * th**2 * E(lambda s, d1, d2, d3, z: (lam * d2 * s + C * th * d3 * d1) * d1 * d1)
             + r * C * s11 * (b * E(lambda s, d1, d2, d3, z: lam * d2 * s + C * th * d3 * d1) + Q * dg + C * s11 * R),
             C * th**2 * E(lambda s, d1, d2, d3, z: (lam * d1 * d1 + C * th * d2 * d2) * d1 * d1)
             + r * C * s11 * (b * E(lambda s, d1, d2, d3, z: lam * d1 * d1 + C * th * d2 * d2) + C * s11 * S),
-            th * E(lambda s, d1, d2, d3, z: g(s, d1, d2, d3, z) ** 2) + r * (f * dg**2 + 2 * C * s11 * P * dg + C**2 * s11**2 * T),
+            th * E(lambda s, d1, d2, d3, z: g(s, d1, d2, d3, z) ** 2)
+            + r * (f * dg**2 + 2 * C * s11 * P * dg + C**2 * s11**2 * T),
             C**2 * th**3 * E(lambda s, d1, d2, d3, z: d2 * d2 * d1 * d1) + r * C**2 * s11**2 * U,
         ]))
         b, f = (C**2 * th**2 * E(lambda s, d1, d2, d3, z: d1**4) + r * C**2 * s11**2 * b,

@@ -17,7 +17,8 @@ Estimators (n = n_{L-1}, the fan-in of the output layer; i != k output neurons, 
 ordered pairs, then over networks with standard errors over networks):
 
     P_{d0d1d2d3} ~ n dH_{i i k; d0d1d2} z_{k;d3}       Q_{d0d1d2d3} ~ n dH_{i k k; d0d1d2} z_{i;d3}
-    R_{d0d1d2d3} ~ n ddH^I_{i i k k}                    S ~ n ddH^II_{i i k k},  T ~ n ddH^II_{i k i k},  U ~ n ddH^II_{i k k i}
+    R_{d0d1d2d3} ~ n ddH^I_{i i k k}
+    S ~ n ddH^II_{i i k k},   T ~ n ddH^II_{i k i k},   U ~ n ddH^II_{i k k i}
 
 and, for any n_L (one output neuron i = k), the combinations
 

@@ -3,18 +3,24 @@ r"""The dNTK and ddNTKs at first order in 1/n (PDLT ch. 11): P, Q, R, S, T, U fo
 Definitions (docs/dntk.md; lambda the learning-rate tensor of THEORY.md, every statistic of layer l
 carries 1/n_{l-1}):
 
-    dH_{i0i1i2;d0d1d2}        = sum lambda_mu lambda_nu (d_mu d_nu z_{i0;d0}) (d_mu z_{i1;d1}) (d_nu z_{i2;d2})
-    ddH^I_{i0i1i2i3;d0..d3}   = sum lambda^3 (d_mu d_nu d_rho z_{i0;d0}) (d_mu z_{i1;d1}) (d_nu z_{i2;d2}) (d_rho z_{i3;d3})
-    ddH^II_{i1i2i3i4;d1..d4}  = sum lambda^3 (d_mu d_nu z_{i1;d1}) (d_mu d_rho z_{i2;d2}) (d_nu z_{i3;d3}) (d_rho z_{i4;d4})
+    dH_{i0i1i2;d0d1d2}   = sum lambda_mu lambda_nu (d_mu d_nu z_{i0;d0}) (d_mu z_{i1;d1}) (d_nu z_{i2;d2})
+    ddH^I_{i0..i3;d0..d3}  = sum lambda^3 (d_mu d_nu d_rho z_{i0;d0}) (d_mu z_{i1;d1}) (d_nu z_{i2;d2})
+                                          (d_rho z_{i3;d3})
+    ddH^II_{i1..i4;d1..d4} = sum lambda^3 (d_mu d_nu z_{i1;d1}) (d_mu d_rho z_{i2;d2}) (d_nu z_{i3;d3})
+                                          (d_rho z_{i4;d4})
 
-    E[dH_{i0i1i2;d0d1d2} z_{i3;d3}] = (1/n)[d_{i0i1}d_{i2i3} P_{d0d1d2d3} + d_{i0i2}d_{i1i3} P_{d0d2d1d3} + d_{i0i3}d_{i1i2} Q_{d0d1d2d3}]
-    E[ddH^I_{i0i1i2i3;d0d1d2d3}]    = (1/n)[d_{i0i1}d_{i2i3} R_{d0d1d2d3} + d_{i0i2}d_{i1i3} R_{d0d2d1d3} + d_{i0i3}d_{i1i2} R_{d0d3d1d2}]
-    E[ddH^II_{i1i2i3i4;d1d2d3d4}]   = (1/n)[d_{i1i2}d_{i3i4} S_{d1d2d3d4} + d_{i1i3}d_{i2i4} T_{d1d2d3d4} + d_{i1i4}d_{i2i3} U_{d1d2d3d4}]
+    E[dH_{i0i1i2;d0d1d2} z_{i3;d3}] = (1/n)[d_{i0i1}d_{i2i3} P_{d0d1d2d3} + d_{i0i2}d_{i1i3} P_{d0d2d1d3}
+                                           + d_{i0i3}d_{i1i2} Q_{d0d1d2d3}]
+    E[ddH^I_{i0i1i2i3;d0d1d2d3}]    = (1/n)[d_{i0i1}d_{i2i3} R_{d0d1d2d3} + d_{i0i2}d_{i1i3} R_{d0d2d1d3}
+                                           + d_{i0i3}d_{i1i2} R_{d0d3d1d2}]
+    E[ddH^II_{i1i2i3i4;d1d2d3d4}]   = (1/n)[d_{i1i2}d_{i3i4} S_{d1d2d3d4} + d_{i1i3}d_{i2i4} T_{d1d2d3d4}
+                                           + d_{i1i4}d_{i2i3} U_{d1d2d3d4}]
 
 Storage: P[l, a, b, c, d] = P^(l+1)_{abcd} with the indices exactly as above (no permutation for any of
 the six); index 0 is layer 1, where all vanish.
 
-Recursions from layer l to l+1 (K, Theta, B, F and P..U at layer l; <.> = <.>_{K^(l)}; C_W, lambda_W of layer l+1; r = n_l/n_{l-1}; E_kl[a,b] = <s^(k)_a s^(l)_b>;
+Recursions from layer l to l+1 (K, Theta, B, F and P..U at layer l; <.> = <.>_{K^(l)}; C_W, lambda_W of
+layer l+1; r = n_l/n_{l-1}; E_kl[a,b] = <s^(k)_a s^(l)_b>;
 g_ab = lambda_W s'_a s_b + C_W Theta_ab s''_a s'_b, gt_ab = lambda_W s''_a s_b + C_W Theta_ab s'''_a s'_b,
 h_ab = lambda_W s'_a s'_b + C_W Theta_ab s''_a s''_b, u_ab = s'_a s_b; for a two-input function phi,
 Dphi[a, b, g] = d_{ga} <d_1 phi> + d_{gb} <d_2 phi> = <d phi / d z_g>):
