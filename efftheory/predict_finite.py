@@ -247,6 +247,10 @@ def trained_mean_first_order(net: MLP, x_train, y_train, x_test, *, learning_rat
       motion: include the dNTK and ddNTK parts (needs ``efftheory.theory.dntk``): True requires them,
         False skips them, None (default) includes them when that module exists and ``net`` is smooth.
       tol: accuracy target of the Gaussian integrals (``finite_width``, ``dntk_statistics``).
+
+    Every tensor enters with at most one test index, so the statistics are computed once per test input on
+    the N_D + 1 inputs (x_train, x_t): the cost is N_T times that of N_D + 1 inputs (dntk_statistics on four
+    inputs takes minutes at tol 1e-6).
     """
     from .predict import stability_bound, train_test_kernels
     from .theory.finite import finite_width
