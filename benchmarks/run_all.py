@@ -1,6 +1,7 @@
 """Run every benchmark, collect the ratios against the peers, write one JSON and print a markdown table.
 
-    python benchmarks/run_all.py [--small | --full] [--no-peers] [--only NAME ...] [--json PATH]
+    python benchmarks/run_all.py [--small | --full] [--no-peers] [--only NAME ...] [--json PATH] [--markdown PATH]
+    python benchmarks/run_all.py --from-json results/latest.json [--spread run1.json run2.json ...] --markdown RESULTS.md
 
 --small (the default; ``make bench``) is the CI smoke size, a few minutes on 2 cores with the
 neural-tangents peer; --full the sizes the README quotes (N = 1024: NT's numerical tanh alone takes minutes
@@ -30,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 NT_PYTHON = ROOT / ".venv-nt" / "bin" / "python"
 DEFAULT_JSON = HERE / "results" / "latest.json"
+DEFAULT_MD = HERE / "RESULTS.md"
 
 # name -> has a neural-tangents peer
 BENCHMARKS = {"bench_infinite": True, "bench_empirical": True, "bench_finite": False}
@@ -93,6 +95,45 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+def _speedups(data: dict) -> dict:
+    """case -> speedup of one run_all (or single-benchmark) JSON."""
+    rows = data.get("table") or data.get("summary") or []
+    return {r["case"]: r["speedup"] for r in rows if r.get("speedup") is not None}
+
+
+def markdown(out: dict, spread=()) -> str:
+    """benchmarks/RESULTS.md: when, where, under what load, and the table (README "Speed" section).
+    ``spread``: further JSONs (run_all's or a single benchmark's) whose speedups give a min..max column."""
+    m = out["machine"]
+    envs = ", ".join(f"{v} ({Path(k).parent.parent.name})" for k, v in m.get("jax_by_interpreter", {}).items())
+    lr = out.get("loadavg_range")
+    lines = [
+        "# Benchmarks: efftheory against its peers",
+        "",
+        f"Measured {out['created']} at commit `{(out.get('git_commit') or '?')[:10]}` by "
+        f"`benchmarks/run_all.py --{out['mode']}` on {m['cpu']}, {m['cores']} cores, {m['backend']} backend, "
+        f"jax {envs or m['jax']}.",
+        "",
+        ("1-minute load average during the run: "
+         f"{lr[0]:.1f} .. {lr[1]:.1f} on {m['cores']} cores (other jobs shared the machine): absolute times are "
+         "inflated and noisy; every speedup is the median of per-round ratios of interleaved calls in one process, "
+         "so load hits both sides of a ratio alike." if lr else "Load average not recorded."),
+        "",
+        table(out["table"]),
+    ]
+    runs = [_speedups(out)] + [_speedups(d) for d in spread]
+    if spread:
+        lines += ["", f"Spread of the speedups over {len(runs)} runs (this one and {len(spread)} more, same machine, "
+                  "same load conditions):", "", "| what | speedup min .. max | runs |", "|---|---|---|"]
+        for case in _speedups(out):
+            vals = [r[case] for r in runs if case in r]
+            lines.append(f"| {case} | {min(vals):.1f}x .. {max(vals):.1f}x | {len(vals)} |")
+    lines += ["", "Accuracy: max relative difference (max |a - b| / max |b|) over every stored entry; "
+              "the reference of the callable case is the 2-d Gauss rule of efftheory.gaussian at twice its "
+              "default order, on 32 of the inputs.", ""]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     size = ap.add_mutually_exclusive_group()
@@ -103,7 +144,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--only", nargs="*", choices=sorted(BENCHMARKS), help="run only these benchmarks")
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"output (default {DEFAULT_JSON})")
     ap.add_argument("--timeout", type=float, default=None, help="seconds per benchmark (default: none)")
+    ap.add_argument("--markdown", type=Path, help=f"also write the markdown report here (--full: {DEFAULT_MD})")
+    ap.add_argument("--from-json", type=Path, help="run nothing: write the markdown of this run_all JSON")
+    ap.add_argument("--spread", type=Path, nargs="*", default=(), help="further JSONs for the min..max column")
     args = ap.parse_args(argv)
+    if args.from_json:
+        out = json.loads(args.from_json.read_text())
+        md = markdown(out, [json.loads(p.read_text()) for p in args.spread])
+        if args.markdown:
+            args.markdown.write_text(md)
+            print(f"wrote {args.markdown}")
+        else:
+            print(md)
+        return out
     size = "--full" if args.full else "--small"
     extra = {"bench_infinite": ["--sizes", "128", "32"]} if args.smoke else {}
     if args.full:  # the four-input integrals grow like N^8 in time: N = 8 at depth 10 would take an hour
@@ -148,6 +201,10 @@ def main(argv=None) -> dict:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2, default=str) + "\n")
     print(f"wrote {args.json} in {out['total_s']:.0f} s")
+    md_path = args.markdown or (DEFAULT_MD if args.full and not args.only else None)
+    if md_path:
+        md_path.write_text(markdown(json.loads(json.dumps(out, default=str)), [json.loads(p.read_text()) for p in args.spread]))
+        print(f"wrote {md_path}")
     return out
 
 
