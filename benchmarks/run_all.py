@@ -123,8 +123,8 @@ def markdown(out: dict, spread=()) -> str:
     ]
     runs = [_speedups(out)] + [_speedups(d) for d in spread]
     if spread:
-        lines += ["", f"Spread of the speedups over {len(runs)} runs (this one and {len(spread)} more, same machine, "
-                  "same load conditions):", "", "| what | speedup min .. max | runs |", "|---|---|---|"]
+        lines += ["", f"Spread of the speedups over up to {len(runs)} runs (this one and {len(spread)} more, same "
+                  "machine, taken the same day under varying load):", "", "| what | speedup min .. max | runs |", "|---|---|---|"]
         for case in _speedups(out):
             vals = [r[case] for r in runs if case in r]
             lines.append(f"| {case} | {min(vals):.1f}x .. {max(vals):.1f}x | {len(vals)} |")
