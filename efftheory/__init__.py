@@ -25,7 +25,10 @@ from .theory.criticality import (  # noqa: E402
     critical_init,
     fixed_point,
 )
-from . import datasets, predict  # noqa: E402
+from .theory.dntk import DNTKStatistics, dntk_statistics  # noqa: E402
+from . import bayes, datasets, predict, predict_finite  # noqa: E402
+from .bayes import FiniteWidthPosterior, PosteriorAtWidth, posterior_from_statistics  # noqa: E402
+from .predict_finite import TrainedMeanFirstOrder, trained_mean_first_order  # noqa: E402
 from .predict import (  # noqa: E402
     GPPosterior,
     GradientDescentPrediction,
@@ -63,4 +66,13 @@ __all__ = [
     "gradient_descent",
     "gp_posterior",
     "last_layer_net",
+    "DNTKStatistics",
+    "dntk_statistics",
+    "bayes",
+    "FiniteWidthPosterior",
+    "PosteriorAtWidth",
+    "posterior_from_statistics",
+    "predict_finite",
+    "TrainedMeanFirstOrder",
+    "trained_mean_first_order",
 ]

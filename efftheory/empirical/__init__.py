@@ -7,9 +7,11 @@
 * :mod:`.statistics` estimators with standard errors over networks: metric, four_point, ntk_mean, ...
 * :mod:`.sweep`      width_sweep_fit, agrees: the a + c1/n + c2/n^2 protocol
 * :mod:`.training`   train: full-batch gradient descent on ensembles (learning-rate tensor, NTK at start and end)
+* :mod:`.dntk`       network_dntk, dntk_estimates: the dNTK and ddNTK of finite networks (jvp/vjp), P..U estimates
 """
 
 from .cache import CacheMismatchError
+from .dntk import DNTKEstimates, NetworkDNTK, dntk_estimates, network_dntk
 from .ensemble import Ensemble, Sweep, default_chunk, sample, sample_ensemble
 from .moments import STATISTICS
 from .networks import apply, apply_all, init_params, learning_rates
@@ -33,6 +35,10 @@ from .training import Training, default_train_chunk, train
 
 __all__ = [
     "CacheMismatchError",
+    "DNTKEstimates",
+    "NetworkDNTK",
+    "dntk_estimates",
+    "network_dntk",
     "Ensemble",
     "Estimate",
     "NTKPreactivation",
