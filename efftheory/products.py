@@ -228,6 +228,7 @@ def _eval_sets(sig, patterns, Ls, rules):
         X, W = _grid(row)
         Xj, Wj = jnp.asarray(X), jnp.asarray(W)
         batch = 1 << max(0, min(8, (_GRID_BUDGET // W.size).bit_length() - 1))
+        batch = min(batch, 1 << max(0, (len(members) - 1).bit_length()))  # no all-padding batches
         Lm = Ls[members]
         for start in range(0, len(members), batch):
             Lb = Lm[start:start + batch]
@@ -259,26 +260,275 @@ def _moments_kd(act, sig, dsig, K, sets, patterns, tol):
     """(C, P) pattern moments over sets of k >= 3 distinct inputs."""
     C, k = sets.shape
     S = K[sets[:, :, None], sets[:, None, :]]
+    if act.smooth:
+        return _smooth_sets(sig, S, patterns, tol)
     L, scale = _eigen_factor(S)
-    if not act.smooth:
-        n = _KINKED_ORDER[k]
-        rules = [(("kink", n),) * k] * C
-        if act.homogeneous:
-            # rank <= 2 (duplicate or collinear inputs in the set): the exact polar rule
-            low = np.nonzero(np.count_nonzero(scale > 0, axis=1) <= 2)[0]
-            if len(low):
-                high = np.setdiff1d(np.arange(C), low)
-                vals = np.empty((C, len(patterns)))
-                vals[low] = _polar_sets(sig, dsig, L[low, :, :2], patterns)
-                if len(high):
-                    vals[high] = _eval_sets(sig, patterns, L[high], [rules[0]] * len(high))
-                return vals
-    else:
-        order = np.argsort(-scale, axis=1)  # widest direction first: fewer distinct size classes
-        L = np.take_along_axis(L, order[:, None, :], axis=2)
-        scale = np.take_along_axis(scale, order, axis=1)
-        rules = [tuple(rule_for_scale(s, tol) for s in row) for row in scale]
+    n = _KINKED_ORDER[k]
+    rules = [(("kink", n),) * k] * C
+    if act.homogeneous:
+        # rank <= 2 (duplicate or collinear inputs in the set): the exact polar rule
+        low = np.nonzero(np.count_nonzero(scale > 0, axis=1) <= 2)[0]
+        if len(low):
+            high = np.setdiff1d(np.arange(C), low)
+            vals = np.empty((C, len(patterns)))
+            vals[low] = _polar_sets(sig, dsig, L[low, :, :2], patterns)
+            if len(high):
+                vals[high] = _eval_sets(sig, patterns, L[high], [rules[0]] * len(high))
+            return vals
     return _eval_sets(sig, patterns, L, rules)
+
+
+# ---------------------------------------------------------------------------------------------
+# smooth sigma: "eigen block + conditional last member" factors and the nested kernel
+
+
+def _rules_for_scales(s, tol: float = TOL):
+    """Vectorised :func:`rule_for_scale`: (kind, n) arrays, kind 0 = Gauss-Hermite, 1 = trapezoid."""
+    s = np.asarray(s, dtype=np.float64)
+    shape = s.shape
+    s = s.reshape(-1)
+    kind = np.zeros(s.size, dtype=np.int64)
+    n = np.ones(s.size, dtype=np.int64)
+    pos = s > 0.0
+    if not np.any(pos):
+        return kind.reshape(shape), n.reshape(shape)
+    u, inv = np.unique(s[pos], return_inverse=True)
+    logtol = math.log(tol) - _MARGIN
+    dgh = 0.75 * D0
+    gh = np.zeros(u.size, dtype=np.int64)
+    for m in reversed(_GH_LADDER):  # the smallest n that reaches tol wins
+        gh = np.where(math.lgamma(m + 1) + 2 * m * np.log(u / dgh) <= logtol, m, gh)
+    dgrid = np.linspace(0.0, 1.0, 201)[1:-1][None, :] * np.minimum(D0 / u, 40.0)[:, None]
+    pole = _POLE_ORDER * np.log(np.maximum(D0 - u[:, None] * dgrid, 1e-300))
+    trap = np.zeros(u.size, dtype=np.int64)
+    for m in reversed(_TRAP_LADDER):
+        h = 2 * TAIL / m
+        log_err = -(2 * np.pi * dgrid / h - dgrid**2 / 2) - pole
+        trap = np.where(np.min(log_err, axis=1) <= math.log(tol) + 1.0, m, trap)
+    use_gh = (gh > 0) & ((trap == 0) | (gh <= trap))
+    trap = np.where(trap == 0, _TRAP_LADDER[-1], trap)
+    kind[pos] = np.where(use_gh, 0, 1)[inv]
+    n[pos] = np.where(use_gh, gh, trap)[inv]
+    return kind.reshape(shape), n.reshape(shape)
+
+
+def _conditional_factor(S, tol):
+    """Factors z = L w of the covariances S (C, k, k) in which only the last member depends on the
+    last direction: members other than ``last`` in the eigenbasis of their block (widest direction
+    first), the member ``last`` as their linear regression plus its conditional deviation.
+
+    The last member is chosen per set to minimise the work of the nested rule (tanh evaluations:
+    the full grid for the last member, the outer grid for the others).  Returns
+    perm (C, k): set positions in kernel order (``last`` at the end); L (C, k, k) in that order;
+    kind, n (C, k): the 1-d rule of each direction (the outer ones sorted widest first, the last
+    one the conditional direction).
+    """
+    C, k, _ = S.shape
+    best = None
+    for j in range(k):
+        rest = [i for i in range(k) if i != j]
+        A = S[:, rest][:, :, rest]
+        b = S[:, rest, j]
+        lam, Q = np.linalg.eigh(A)
+        lam, Q = lam[:, ::-1], Q[:, :, ::-1]
+        top = np.maximum(lam[:, :1], 0.0)
+        keep = lam > 1e-13 * top
+        lam = np.where(keep, lam, 0.0)
+        root = np.sqrt(lam)
+        La = Q * root[:, None, :]
+        qb = np.einsum("cij,ci->cj", Q, b)
+        cvec = np.where(keep, qb / np.where(keep, root, 1.0), 0.0)
+        var = S[:, j, j] - np.sum(cvec**2, axis=1)
+        sig2 = np.where(var > 1e-13 * np.maximum(S[:, j, j], top[:, 0]), var, 0.0)
+        scale = np.maximum(np.max(np.abs(La), axis=1), np.abs(cvec))
+        order = np.argsort(-scale, axis=1, kind="stable")  # widest direction first
+        La = np.take_along_axis(La, order[:, None, :], axis=2)
+        cvec = np.take_along_axis(cvec, order, axis=1)
+        scale = np.take_along_axis(scale, order, axis=1)
+        kind, n = _rules_for_scales(np.concatenate([scale, np.sqrt(sig2)[:, None]], 1), tol)
+        G = np.prod(n.astype(np.float64), axis=1)
+        cost = G + (k - 1) * G / n[:, -1]
+        L = np.zeros((C, k, k))
+        L[:, :k - 1, :k - 1] = La
+        L[:, k - 1, :k - 1] = cvec
+        L[:, k - 1, k - 1] = np.sqrt(sig2)
+        perm = np.broadcast_to(np.array(rest + [j]), (C, k))
+        cand = (cost, perm, L, kind, n)
+        if best is None:
+            best = [np.array(x) for x in cand]
+        else:
+            better = cost < best[0]
+            for x, y in zip(best, cand):
+                x[better] = y[better]
+    return best[1], best[2], best[3], best[4]
+
+
+@functools.lru_cache(maxsize=None)
+def _perm_maps(k: int):
+    """maps[j][p]: the kernel-order pattern that equals pattern p of the set when member j is
+    moved to the end (the pattern table is closed under permutations of the members)."""
+    patterns, _ = _pattern_table(k)
+    ids = {tuple(p.reshape(-1)): i for i, p in enumerate(patterns)}
+    maps = []
+    for j in range(k):
+        perm = [i for i in range(k) if i != j] + [j]
+        maps.append(np.array([ids[tuple(p[perm].reshape(-1))] for p in patterns]))
+    return np.stack(maps)
+
+
+def _power(cache, s, d, key):
+    """s^e0 d^e1 for key = (position, e0, e1), multiplied once and shared."""
+    if key not in cache:
+        i, e0, e1 = key
+        f = None
+        for base, e in ((s[i], e0), (d[i], e1)):
+            for _ in range(e):
+                f = base if f is None else f * base
+        cache[key] = f
+    return cache[key]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _nested_moments(sig, pattern_key, nchunks, L, X, W, xk, wk):
+    """vals[s, c, p] for factors L (nb, b, k, k) in which only member k-1 sees direction k-1.
+
+    X (k-1, M), W (M): the outer grid (M divisible by ``nchunks``); xk, wk (nk,): the rule of the
+    last direction.  The last member's factors are summed over xk first (conditional moments,
+    one per exponent pair it carries), then every pattern over the outer grid.  Sub-batches
+    (leading axis of L) and outer-grid chunks are visited in a loop so that the working set of
+    one step (b * M / nchunks * nk nodes) stays in cache.
+    """
+    k = L.shape[2]
+    m = X.shape[1] // nchunks
+    last = sorted({pat[k - 1] for pat in pattern_key})
+    Xs = X.reshape(k - 1, nchunks, m).transpose(1, 0, 2)
+    Ws = W.reshape(nchunks, m)
+
+    def one_batch(Lb):
+        Lo, c, sd = Lb[:, :k - 1, :k - 1], Lb[:, k - 1, :k - 1], Lb[:, k - 1, k - 1]
+
+        def chunk(acc, xw):
+            Xc, Wc = xw
+            zo = jnp.einsum("cij,jm->icm", Lo, Xc)  # (k-1, b, m)
+            zl = jnp.einsum("cj,jm->cm", c, Xc)[:, :, None] + sd[:, None, None] * xk  # (b, m, nk)
+            sl, dl = jax.jvp(sig, (zl,), (jnp.ones_like(zl),))
+            h = {}
+            for e0, e1 in last:
+                f = jnp.broadcast_to(wk, zl.shape)
+                for base, e in ((sl, e0), (dl, e1)):
+                    for _ in range(e):
+                        f = f * base
+                h[(e0, e1)] = jnp.sum(f, axis=-1)
+            so, do = jax.jvp(sig, (zo,), (jnp.ones_like(zo),))
+            cache = {}
+            out = []
+            for pat in pattern_key:
+                f = h[pat[k - 1]] * Wc
+                for i in range(k - 1):
+                    if pat[i] != (0, 0):
+                        f = f * _power(cache, so, do, (i,) + tuple(pat[i]))
+                out.append(jnp.sum(f, axis=-1))
+            return acc + jnp.stack(out, -1), None
+
+        acc = jnp.zeros((Lb.shape[0], len(pattern_key)), X.dtype)
+        if nchunks == 1:
+            return chunk(acc, (Xs[0], Ws[0]))[0]
+        return jax.lax.scan(chunk, acc, (Xs, Ws))[0]
+
+    if L.shape[0] == 1:
+        return one_batch(L[0])[None]
+    return jax.lax.map(one_batch, L)
+
+
+@functools.lru_cache(maxsize=64)
+def _is_symmetric(fn) -> bool:
+    """True when sigma is odd or even (checked numerically, as activations' homogeneity): then
+    every source pattern (an even number of sigma factors, and of sigma' factors) is invariant
+    under z -> -z and the rules need only half of a symmetric grid."""
+    z = np.random.default_rng(1).normal(size=64) * 4.0
+    try:
+        a = np.asarray(fn(jnp.asarray(z)), dtype=np.float64)
+        b = np.asarray(fn(jnp.asarray(-z)), dtype=np.float64)
+    except Exception:  # noqa: BLE001 - treat an unusual callable as asymmetric
+        return False
+    if a.shape != z.shape or not np.all(np.isfinite(a)) or not np.all(np.isfinite(b)):
+        return False
+    scale = 1e-14 * np.maximum(1.0, np.abs(a))
+    return bool(np.all(np.abs(a + b) <= scale) or np.all(np.abs(a - b) <= scale))
+
+
+@functools.lru_cache(maxsize=256)
+def _outer_grid(rules: tuple, half: bool):
+    """Tensor grid of the outer 1-d rules: X (k-1, Mp), W (Mp) padded with zero weights.
+
+    ``half``: keep only the nodes with x_1 > 0 (x_1 = 0 at full weight), doubling their weight:
+    exact for integrands invariant under w -> -w (the 1-d rules are symmetric)."""
+    xs, ws = [list(a) for a in zip(*(_rule(r) for r in rules))]
+    if half and xs[0].size > 1:
+        x0, w0 = xs[0], ws[0]
+        keep = x0 >= 0
+        xs[0] = x0[keep]
+        ws[0] = np.where(x0[keep] > 0, 2.0, 1.0) * w0[keep]
+    X = np.stack(np.meshgrid(*xs, indexing="ij"), 0).reshape(len(rules), -1)
+    W = functools.reduce(np.multiply.outer, ws).reshape(-1)
+    Mp = _pad_size(W.size)
+    X = np.concatenate([X, np.zeros((len(rules), Mp - W.size))], 1)
+    return X, np.concatenate([W, np.zeros(Mp - W.size)])
+
+
+_CHUNK = 1 << 16    # nodes per loop step of the nested kernel (working set in cache)
+_CALL = 1 << 22     # nodes per call of the nested kernel
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << max(0, int(n).bit_length() - 1)
+
+
+def _smooth_sets(sig, S, patterns, tol):
+    """(C, P) pattern moments of smooth sigma over sets with covariances S (C, k, k)."""
+    C, k, _ = S.shape
+    perm, L, kind, n = _conditional_factor(S, tol)
+    key = tuple(tuple(tuple(int(v) for v in row) for row in pat) for pat in patterns)
+    half = _is_symmetric(sig)
+    P = len(patterns)
+    raw = np.empty((C, P))
+    codes = np.concatenate([kind, n], 1)
+    uniq, inv = np.unique(codes, axis=0, return_inverse=True)
+    inv = inv.reshape(-1)
+    pending = []
+    for g, row in enumerate(uniq):
+        members = np.nonzero(inv == g)[0]
+        rules = tuple(("gh" if kd == 0 else "trap", int(nn)) for kd, nn in zip(row[:k], row[k:]))
+        X, W = _outer_grid(rules[:-1], half)
+        xk, wk = _rule(rules[-1])
+        M, nk = W.size, xk.size
+        per_set = M * nk
+        if per_set > _CHUNK:
+            b, nchunks = 1, 1
+            while per_set // nchunks > _CHUNK and (M // nchunks) % 2 == 0:
+                nchunks *= 2
+        else:
+            nchunks = 1
+            b = _pow2_floor(_CHUNK // per_set)  # fixed per grid: fewer compiled shapes
+        nb = min(_pow2_floor(max(1, _CALL // (b * per_set))), _pow2_ceil(-(-len(members) // b)))
+        per_call = nb * b
+        Xj, Wj, xkj, wkj = (jnp.asarray(a) for a in (X, W, xk, wk))
+        Lm = L[members]
+        for start in range(0, len(members), per_call):
+            Lb = Lm[start:start + per_call]
+            cnt = Lb.shape[0]
+            if cnt < per_call:
+                Lb = np.concatenate([Lb, np.zeros((per_call - cnt, k, k))])
+            res = _nested_moments(sig, key, nchunks, jnp.asarray(Lb.reshape(nb, b, k, k)), Xj, Wj, xkj, wkj)
+            pending.append((members[start:start + cnt], res))
+    for idx, res in pending:  # dispatch everything first: the calls may overlap
+        raw[idx] = np.asarray(res).reshape(-1, P)[:len(idx)]
+    maps = _perm_maps(k)[perm[:, -1]]  # (C, P)
+    return np.take_along_axis(raw, maps, axis=1)
 
 
 def _polar_sets(sig, dsig, L2, patterns):
