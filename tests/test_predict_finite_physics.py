@@ -2,9 +2,13 @@
 
 * Last-layer training: kernel regression with sampled random features (numpy, exact per sample) at
   n = 8..64 against the frozen-NTK parts m_H1 + m_AB (the dNTK vanishes identically there).
-* Full training: depth-3 tanh and gelu networks trained to convergence at n = 16..128
+* Full training, one ensemble (gelu): depth-3 networks trained to convergence at n = 16..128
   (benchmarks/trained_first_order.py has the estimators and a bigger sweep on two test inputs): the 1/n coefficients of the
   frozen part, the NTK-motion part and the total mean against m_H1 + m_AB, m_dNTK + m_ddNTK and their sum.
+* Split ensembles (tanh, issue #6): the frozen part on many untrained networks drawn by a weight-free exact
+  sampler (checked here against networks with weights), the motion part on trained ones; c1 of every part
+  and the 1/n^2 fall of the total's residual after the first-order correction.  This supersedes the
+  one-ensemble tanh sweep (dropped: its c1 errors were ~3x larger and it could not resolve the residual).
 """
 
 import math
@@ -92,7 +96,7 @@ def _fit(values, stderrs, free_a=True):
     return beta, np.sqrt(np.diag(cov))
 
 
-@pytest.fixture(scope="module", params=sorted(NETS))
+@pytest.fixture(scope="module", params=["gelu"])      # tanh: the split-ensemble test below
 def sweep(request):
     import jax
 
@@ -135,16 +139,106 @@ def test_trained_mean_c1_matches_the_first_order_prediction(sweep):
             assert abs(c1 - theory[e, x]) < 3 * sc1, f"{act} {part} x{x}: c1 = {c1} +- {sc1}, theory {theory[e, x]}"
 
 
-def test_trained_mean_prediction_is_resolved(sweep):
-    """Power: with the known n = inf value (a = 0) imposed, every part matches the prediction within 3
-    standard errors, and for tanh (at eta = 0.5 of the bound) the NTK-motion coefficient is resolved (> 3
-    standard errors from zero).  gelu's motion part at eta = 0.3 of the bound (-0.03) is below this
-    ensemble's resolution (the benchmark's bigger sweep: -0.037 +- 0.038 measured)."""
+def test_trained_mean_prediction_with_a_imposed(sweep):
+    """With the known n = inf value (a = 0) imposed, every part matches the prediction within 3 standard
+    errors.  No power assertion here: gelu's motion part at eta = 0.3 of the bound (-0.03) is below this
+    ensemble's resolution (the benchmark's bigger sweep: -0.037 +- 0.038 measured); the resolved checks
+    (tanh's motion coefficient, the 1/n^2 residual) are in the split-ensemble test."""
     act, _, theory, means, ses = sweep
-    resolved = 0
     for e, part in enumerate(PARTS):
         for x in range(len(X_TEST)):
             (c1, _), (sc1, _) = _fit(means[:, e, x], ses[:, e, x], free_a=False)
             assert abs(c1 - theory[e, x]) < 3 * sc1, f"{act} {part} x{x}: c1 = {c1} +- {sc1}, theory {theory[e, x]}"
-            resolved += part == "motion" and abs(c1) > 3 * sc1
-    assert resolved >= 1 or act != "tanh"
+
+
+# ----------------------------------------------------------------------------- split ensembles (issue #6)
+def _benchmark():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import trained_first_order
+
+    return trained_first_order
+
+
+def test_conditional_ntk_sampler_matches_weight_based_networks():
+    """The weight-free sampler of the split-ensemble benchmark (benchmarks/trained_first_order.py,
+    conditional_ntk) against networks with explicit Gaussian weights (efftheory.empirical.train's step-0
+    NTK and outputs): the means of the NTK entries, of their products, of z z and z z H, and of the frozen
+    estimator agree within sampling error; at n = 4 (fewer neurons than the 5 inputs: rank-deficient
+    projections) and n = 8."""
+    import jax
+
+    from efftheory.empirical import train
+
+    jax.config.update("jax_enable_x64", True)
+    b = _benchmark()
+    x_all = np.concatenate([b.X_TRAIN, b.X_TEST])
+    iu = np.triu_indices(5)
+
+    def features(H, z, Pi):
+        h = H[:, iu[0], iu[1]]
+        M = len(h)
+        return np.concatenate([h, (h[:, :, None] * h[:, None, :]).reshape(M, -1),
+                               (z[:, :, None] * z[:, None, :]).reshape(M, -1),
+                               (z[:, :, None] * z[:, None, :1] * h[:, None, :]).reshape(M, -1),
+                               b.frozen_from_ntk(H, Pi)], 1)
+
+    M = 12000
+    for act, n in (("tanh", 4), ("gelu", 8)):
+        net, eta, Pi = b.setup(act)
+        net = net.with_width(n)
+        Hc, zc = b.conditional_ntk(net, x_all, M, jax.random.PRNGKey(11))
+        tr = train(net, b.X_TRAIN, b.Y_TRAIN, b.X_TEST, steps=1, learning_rate=eta, n_networks=M,
+                   key=jax.random.PRNGKey(12), progress=False)
+        Hw = tr.ntk_start[:, 0, 0]
+        zw = np.concatenate([tr.f_train[:, 0, :, 0], tr.f_test[:, 0, :, 0]], 1)
+        A, B = features(Hc, zc, Pi), features(Hw, zw, Pi)
+        pull = (A.mean(0) - B.mean(0)) / np.sqrt((A.var(0) + B.var(0)) / M)
+        print(f"\n{act} n={n}: {A.shape[1]} moments, max |pull| {np.abs(pull).max():.2f}, rms {np.sqrt(np.mean(pull ** 2)):.2f}")
+        # the moments are strongly correlated: the same statistic between two conditional ensembles of this
+        # size spreads over max |pull| 2.2..3.0, rms 0.7..1.1 (a wrong projection moves the NTK mean by O(1))
+        assert np.abs(pull).max() < 5 and np.sqrt(np.mean(pull ** 2)) < 2
+        # power: the NTK fluctuates at this width (the moments compared are not all trivially equal)
+        assert np.min(Hc[:, 0, 0]) < 0.7 * np.mean(Hc[:, 0, 0])
+
+
+#: widths and ensemble sizes of the split test (tanh, x = (-0.9, 0.1, 0.6)), sized from the benchmark's tanh run
+#: (there n^2 (m(n) - c1/n) = 2.00 +- 0.14, 1.94 +- 0.31, 1.96 +- 0.60 at n = 16, 32, 64, nearly all from the
+#: NTK's motion; per-network rms ~1.15/n for motion, ~0.40/sqrt(n) for frozen): the residual is expected at
+#: ~9, 7, 6, 4 standard errors at n = 16, 24, 32, 48, giving a log-log slope with stderr ~0.2
+SPLIT_WIDTHS = (16, 24, 32, 48, 128)
+SPLIT_FROZEN = (100_000, 200_000, 300_000, 300_000, 20_000)
+SPLIT_MOTION = (8_000, 12_000, 20_000, 20_000, 500)
+
+
+def test_split_ensembles_trained_mean_c1_and_residual_slope():
+    """Issue #6's check on split ensembles (benchmarks/trained_first_order.py --split): the frozen part
+    H_xD H_DD^-1 y - Pi y on untrained networks drawn by the weight-free conditional sampler, the NTK-motion part
+    on trained networks, total = their sum (independent ensembles, errors in quadrature).  THEORY.md's protocol on
+    the total and on each part: a = 0 and c1 = prediction within 3 standard errors; and for the total the
+    residual r(n) = m(n) - c1_theory/n is resolved (> 2 stderr) at >= 3 widths, its log-log slope is significant
+    (> 3 of its stderrs from 0) and within 3 stderrs of -2."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    b = _benchmark()
+    x_test = b.X_TEST[1:]
+    net, eta, _ = b.setup("tanh", x_test=x_test)
+    pred = trained_mean_first_order(net, b.X_TRAIN, b.Y_TRAIN, x_test, learning_rate=eta, motion=True, tol=1e-5)
+    c1_theory = np.stack([pred.frozen[:, 0], pred.motion[:, 0], pred.total[:, 0]])
+    means, ses, info = b.measure_split("tanh", SPLIT_WIDTHS, SPLIT_FROZEN, SPLIT_MOTION, seed=3, x_test=x_test,
+                                       log=lambda s: print(s))
+    assert all(i["max_final_loss"] < 1e-4 for i in info)
+    res = b.analyse(SPLIT_WIDTHS, means, ses, c1_theory)
+    for k, r in res.items():
+        print(f"  {k}: c1 {r['c1']:+.4f} +- {r['c1_stderr']:.4f} theory {r['c1_theory']:+.4f} pull {r['pull']:+.2f} "
+              f"a/se {r['a'] / r['a_stderr']:+.2f} | residual/se {np.round(r['residual_sigmas'], 1).tolist()} "
+              f"slope {r['residual_slope']} +- {r['residual_slope_stderr']}")
+        assert abs(r["a"]) < 3 * r["a_stderr"], (k, r["a"], r["a_stderr"])
+        assert abs(r["pull"]) < 3, (k, r["c1"], r["c1_stderr"], r["c1_theory"])
+    r = res["total x0"]                       # x0 here is the benchmark's second test input
+    resolved = np.abs(np.array(r["residual_sigmas"])) > 2
+    assert resolved.sum() >= 3, r["residual_sigmas"]
+    slope, se = r["residual_slope"], r["residual_slope_stderr"]
+    assert abs(slope) > 3 * se and abs(slope + 2) < 3 * se, (slope, se)
+    # the first-order correction is what removes the 1/n part: without it the total falls like 1/n, not 1/n^2
+    assert abs(r["c1_theory"]) > 3 * r["c1_stderr"]
