@@ -282,8 +282,12 @@ def _moments_kd(act, sig, dsig, K, sets, patterns, tol):
 # smooth sigma: "eigen block + conditional last member" factors and the nested kernel
 
 
-def _rules_for_scales(s, tol: float = TOL):
-    """Vectorised :func:`rule_for_scale`: (kind, n) arrays, kind 0 = Gauss-Hermite, 1 = trapezoid."""
+def _rules_for_scales(s, tol: float = TOL, fine: bool = False):
+    """Vectorised :func:`rule_for_scale`: (kind, n) arrays, kind 0 = Gauss-Hermite, 1 = trapezoid.
+
+    ``fine``: any n up to 8 Gauss-Hermite nodes and any even number of trapezoid nodes from 16
+    to 256 (the smallest that meets the same error model), instead of the ladders.  Used for
+    the widest direction of a set, whose node count costs no compiled shape."""
     s = np.asarray(s, dtype=np.float64)
     shape = s.shape
     s = s.reshape(-1)
@@ -296,15 +300,21 @@ def _rules_for_scales(s, tol: float = TOL):
     logtol = math.log(tol) - _MARGIN
     dgh = 0.75 * D0
     gh = np.zeros(u.size, dtype=np.int64)
-    for m in reversed(_GH_LADDER):  # the smallest n that reaches tol wins
+    for m in reversed(range(1, _GH_LADDER[-1] + 1) if fine else _GH_LADDER):  # the smallest n wins
         gh = np.where(math.lgamma(m + 1) + 2 * m * np.log(u / dgh) <= logtol, m, gh)
     dgrid = np.linspace(0.0, 1.0, 201)[1:-1][None, :] * np.minimum(D0 / u, 40.0)[:, None]
     pole = _POLE_ORDER * np.log(np.maximum(D0 - u[:, None] * dgrid, 1e-300))
     trap = np.zeros(u.size, dtype=np.int64)
-    for m in reversed(_TRAP_LADDER):
-        h = 2 * TAIL / m
-        log_err = -(2 * np.pi * dgrid / h - dgrid**2 / 2) - pole
-        trap = np.where(np.min(log_err, axis=1) <= math.log(tol) + 1.0, m, trap)
+    if fine:
+        # -(2 pi d m / (2 T) - d^2/2) - pole(d) <= log(tol) + 1 for some d of the grid
+        need = np.min(TAIL * (dgrid**2 / 2 - pole - math.log(tol) - 1.0) / (np.pi * dgrid), axis=1)
+        m = 2 * np.ceil(np.maximum(need, _TRAP_LADDER[0]) / 2).astype(np.int64)
+        trap = np.where(m <= _TRAP_LADDER[-1], m, 0)
+    else:
+        for m in reversed(_TRAP_LADDER):
+            h = 2 * TAIL / m
+            log_err = -(2 * np.pi * dgrid / h - dgrid**2 / 2) - pole
+            trap = np.where(np.min(log_err, axis=1) <= math.log(tol) + 1.0, m, trap)
     use_gh = (gh > 0) & ((trap == 0) | (gh <= trap))
     trap = np.where(trap == 0, _TRAP_LADDER[-1], trap)
     kind[pos] = np.where(use_gh, 0, 1)[inv]
@@ -346,6 +356,7 @@ def _conditional_factor(S, tol):
         cvec = np.take_along_axis(cvec, order, axis=1)
         scale = np.take_along_axis(scale, order, axis=1)
         kind, n = _rules_for_scales(np.concatenate([scale, np.sqrt(sig2)[:, None]], 1), tol)
+        kind[:, 0], n[:, 0] = _rules_for_scales(scale[:, 0], tol, fine=True)
         G = np.prod(n.astype(np.float64), axis=1)
         cost = G + (k - 1) * G / n[:, -1]
         L = np.zeros((C, k, k))
@@ -389,13 +400,14 @@ def _power(cache, s, d, key):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _nested_moments(sig, pattern_key, nchunks, L, X, W, xk, wk):
-    """vals[s, c, p] for factors L (nb, b, k, k) in which only member k-1 sees direction k-1.
+def _nested_moments(sig, pattern_key, nchunks, L, steps, X, W, xk, wk):
+    """vals[s, c, p] for factors L (cap, b, k, k) in which only member k-1 sees direction k-1,
+    for the first ``steps`` (a traced count: one compiled kernel serves every call) sub-batches.
 
     X (k-1, M), W (M): the outer grid (M divisible by ``nchunks``); xk, wk (nk,): the rule of the
     last direction.  The last member's factors are summed over xk first (conditional moments,
     one per exponent pair it carries), then every pattern over the outer grid.  Sub-batches
-    (leading axis of L) and outer-grid chunks are visited in a loop so that the working set of
+    (leading axis of L) and outer-grid chunks are visited in loops so that the working set of
     one step (b * M / nchunks * nk nodes) stays in cache.
     """
     k = L.shape[2]
@@ -410,15 +422,15 @@ def _nested_moments(sig, pattern_key, nchunks, L, X, W, xk, wk):
         def chunk(acc, xw):
             Xc, Wc = xw
             zo = jnp.einsum("cij,jm->icm", Lo, Xc)  # (k-1, b, m)
-            zl = jnp.einsum("cj,jm->cm", c, Xc)[:, :, None] + sd[:, None, None] * xk  # (b, m, nk)
+            zl = jnp.einsum("cj,jm->cm", c, Xc)[None] + sd[None, :, None] * xk[:, None, None]  # (nk, b, m)
             sl, dl = jax.jvp(sig, (zl,), (jnp.ones_like(zl),))
             h = {}
             for e0, e1 in last:
-                f = jnp.broadcast_to(wk, zl.shape)
+                f = jnp.broadcast_to(wk[:, None, None], zl.shape)
                 for base, e in ((sl, e0), (dl, e1)):
                     for _ in range(e):
                         f = f * base
-                h[(e0, e1)] = jnp.sum(f, axis=-1)
+                h[(e0, e1)] = jnp.sum(f, axis=0)
             so, do = jax.jvp(sig, (zo,), (jnp.ones_like(zo),))
             cache = {}
             out = []
@@ -435,9 +447,8 @@ def _nested_moments(sig, pattern_key, nchunks, L, X, W, xk, wk):
             return chunk(acc, (Xs[0], Ws[0]))[0]
         return jax.lax.scan(chunk, acc, (Xs, Ws))[0]
 
-    if L.shape[0] == 1:
-        return one_batch(L[0])[None]
-    return jax.lax.map(one_batch, L)
+    out = jnp.zeros(L.shape[:2] + (len(pattern_key),), X.dtype)
+    return jax.lax.fori_loop(0, steps, lambda i, o: o.at[i].set(one_batch(L[i])), out)
 
 
 @functools.lru_cache(maxsize=64)
@@ -458,30 +469,31 @@ def _is_symmetric(fn) -> bool:
 
 
 @functools.lru_cache(maxsize=256)
-def _outer_grid(rules: tuple, half: bool):
-    """Tensor grid of the outer 1-d rules: X (k-1, Mp), W (Mp) padded with zero weights.
+def _first_rule(rule: tuple, half: bool):
+    """The 1-d rule of the widest direction; ``half``: only its nodes x >= 0, those at x > 0 at
+    twice their weight (exact for integrands invariant under w -> -w: the rules are symmetric)."""
+    x, w = _rule(rule)
+    if half and x.size > 1:
+        keep = x >= 0
+        x, w = x[keep], np.where(x[keep] > 0, 2.0, 1.0) * w[keep]
+    return x, w
 
-    ``half``: keep only the nodes with x_1 > 0 (x_1 = 0 at full weight), doubling their weight:
-    exact for integrands invariant under w -> -w (the 1-d rules are symmetric)."""
-    xs, ws = [list(a) for a in zip(*(_rule(r) for r in rules))]
-    if half and xs[0].size > 1:
-        x0, w0 = xs[0], ws[0]
-        keep = x0 >= 0
-        xs[0] = x0[keep]
-        ws[0] = np.where(x0[keep] > 0, 2.0, 1.0) * w0[keep]
-    X = np.stack(np.meshgrid(*xs, indexing="ij"), 0).reshape(len(rules), -1)
-    W = functools.reduce(np.multiply.outer, ws).reshape(-1)
-    Mp = _pad_size(W.size)
-    X = np.concatenate([X, np.zeros((len(rules), Mp - W.size))], 1)
-    return X, np.concatenate([W, np.zeros(Mp - W.size)])
+
+@functools.lru_cache(maxsize=256)
+def _rest_grid(rules: tuple):
+    """[1; tensor grid of the directions after the first] (k-1, Mp), W (Mp), padded with zero
+    weights: the leading row of ones carries each item's first-direction node (see
+    :func:`_smooth_sets`)."""
+    if rules:
+        X, W = _grid(rules)
+    else:
+        X, W = np.zeros((0, 1)), np.ones(1)
+    return np.concatenate([np.ones((1, W.size)), X], 0), W
 
 
 _CHUNK = 1 << 16    # nodes per loop step of the nested kernel (working set in cache)
 _CALL = 1 << 22     # nodes per call of the nested kernel
-
-
-def _pow2_ceil(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
+_ITEMS = 1 << 14    # items per call
 
 
 def _pow2_floor(n: int) -> int:
@@ -489,44 +501,66 @@ def _pow2_floor(n: int) -> int:
 
 
 def _smooth_sets(sig, S, patterns, tol):
-    """(C, P) pattern moments of smooth sigma over sets with covariances S (C, k, k)."""
+    """(C, P) pattern moments of smooth sigma over sets with covariances S (C, k, k).
+
+    Work items: one set at one node x1 of its widest direction, z = L'[:, 0] + L'[:, 1:] w' with
+    L'[:, 0] = L[:, 0] x1.  Sets that share the rules of the other directions share a kernel,
+    whatever their widest direction, and the compiled shapes depend on those rules only.
+    """
     C, k, _ = S.shape
     perm, L, kind, n = _conditional_factor(S, tol)
     key = tuple(tuple(tuple(int(v) for v in row) for row in pat) for pat in patterns)
     half = _is_symmetric(sig)
     P = len(patterns)
-    raw = np.empty((C, P))
-    codes = np.concatenate([kind, n], 1)
-    uniq, inv = np.unique(codes, axis=0, return_inverse=True)
+    names = np.where(kind == 0, 0, 1) * 1000 + n  # (C, k) rule codes
+    uniq, inv = np.unique(names[:, 1:], axis=0, return_inverse=True)
     inv = inv.reshape(-1)
-    pending = []
+    decode = lambda c: ("gh" if c < 1000 else "trap", int(c % 1000))  # noqa: E731
+    owners, weights, pending = [], [], []
     for g, row in enumerate(uniq):
         members = np.nonzero(inv == g)[0]
-        rules = tuple(("gh" if kd == 0 else "trap", int(nn)) for kd, nn in zip(row[:k], row[k:]))
-        X, W = _outer_grid(rules[:-1], half)
+        rules = tuple(decode(c) for c in row)
+        X, W = _rest_grid(rules[:-1])
         xk, wk = _rule(rules[-1])
-        M, nk = W.size, xk.size
-        per_set = M * nk
-        if per_set > _CHUNK:
+        per_item = W.size * xk.size
+        if per_item > _CHUNK:
             b, nchunks = 1, 1
-            while per_set // nchunks > _CHUNK and (M // nchunks) % 2 == 0:
+            while per_item // nchunks > _CHUNK and (W.size // nchunks) % 2 == 0:
                 nchunks *= 2
         else:
-            nchunks = 1
-            b = _pow2_floor(_CHUNK // per_set)  # fixed per grid: fewer compiled shapes
-        nb = min(_pow2_floor(max(1, _CALL // (b * per_set))), _pow2_ceil(-(-len(members) // b)))
-        per_call = nb * b
+            b, nchunks = min(_pow2_floor(_CHUNK // per_item), 1024), 1
+        cap = max(1, min(_pow2_floor(max(1, _CALL // (b * per_item))), _ITEMS // b))
+        # items of the group: every member at every node of its widest direction
+        Ls, ws, own = [], [], []
+        first = names[members, 0]
+        for c1 in np.unique(first):
+            sub = members[first == c1]
+            x1, w1 = _first_rule(decode(c1), half)
+            Li = np.repeat(L[sub], x1.size, axis=0)
+            Li[:, :, 0] *= np.tile(x1, sub.size)[:, None]
+            Ls.append(Li)
+            ws.append(np.tile(w1, sub.size))
+            own.append(np.repeat(sub, x1.size))
+        Li, wi, oi = np.concatenate(Ls), np.concatenate(ws), np.concatenate(own)
         Xj, Wj, xkj, wkj = (jnp.asarray(a) for a in (X, W, xk, wk))
-        Lm = L[members]
-        for start in range(0, len(members), per_call):
-            Lb = Lm[start:start + per_call]
+        per_call = cap * b
+        for start in range(0, Li.shape[0], per_call):
+            Lb = Li[start:start + per_call]
             cnt = Lb.shape[0]
             if cnt < per_call:
                 Lb = np.concatenate([Lb, np.zeros((per_call - cnt, k, k))])
-            res = _nested_moments(sig, key, nchunks, jnp.asarray(Lb.reshape(nb, b, k, k)), Xj, Wj, xkj, wkj)
-            pending.append((members[start:start + cnt], res))
-    for idx, res in pending:  # dispatch everything first: the calls may overlap
-        raw[idx] = np.asarray(res).reshape(-1, P)[:len(idx)]
+            steps = -(-cnt // b)
+            res = _nested_moments(sig, key, nchunks, jnp.asarray(Lb.reshape(cap, b, k, k)), np.int32(steps),
+                                  Xj, Wj, xkj, wkj)
+            pending.append((cnt, res))
+        owners.append(oi)
+        weights.append(wi)
+    vals = np.concatenate([np.asarray(res).reshape(-1, P)[:cnt] for cnt, res in pending])
+    own, w = np.concatenate(owners), np.concatenate(weights)
+    order = np.argsort(own, kind="stable")
+    own, vals = own[order], vals[order] * w[order, None]
+    starts = np.nonzero(np.r_[True, own[1:] != own[:-1]])[0]
+    raw = np.add.reduceat(vals, starts, axis=0)  # every set owns at least one item
     maps = _perm_maps(k)[perm[:, -1]]  # (C, P)
     return np.take_along_axis(raw, maps, axis=1)
 
