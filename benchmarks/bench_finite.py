@@ -1,9 +1,13 @@
 """Time of the first-order finite-width tensors (all of G1, V, H1, A, B, D, F) against N and depth.
 
-    python benchmarks/bench_finite.py [--small] [--full] [--no-peers] [--json PATH]
+    python benchmarks/bench_finite.py [--small] [--full] [--ns N ...] [--depths L ...]
+                                      [--acts tanh relu] [--relu-max-n N] [--no-peers] [--json PATH]
 
-Reports cold (with JAX compilation) and warm times for tanh and relu MLPs; --full adds N = 16 at
-depth 10 (the issue's target size).  Prints the scaling exponent in N fitted from the warm times.
+Reports cold (with JAX compilation) and warm times for tanh and relu MLPs on N random inputs
+(normal, 4 dimensions); --full adds N = 16 (the issue's target size), and --ns 32 --depths 10
+--acts tanh the second target.  relu (kinked: isotropic 32^4 / 96^3 rules, ~100x the work of
+tanh per set) runs only up to N = --relu-max-n (default 4).  Prints the scaling exponent in N
+fitted from the warm times, and per depth the warm time per layer.
 No peer computes these tensors (neural-tangents has no finite-width corrections): timings only;
 --no-peers is accepted for benchmarks/run_all.py's uniform command line.
 """
@@ -38,6 +42,8 @@ def main(argv=None):
     ap.add_argument("--no-peers", action="store_true", help="accepted and ignored (no peer exists)")
     ap.add_argument("--ns", type=int, nargs="+", help="override the numbers of inputs N")
     ap.add_argument("--depths", type=int, nargs="+", help="override the depths")
+    ap.add_argument("--acts", nargs="+", default=["tanh", "relu"], choices=["tanh", "relu"], help="activations")
+    ap.add_argument("--relu-max-n", type=int, default=4, help="largest N for relu")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     mach, load0, t0 = machine(), loadavg(), time.perf_counter()
@@ -45,26 +51,34 @@ def main(argv=None):
     depths = (3,) if args.small else (3, 10)
     Ns, depths = tuple(args.ns or Ns), tuple(args.depths or depths)
     rows = []
-    rng = np.random.default_rng(0)
     for act, C_W in (("tanh", 1.0), ("relu", 2.0)):
+        if act not in args.acts:
+            continue
         for L in depths:
             for N in Ns:
-                x = rng.normal(size=(N, 4))
+                if act == "relu" and N > max(args.relu_max_n, 2 if args.small else 0):
+                    continue
+                x = np.random.default_rng(N).normal(size=(N, 4))  # the same inputs for every depth and run
                 net = et.MLP(L, 64, act, C_W=C_W)
                 _, cold = timed(lambda: et.finite_width(net, x))
                 _, warm = timed(lambda: et.finite_width(net, x))
                 rows.append(dict(activation=act, depth=L, N=N, cold_s=cold, warm_s=warm))
                 print(f"{act:5s} depth {L:2d} N {N:2d}: cold {cold:7.2f} s  warm {warm:7.2f} s", flush=True)
-    for act in ("tanh", "relu"):
+    for act in args.acts:
         for L in depths:
             pts = [(r["N"], r["warm_s"]) for r in rows if r["activation"] == act and r["depth"] == L and r["N"] > 1]
             if len(pts) >= 2:
                 slope = np.polyfit(np.log([p[0] for p in pts]), np.log([p[1] for p in pts]), 1)[0]
                 print(f"{act} depth {L}: warm time ~ N^{slope:.2f}")
+        for N in Ns:
+            pts = [(r["depth"], r["warm_s"]) for r in rows if r["activation"] == act and r["N"] == N]
+            if len(pts) >= 2:
+                (l0, t0), (l1, t1) = min(pts), max(pts)
+                print(f"{act} N {N}: warm time per added layer {(t1 - t0) / (l1 - l0):.3f} s (depth {l0} -> {l1})")
     load1 = loadavg()
     summary = [summary_row("bench_finite", f"all first-order tensors, {r['activation']}, depth {r['depth']}, "
                            f"N = {r['N']}", r["warm_s"], note=f"cold {r['cold_s']:.2f} s (with compilation)")
-               for r in rows if r["N"] == max(x["N"] for x in rows)]
+               for r in rows if r["N"] == max(x["N"] for x in rows if x["activation"] == r["activation"])]
     loaded = under_load(load0, load1)
     if loaded:
         print(f"timings taken under load (1-min load average {load0:.1f} -> {load1:.1f})")

@@ -181,14 +181,27 @@ def _grid(rules: tuple) -> tuple[np.ndarray, np.ndarray]:
     return X, np.concatenate([W, np.zeros(Gp - W.size)])
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _grid_moments(sig, pattern_key, L, X, W):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _grid_moments(sig, pattern_key, nchunks, L, X, W):
     """vals[c, p] = sum_g W_g prod_i sigma(z_cig)^e_pi0 sigma'(z_cig)^e_pi1,  z_c = L_c X.
 
     L (b, k, k) per-set factors, X (k, G) and W (G,) one grid shared by the batch (an argument,
     so every grid of the same padded size shares one compiled kernel); ``pattern_key`` the static
     pattern table (P, k, 2) as nested tuples.
     """
+    k = L.shape[1]
+    m = X.shape[1] // nchunks
+    Xs = X.reshape(k, nchunks, m).transpose(1, 0, 2)
+    Ws = W.reshape(nchunks, m)
+
+    def chunk(acc, xw):  # the nodes chunk by chunk: the working set stays in cache
+        return acc + _grid_chunk(sig, pattern_key, L, *xw), None
+
+    acc = jnp.zeros((L.shape[0], len(pattern_key)), X.dtype)
+    return jax.lax.scan(chunk, acc, (Xs, Ws))[0]
+
+
+def _grid_chunk(sig, pattern_key, L, X, W):
     k = L.shape[1]
     z = jnp.einsum("cij,jg->cig", L, X)  # (b, k, G)
     s, d = jax.jvp(sig, (z,), (jnp.ones_like(z),))  # sigma and sigma' in one pass
@@ -229,13 +242,16 @@ def _eval_sets(sig, patterns, Ls, rules):
         Xj, Wj = jnp.asarray(X), jnp.asarray(W)
         batch = 1 << max(0, min(8, (_GRID_BUDGET // W.size).bit_length() - 1))
         batch = min(batch, 1 << max(0, (len(members) - 1).bit_length()))  # no all-padding batches
+        nchunks = 1
+        while batch * W.size // nchunks > _CHUNK and (W.size // nchunks) % 2 == 0:
+            nchunks *= 2
         Lm = Ls[members]
         for start in range(0, len(members), batch):
             Lb = Lm[start:start + batch]
             n = Lb.shape[0]
             if n < batch:
                 Lb = np.concatenate([Lb, np.zeros((batch - n, k, k))])
-            out[members[start:start + n]] = np.asarray(_grid_moments(sig, key, jnp.asarray(Lb), Xj, Wj))[:n]
+            out[members[start:start + n]] = np.asarray(_grid_moments(sig, key, nchunks, jnp.asarray(Lb), Xj, Wj))[:n]
     return out
 
 

@@ -118,3 +118,44 @@ def test_rule_choice():
     # smaller scale never needs more nodes
     sizes = [products.rule_for_scale(s)[1] for s in (2.0, 1.0, 0.5, 0.1, 0.01)]
     assert sizes == sorted(sizes, reverse=True)
+
+
+def test_vectorised_rule_choice_matches_the_scalar_one():
+    """The batched rule choice used per set is rule_for_scale, entry by entry; the finer rule of a
+    set's widest direction never needs more nodes and still meets the trapezoid error model."""
+    s = np.concatenate([np.random.default_rng(4).exponential(1.0, 400), [0.0, 1e-12, 0.05, 1.0, 5.0, 50.0]])
+    for tol in (1e-5, 1e-9, 1e-12):
+        kind, n = products._rules_for_scales(s, tol)
+        for si, ki, ni in zip(s, kind, n):
+            assert products.rule_for_scale(si, tol) == (("gh", "trap")[ki], ni)
+        kf, nf = products._rules_for_scales(s, tol, fine=True)
+        assert np.all(nf <= n)
+        for si, ki, ni in zip(s, kf, nf):
+            if ki == 1 and ni < products._TRAP_LADDER[-1]:
+                d = np.linspace(0.0, 1.0, 201)[1:-1] * min(products.D0 / si, 40.0)
+                h = 2 * products.TAIL / ni
+                err = -(2 * np.pi * d / h - d**2 / 2) - products._POLE_ORDER * np.log(products.D0 - si * d)
+                assert np.min(err) <= np.log(tol) + 1.0 + 1e-9
+
+
+def test_duplicates_in_four_input_sets_and_reproducibility():
+    """A set holding an input twice is the smaller set (no NaN from the singular covariance), and
+    repeated calls give the same bits."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(5, 3))
+    x[3] = x[0]           # identical inputs
+    x[4] = -0.7 * x[1]    # collinear inputs
+    K = x @ x.T / 3 + 0.05
+    act = et.get_activation("tanh")
+    first = products.source_moments(act, K)
+    again = products.source_moments(act, K)
+    for a, b in zip(first, again):
+        assert np.all(np.isfinite(a))
+        np.testing.assert_array_equal(a, b)
+    Mss, Mds, Mdd = first
+    # {0, 1, 2, 3} with 3 == 0 is the three-input set {0, 1, 2}
+    assert abs(Mss[0, 1, 2, 3] - Mss[0, 0, 1, 2]) < 2e-9
+    assert abs(Mds[0, 3, 1, 2] - Mds[0, 0, 1, 2]) < 2e-9
+    assert abs(Mdd[0, 1, 2, 3] - Mdd[0, 0, 1, 2]) < 2e-9
+    ref = _cholesky_rule(np.tanh, lambda z: 1 / np.cosh(z) ** 2, K, (1, 4, 2, 4), (1, 1, 0, 0), 96)
+    assert abs(Mds[1, 4, 2, 4] - ref) < 2e-9 * max(1.0, abs(ref)), (Mds[1, 4, 2, 4], ref)
