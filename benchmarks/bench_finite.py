@@ -8,7 +8,13 @@ Reports cold (with JAX compilation) and warm times for tanh and relu MLPs on N r
 --acts tanh the second target.  relu (kinked: isotropic 32^4 / 96^3 rules, ~100x the work of
 tanh per set) runs only up to N = --relu-max-n (default 4).  Prints the scaling exponent in N
 fitted from the warm times, and per depth the warm time per layer.
-No peer computes these tensors (neural-tangents has no finite-width corrections): timings only;
+No peer computes these tensors (neural-tangents has no finite-width corrections); the comparison
+is with sampling.  For every row with N <= --sampling-max-n (default 4) it samples M = --sampling-networks
+networks of width 64 (efftheory.empirical.sample_ensemble, float64, statistic four_point), times them, and
+extrapolates (standard error ~ 1/sqrt(M)) how many networks, and how much time, it takes for the standard
+error of every entry of V_hat in the last hidden layer to reach 1% of max |V| (and the theory's tol, 1e-9): the ratio
+printed is that sampling time over the theory's warm time.  It is a lower bound on the cost of measuring
+V: V_hat at one width also carries an O(1/n) bias, which only a width sweep removes.
 --no-peers is accepted for benchmarks/run_all.py's uniform command line.
 """
 
@@ -27,6 +33,28 @@ import numpy as np  # noqa: E402
 from _common import loadavg, machine, summary_row, under_load  # noqa: E402
 
 import efftheory as et  # noqa: E402
+from efftheory import empirical  # noqa: E402
+
+SAMPLING_WIDTH = 64
+PRECISIONS = (1e-2, 1e-9)   # relative standard error of V_hat (last hidden layer) to reach: 1% and the theory's tol
+
+
+def sampling_cost(net, x, fw, n_networks: int):
+    """Time to sample ``n_networks`` networks and the networks/time needed per relative precision of V."""
+    sample = lambda: empirical.sample_ensemble(net, x, n_networks, seed=0, statistics=("four_point",),  # noqa: E731
+                                               progress=False)
+    sample()                                                           # compile
+    ens, t = timed(sample)
+    # the last hidden layer (the output layer has one neuron: no cross-neuron pairs to estimate V from)
+    se = np.asarray(empirical.four_point(ens).stderr)[-2]
+    scale = float(np.max(np.abs(np.asarray(fw.V)[-2])))
+    worst = float(np.nanmax(se))
+    out = {"networks": n_networks, "time_s": t, "V_scale": scale, "stderr_max": worst}
+    for eps in PRECISIONS:
+        need = n_networks * (worst / (eps * scale)) ** 2
+        out[f"networks_for_{eps:g}"] = need
+        out[f"time_for_{eps:g}_s"] = t * need / n_networks
+    return out
 
 
 def timed(fn):
@@ -44,6 +72,8 @@ def main(argv=None):
     ap.add_argument("--depths", type=int, nargs="+", help="override the depths")
     ap.add_argument("--acts", nargs="+", default=["tanh", "relu"], choices=["tanh", "relu"], help="activations")
     ap.add_argument("--relu-max-n", type=int, default=4, help="largest N for relu")
+    ap.add_argument("--sampling-max-n", type=int, default=4, help="largest N compared with sampling")
+    ap.add_argument("--sampling-networks", type=int, default=None, help="networks sampled (default 2000; 200 --small)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     mach, load0, t0 = machine(), loadavg(), time.perf_counter()
@@ -61,9 +91,19 @@ def main(argv=None):
                 x = np.random.default_rng(N).normal(size=(N, 4))  # the same inputs for every depth and run
                 net = et.MLP(L, 64, act, C_W=C_W)
                 _, cold = timed(lambda: et.finite_width(net, x))
-                _, warm = timed(lambda: et.finite_width(net, x))
-                rows.append(dict(activation=act, depth=L, N=N, cold_s=cold, warm_s=warm))
+                fw, warm = timed(lambda: et.finite_width(net, x))
+                row = dict(activation=act, depth=L, N=N, cold_s=cold, warm_s=warm)
                 print(f"{act:5s} depth {L:2d} N {N:2d}: cold {cold:7.2f} s  warm {warm:7.2f} s", flush=True)
+                if N <= args.sampling_max_n:
+                    M = args.sampling_networks or (200 if args.small else 2000)
+                    c = sampling_cost(net.with_width(SAMPLING_WIDTH), x, fw, M)
+                    row["sampling"] = c
+                    print(f"      sampling {M} networks (width {SAMPLING_WIDTH}): {c['time_s']:.2f} s, largest "
+                          f"standard error of V_hat (last hidden layer) {c['stderr_max'] / c['V_scale']:.2%} of max|V|; "
+                          + "; ".join(f"to {eps:g}: {c[f'networks_for_{eps:g}']:.2g} networks, "
+                                      f"{c[f'time_for_{eps:g}_s']:.2g} s = {c[f'time_for_{eps:g}_s'] / warm:.2g}x "
+                                      "the theory" for eps in PRECISIONS), flush=True)
+                rows.append(row)
     for act in args.acts:
         for L in depths:
             pts = [(r["N"], r["warm_s"]) for r in rows if r["activation"] == act and r["depth"] == L and r["N"] > 1]
@@ -77,7 +117,10 @@ def main(argv=None):
                 print(f"{act} N {N}: warm time per added layer {(t1 - t0) / (l1 - l0):.3f} s (depth {l0} -> {l1})")
     load1 = loadavg()
     summary = [summary_row("bench_finite", f"all first-order tensors, {r['activation']}, depth {r['depth']}, "
-                           f"N = {r['N']}", r["warm_s"], note=f"cold {r['cold_s']:.2f} s (with compilation)")
+                           f"N = {r['N']}", r["warm_s"], note=f"cold {r['cold_s']:.2f} s (with compilation)"
+                           + (f"; sampling width-64 networks to a 1% standard error on V: "
+                              f"{r['sampling']['time_for_0.01_s']:.3g} s "
+                              f"({r['sampling']['time_for_0.01_s'] / r['warm_s']:.3g}x)" if "sampling" in r else ""))
                for r in rows if r["N"] == max(x["N"] for x in rows if x["activation"] == r["activation"])]
     loaded = under_load(load0, load1)
     if loaded:
