@@ -93,6 +93,32 @@ class Activation:
         """
         return _is_homogeneous(self.fn)
 
+    @property
+    def symmetric(self) -> bool:
+        """True when sigma is odd or even (tanh, erf, sin, abs, ...).
+
+        Checked numerically once per activation; every source pattern of the finite-width integrals
+        (an even number of sigma factors, and of sigma' factors) is then invariant under z -> -z, so
+        the rules of :mod:`efftheory.products` need only half of a symmetric grid.
+        """
+        return _has_parity(self.fn)
+
+
+@functools.lru_cache(maxsize=256)
+def _has_parity(fn) -> bool:
+    import numpy as np
+
+    z = np.random.default_rng(1).normal(size=64) * 4.0
+    try:
+        a = np.asarray(fn(jnp.asarray(z)), dtype=np.float64)
+        b = np.asarray(fn(jnp.asarray(-z)), dtype=np.float64)
+    except Exception:  # noqa: BLE001 - treat an unusual callable as having no parity
+        return False
+    if a.shape != z.shape or not np.all(np.isfinite(a)) or not np.all(np.isfinite(b)):
+        return False
+    scale = 1e-14 * np.maximum(1.0, np.abs(a))
+    return bool(np.all(np.abs(a + b) <= scale) or np.all(np.abs(a - b) <= scale))
+
 
 @functools.lru_cache(maxsize=256)
 def _is_homogeneous(fn) -> bool:

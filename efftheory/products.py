@@ -123,34 +123,10 @@ def _trap_rule(n: int):
 
 def rule_for_scale(s: float, tol: float = TOL):
     """The cheapest 1-d rule ('gh', n) or ('trap', n) for a direction of scale s (see module
-    docstring); s = 0 gives ('gh', 1), a single node at the mean."""
-    s = float(s)
-    if s <= 0.0:
-        return ("gh", 1)
-    logtol = math.log(tol) - _MARGIN
-    gh = None
-    dgh = 0.75 * D0
-    for n in _GH_LADDER:
-        if math.lgamma(n + 1) + 2 * n * math.log(s / dgh) <= logtol:
-            gh = n
-            break
-    # trapezoid with step h: the integrand f(w) exp(-w^2/2) is analytic in |Im w| < d0/s, the
-    # Gaussian grows like exp(d^2/2) on |Im w| = d and f like (d0 - s d)^(-p) near a pole of
-    # order p (p = 8: four sigma' = sech^2 factors sharing a direction), so the error is at most
-    # min_d exp(-(2 pi d/h - d^2/2)) (d0 - s d)^(-p).
-    trap = None
-    dgrid = np.linspace(0.0, 1.0, 201)[1:-1] * min(D0 / s, 40.0)
-    for m in _TRAP_LADDER:
-        h = 2 * TAIL / m
-        log_err = -(2 * np.pi * dgrid / h - dgrid**2 / 2) - _POLE_ORDER * np.log(np.maximum(D0 - s * dgrid, 1e-300))
-        if np.min(log_err) <= math.log(tol) + 1.0:
-            trap = m
-            break
-    if gh is not None and (trap is None or gh <= trap):
-        return ("gh", gh)
-    if trap is None:
-        trap = _TRAP_LADDER[-1]
-    return ("trap", trap)
+    docstring); s = 0 gives ('gh', 1), a single node at the mean.  One entry of
+    :func:`_rules_for_scales`, which states the error models."""
+    kind, n = _rules_for_scales(np.array([float(s)]), tol)
+    return ("gh", "trap")[int(kind[0])], int(n[0])
 
 
 def _rule(r):
@@ -277,7 +253,7 @@ def _moments_kd(act, sig, dsig, K, sets, patterns, tol):
     C, k = sets.shape
     S = K[sets[:, :, None], sets[:, None, :]]
     if act.smooth:
-        return _smooth_sets(sig, S, patterns, tol)
+        return _smooth_sets(sig, S, patterns, tol, half=act.symmetric)
     L, scale = _eigen_factor(S)
     n = _KINKED_ORDER[k]
     rules = [(("kink", n),) * k] * C
@@ -299,9 +275,16 @@ def _moments_kd(act, sig, dsig, K, sets, patterns, tol):
 
 
 def _rules_for_scales(s, tol: float = TOL, fine: bool = False):
-    """Vectorised :func:`rule_for_scale`: (kind, n) arrays, kind 0 = Gauss-Hermite, 1 = trapezoid.
+    """The cheapest 1-d rule per direction scale s (any shape): (kind, n) arrays, kind 0 =
+    Gauss-Hermite, 1 = trapezoid; s <= 0 gives one Gauss-Hermite node at the mean.
 
-    ``fine``: any n up to 8 Gauss-Hermite nodes and any even number of trapezoid nodes from 16
+    Gauss-Hermite with n nodes: n! (s / d_GH)^{2n} <= tol e^-8 (Cauchy bound, d_GH = 0.75 d0).
+    Trapezoid with step h: the integrand f(w) exp(-w^2/2) is analytic in |Im w| < d0/s, the
+    Gaussian grows like exp(d^2/2) on |Im w| = d and f like (d0 - s d)^(-p) near a pole of order
+    p (p = 8: four sigma' = sech^2 factors sharing a direction), so the error is at most
+    min_d exp(-(2 pi d/h - d^2/2)) (d0 - s d)^(-p) <= e tol.  The cheaper rule wins (ties: GH).
+
+    ``fine: any n up to 8 Gauss-Hermite nodes and any even number of trapezoid nodes from 16
     to 256 (the smallest that meets the same error model), instead of the ladders.  Used for
     the widest direction of a set, whose node count costs no compiled shape."""
     s = np.asarray(s, dtype=np.float64)
@@ -467,23 +450,6 @@ def _nested_moments(sig, pattern_key, nchunks, L, steps, X, W, xk, wk):
     return jax.lax.fori_loop(0, steps, lambda i, o: o.at[i].set(one_batch(L[i])), out)
 
 
-@functools.lru_cache(maxsize=64)
-def _is_symmetric(fn) -> bool:
-    """True when sigma is odd or even (checked numerically, as activations' homogeneity): then
-    every source pattern (an even number of sigma factors, and of sigma' factors) is invariant
-    under z -> -z and the rules need only half of a symmetric grid."""
-    z = np.random.default_rng(1).normal(size=64) * 4.0
-    try:
-        a = np.asarray(fn(jnp.asarray(z)), dtype=np.float64)
-        b = np.asarray(fn(jnp.asarray(-z)), dtype=np.float64)
-    except Exception:  # noqa: BLE001 - treat an unusual callable as asymmetric
-        return False
-    if a.shape != z.shape or not np.all(np.isfinite(a)) or not np.all(np.isfinite(b)):
-        return False
-    scale = 1e-14 * np.maximum(1.0, np.abs(a))
-    return bool(np.all(np.abs(a + b) <= scale) or np.all(np.abs(a - b) <= scale))
-
-
 @functools.lru_cache(maxsize=256)
 def _first_rule(rule: tuple, half: bool):
     """The 1-d rule of the widest direction; ``half``: only its nodes x >= 0, those at x > 0 at
@@ -516,17 +482,18 @@ def _pow2_floor(n: int) -> int:
     return 1 << max(0, int(n).bit_length() - 1)
 
 
-def _smooth_sets(sig, S, patterns, tol):
+def _smooth_sets(sig, S, patterns, tol, half: bool):
     """(C, P) pattern moments of smooth sigma over sets with covariances S (C, k, k).
 
     Work items: one set at one node x1 of its widest direction, z = L'[:, 0] + L'[:, 1:] w' with
     L'[:, 0] = L[:, 0] x1.  Sets that share the rules of the other directions share a kernel,
     whatever their widest direction, and the compiled shapes depend on those rules only.
+    ``half``: sigma is odd or even (:attr:`efftheory.Activation.symmetric`), so the widest
+    direction needs only its nodes x >= 0 (:func:`_first_rule`).
     """
     C, k, _ = S.shape
     perm, L, kind, n = _conditional_factor(S, tol)
     key = tuple(tuple(tuple(int(v) for v in row) for row in pat) for pat in patterns)
-    half = _is_symmetric(sig)
     P = len(patterns)
     names = np.where(kind == 0, 0, 1) * 1000 + n  # (C, k) rule codes
     uniq, inv = np.unique(names[:, 1:], axis=0, return_inverse=True)

@@ -3,6 +3,7 @@ closed forms from the characteristic function (sin), Isserlis' theorem (linear),
 numpy tensor rule in Cholesky coordinates (tanh, gelu)."""
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -120,13 +121,33 @@ def test_rule_choice():
     assert sizes == sorted(sizes, reverse=True)
 
 
+def _reference_rule(s, tol):
+    """The error models of the products module docstring, one scale at a time with plain loops
+    over the node ladders (an independent statement of the rule choice)."""
+    if s <= 0.0:
+        return ("gh", 1)
+    logtol = math.log(tol) - products._MARGIN
+    gh = next((n for n in products._GH_LADDER
+               if math.lgamma(n + 1) + 2 * n * math.log(s / (0.75 * products.D0)) <= logtol), None)
+    d = np.linspace(0.0, 1.0, 201)[1:-1] * min(products.D0 / s, 40.0)
+    pole = products._POLE_ORDER * np.log(np.maximum(products.D0 - s * d, 1e-300))
+    trap = next((m for m in products._TRAP_LADDER
+                 if np.min(-(2 * np.pi * d * m / (2 * products.TAIL) - d**2 / 2) - pole) <= math.log(tol) + 1.0),
+                None)
+    if gh is not None and (trap is None or gh <= trap):
+        return ("gh", gh)
+    return ("trap", products._TRAP_LADDER[-1] if trap is None else trap)
+
+
 def test_vectorised_rule_choice_matches_the_scalar_one():
-    """The batched rule choice used per set is rule_for_scale, entry by entry; the finer rule of a
-    set's widest direction never needs more nodes and still meets the trapezoid error model."""
+    """The batched rule choice used per set is the error model's, entry by entry (against a loop
+    reference); the finer rule of a set's widest direction never needs more nodes and still meets
+    the trapezoid error model."""
     s = np.concatenate([np.random.default_rng(4).exponential(1.0, 400), [0.0, 1e-12, 0.05, 1.0, 5.0, 50.0]])
     for tol in (1e-5, 1e-9, 1e-12):
         kind, n = products._rules_for_scales(s, tol)
         for si, ki, ni in zip(s, kind, n):
+            assert _reference_rule(si, tol) == (("gh", "trap")[ki], ni)
             assert products.rule_for_scale(si, tol) == (("gh", "trap")[ki], ni)
         kf, nf = products._rules_for_scales(s, tol, fine=True)
         assert np.all(nf <= n)
@@ -159,3 +180,13 @@ def test_duplicates_in_four_input_sets_and_reproducibility():
     assert abs(Mdd[0, 1, 2, 3] - Mdd[0, 0, 1, 2]) < 2e-9
     ref = _cholesky_rule(np.tanh, lambda z: 1 / np.cosh(z) ** 2, K, (1, 4, 2, 4), (1, 1, 0, 0), 96)
     assert abs(Mds[1, 4, 2, 4] - ref) < 2e-9 * max(1.0, abs(ref)), (Mds[1, 4, 2, 4], ref)
+
+
+def test_parity_of_activations():
+    """Activation.symmetric (odd or even sigma) decides the half grids of the smooth rules."""
+    odd_or_even = {"tanh": True, "erf": True, "sin": True, "abs": True, "linear": True,
+                   "gelu": False, "softplus": False, "sigmoid": False, "relu": False, "silu": False}
+    for name, expected in odd_or_even.items():
+        assert et.get_activation(name).symmetric is expected, name
+    assert et.get_activation(lambda z: z**3 - z).symmetric
+    assert not et.get_activation(lambda z: z**3 + 0.1).symmetric
