@@ -38,7 +38,7 @@ import numpy as np
 
 import efftheory as et
 from efftheory import predict
-from efftheory.empirical import train
+from efftheory.empirical import frozen_ntk_estimator, train, trained_mean_estimators
 from efftheory.empirical.tangent import _sigma_prime
 from efftheory.predict_finite import trained_mean_first_order
 
@@ -61,18 +61,6 @@ def setup(activation: str, width: int = 16, x_test=X_TEST):
     return net, eta, Pi
 
 
-def estimators(tr, Pi):
-    """(M, 3, N_T): frozen, motion, total per network (module docstring)."""
-    d = tr.n_train
-    H = tr.ntk_start[:, 0, 0]
-    G = np.einsum("mxd,mde->mxe", H[:, d:, :d], np.linalg.inv(H[:, :d, :d]))
-    y = tr.y_train[:, 0]
-    z0D, z0x, zT = tr.f_train[:, 0, :, 0], tr.f_test[:, 0, :, 0], tr.f_test[:, -1, :, 0]
-    frozen = G @ y - Pi @ y
-    motion = zT - (z0x + np.einsum("mxd,md->mx", G, y[None] - z0D))
-    return np.stack([frozen, motion, frozen + motion], axis=1)
-
-
 def measure(activation: str, widths=WIDTHS, networks=NETWORKS, steps=STEPS, seed=0, log=print):
     """Per width: mean and standard error over networks of the three estimators, (W, 3, N_T) each."""
     net, eta, Pi = setup(activation)
@@ -83,7 +71,7 @@ def measure(activation: str, widths=WIDTHS, networks=NETWORKS, steps=STEPS, seed
                    key=jax.random.fold_in(jax.random.PRNGKey(seed), n), progress=False)
         worst = float(np.max(tr.final_loss))
         assert worst < 1e-4, f"not converged: largest final loss {worst:.3g}"
-        e = estimators(tr, Pi)
+        e = trained_mean_estimators(tr, Pi)
         means.append(e.mean(0))
         ses.append(e.std(0, ddof=1) / math.sqrt(M))
         secs.append(time.time() - t0)
@@ -206,12 +194,6 @@ def conditional_ntk(net, x, n_networks: int, key, chunk: int = 4000):
     return np.concatenate(Hs), np.concatenate(zs)
 
 
-def frozen_from_ntk(H, Pi, n_train=3, y=Y_TRAIN):
-    """(M, N_T): H_xD H_DD^{-1} y - Pi y per network."""
-    d = n_train
-    return np.einsum("mxd,md->mx", H[:, d:, :d], np.linalg.solve(H[:, :d, :d], np.broadcast_to(y, (len(H), d))[..., None])[..., 0]) - Pi @ y
-
-
 def measure_split(activation: str, widths=SPLIT_WIDTHS, frozen_networks=SPLIT_FROZEN, motion_networks=SPLIT_MOTION,
                   steps=STEPS, seed=0, log=print, x_test=X_TEST):
     """Per width: mean and stderr of frozen (untrained ensemble), motion (trained ensemble) and total = frozen +
@@ -222,11 +204,11 @@ def measure_split(activation: str, widths=SPLIT_WIDTHS, frozen_networks=SPLIT_FR
     for n, Mf, Mm in zip(widths, frozen_networks, motion_networks):
         t0 = time.time()
         H, _ = conditional_ntk(net.with_width(n), x_all, Mf, jax.random.fold_in(jax.random.PRNGKey(seed + 1000), n))
-        fr = frozen_from_ntk(H, Pi)
+        fr = frozen_ntk_estimator(H, Pi, Y_TRAIN)
         t1 = time.time()
         tr = train(net.with_width(n), X_TRAIN, Y_TRAIN, x_test, steps=steps, learning_rate=eta, n_networks=Mm,
                    key=jax.random.fold_in(jax.random.PRNGKey(seed), n), progress=False)
-        mo = estimators(tr, Pi)[:, 1]
+        mo = trained_mean_estimators(tr, Pi)[:, 1]
         t2 = time.time()
         loss = tr.final_loss
         m = np.stack([fr.mean(0), mo.mean(0)])

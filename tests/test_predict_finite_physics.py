@@ -3,8 +3,9 @@
 * Last-layer training: kernel regression with sampled random features (numpy, exact per sample) at
   n = 8..64 against the frozen-NTK parts m_H1 + m_AB (the dNTK vanishes identically there).
 * Full training, one ensemble (gelu): depth-3 networks trained to convergence at n = 16..128
-  (benchmarks/trained_first_order.py has the estimators and a bigger sweep on two test inputs): the 1/n coefficients of the
-  frozen part, the NTK-motion part and the total mean against m_H1 + m_AB, m_dNTK + m_ddNTK and their sum.
+  (estimators: efftheory.empirical.trained_parts; a bigger sweep on two test inputs:
+  benchmarks/trained_first_order.py): the 1/n coefficients of the frozen part, the NTK-motion part and
+  the total mean against m_H1 + m_AB, m_dNTK + m_ddNTK and their sum.
 * Split ensembles (tanh, issue #6): the frozen part on many untrained networks drawn by a weight-free exact
   sampler (checked here against networks with weights), the motion part on trained ones; c1 of every part
   and the 1/n^2 fall of the total's residual after the first-order correction.  This supersedes the
@@ -20,6 +21,7 @@ import pytest
 
 import efftheory as et
 from efftheory import predict
+from efftheory.empirical import frozen_ntk_estimator, trained_mean_estimators
 from efftheory.predict_finite import trained_mean_first_order
 
 pytestmark = pytest.mark.physics
@@ -75,19 +77,6 @@ STEPS = 300
 PARTS = ("frozen", "motion", "total")
 
 
-def _estimators(tr, Pi):
-    """Per network: frozen = H_xD H_DD^-1 y - Pi y, motion = z_T(x) - [z_0(x) + H_xD H_DD^-1 (y - z_0(D))], total.
-    Unbiased for (m_H1 + m_AB)/n, (m_dNTK + m_ddNTK)/n and E[z_T] - Pi y (the dropped z_0 terms are odd
-    under the sign flip of the last layer)."""
-    d = tr.n_train
-    H = tr.ntk_start[:, 0, 0]
-    G = np.einsum("mxd,mde->mxe", H[:, d:, :d], np.linalg.inv(H[:, :d, :d]))
-    y = tr.y_train[:, 0]
-    frozen = G @ y - Pi @ y
-    motion = tr.f_test[:, -1, :, 0] - (tr.f_test[:, 0, :, 0] + np.einsum("mxd,md->mx", G, y[None] - tr.f_train[:, 0, :, 0]))
-    return np.stack([frozen, motion, frozen + motion], axis=1)
-
-
 def _fit(values, stderrs, free_a=True):
     X = np.stack([np.ones(len(WIDTHS)), 1.0 / WIDTHS, 1.0 / WIDTHS ** 2], 1)[:, (0 if free_a else 1):]
     w = 1 / stderrs ** 2
@@ -114,7 +103,7 @@ def sweep(request):
         tr = train(net.with_width(int(n)), X_TRAIN, Y_TRAIN, X_TEST, steps=STEPS, learning_rate=eta, n_networks=M,
                    key=jax.random.fold_in(jax.random.PRNGKey(7), int(n)), progress=False)
         assert np.max(tr.final_loss) < 1e-4 and np.median(tr.final_loss) < 1e-20
-        e = _estimators(tr, Pi)
+        e = trained_mean_estimators(tr, Pi)
         means.append(e.mean(0))
         ses.append(e.std(0, ddof=1) / math.sqrt(M))
     means, ses = np.array(means), np.array(ses)
@@ -180,7 +169,7 @@ def test_conditional_ntk_sampler_matches_weight_based_networks():
         return np.concatenate([h, (h[:, :, None] * h[:, None, :]).reshape(M, -1),
                                (z[:, :, None] * z[:, None, :]).reshape(M, -1),
                                (z[:, :, None] * z[:, None, :1] * h[:, None, :]).reshape(M, -1),
-                               b.frozen_from_ntk(H, Pi)], 1)
+                               frozen_ntk_estimator(H, Pi, b.Y_TRAIN)], 1)
 
     M = 12000
     for act, n in (("tanh", 4), ("gelu", 8)):

@@ -7,6 +7,7 @@
 * :mod:`.statistics` estimators with standard errors over networks: metric, four_point, ntk_mean, ...
 * :mod:`.sweep`      width_sweep_fit, agrees: the a + c1/n + c2/n^2 protocol
 * :mod:`.training`   train: full-batch gradient descent on ensembles (learning-rate tensor, NTK at start and end)
+* :mod:`.trained_parts` trained_mean_estimators: per-network frozen-NTK / NTK-motion parts of the trained mean
 * :mod:`.dntk`       network_dntk, dntk_estimates: the dNTK and ddNTK of finite networks (jvp/vjp), P..U estimates
 """
 
@@ -32,6 +33,7 @@ from .statistics import (
 )
 from .sweep import WidthFit, agrees, residual_scaling, width_sweep_fit
 from .training import Training, default_train_chunk, train
+from .trained_parts import frozen_ntk_estimator, trained_mean_estimators
 
 __all__ = [
     "CacheMismatchError",
@@ -53,6 +55,7 @@ __all__ = [
     "default_chunk",
     "default_train_chunk",
     "fourth_moment_ratio",
+    "frozen_ntk_estimator",
     "four_point",
     "four_point_same_neuron",
     "init_params",
@@ -70,5 +73,6 @@ __all__ = [
     "sample",
     "sample_ensemble",
     "train",
+    "trained_mean_estimators",
     "width_sweep_fit",
 ]
