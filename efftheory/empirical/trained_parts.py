@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import _validate
+from .training import Training
+
 __all__ = ["frozen_ntk_estimator", "trained_mean_estimators"]
 
 
@@ -27,11 +30,9 @@ def _gain(H, n_train: int) -> np.ndarray:
 
 
 def _check_pi(Pi, n_test: int, n_train: int) -> np.ndarray:
-    Pi = np.asarray(Pi, dtype=np.float64)
+    Pi = _validate.real_array("Pi", Pi)
     if Pi.shape != (n_test, n_train):
         raise ValueError(f"Pi: expected shape (N_test, N_train) = ({n_test}, {n_train}), got {Pi.shape}")
-    if not np.all(np.isfinite(Pi)):
-        raise ValueError("Pi: contains NaN or infinite entries")
     return Pi
 
 
@@ -43,8 +44,8 @@ def frozen_ntk_estimator(H, Pi, y) -> np.ndarray:
       Pi: (N_T, N_D) the infinite-width gain Theta_xD Theta_DD^{-1}.
       y: (N_D,) that component's targets.
     """
-    H = np.asarray(H, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
+    H = _validate.real_array("H", H)
+    y = _validate.real_array("y", y)
     if H.ndim != 3 or H.shape[1] != H.shape[2]:
         raise ValueError(f"H: expected shape (M, N, N), got {H.shape}")
     if y.ndim != 1 or not 0 < y.size < H.shape[1]:
@@ -63,6 +64,8 @@ def trained_mean_estimators(training, Pi, *, component: int = 0) -> np.ndarray:
         :func:`efftheory.predict.train_test_kernels`).
       component: the output component i (its NTK H_ii and targets y_i).
     """
+    if not isinstance(training, Training):
+        raise TypeError(f"training: expected an efftheory.empirical.Training (from train), got {type(training).__name__}")
     k = training.y_train.shape[1]
     if not isinstance(component, (int, np.integer)) or not 0 <= component < k:
         raise ValueError(f"component: expected an int in [0, {k}), got {component!r}")
