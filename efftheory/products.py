@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.special import roots_hermitenorm
 
+from ._sharding import shard_map
 from .gaussian import derivative, normal_rule
 from .hermite import _polar_monomials, _trapezoid_monomials, whiten2
 
@@ -117,27 +118,67 @@ def _gh_rule(n: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _trap_rule(n: int):
-    return normal_rule(n, tail=TAIL)
+def _trap_rule(n: int, tail: float = TAIL):
+    return normal_rule(n, tail=tail)
 
 
-def rule_for_scale(s: float, tol: float = TOL):
+def rule_for_scale(s: float, tol: float = TOL, tail: float = TAIL):
     """The cheapest 1-d rule ('gh', n) or ('trap', n) for a direction of scale s (see module
     docstring); s = 0 gives ('gh', 1), a single node at the mean.  One entry of
     :func:`_rules_for_scales`, which states the error models."""
-    kind, n = _rules_for_scales(np.array([float(s)]), tol)
+    kind, n = _rules_for_scales(np.array([float(s)]), tol, tail=tail)
     return ("gh", "trap")[int(kind[0])], int(n[0])
 
 
 def _rule(r):
-    kind, n = r
+    """Nodes and weights of a rule ("gh", n), ("trap", n[, tail]) or ("kink", n)."""
+    kind, n = r[0], r[1]
     if kind == "kink":
         return normal_rule(n, tail=_KINKED_TAIL)
-    return _gh_rule(n) if kind == "gh" else _trap_rule(n)
+    return _gh_rule(n) if kind == "gh" else _trap_rule(n, *r[2:])
+
+
+_TAIL_MIN = 5.0
+
+
+def _tail_for(sig, S, tol: float) -> float:
+    """Half-width T <= TAIL of the trapezoid directions for the sets with covariances S (C, k, k).
+
+    Cutting each of the k directions at |w| = T drops Gaussian mass at most 2 phi(T) / T per
+    direction (Mills' ratio), times the largest |integrand|, a product of four sigma or sigma'.
+    That is bounded by g^4, g = max(|sigma|, |sigma'|) over |z| <= 2 sqrt(k max_i S_ii) TAIL
+    (twice the largest |z| any grid of half-width TAIL reaches; sigma evaluated there).  T is the
+    smallest multiple of 0.05 in [5, TAIL] with 2 k phi(T) / T g^4 <= tol / e; bounded sigma
+    (tanh: g = 1) at tol = 1e-9 gets T = 6.55, a growing one (gelu at K ~ 1) about TAIL."""
+    C, k, _ = S.shape
+    if C == 0:
+        return TAIL
+    R = 2.0 * TAIL * math.sqrt(k * max(float(np.max(np.diagonal(S, axis1=1, axis2=2))), 0.0))
+    z = jnp.linspace(-R, R, 4001)
+    s, d = jax.jvp(sig, (z,), (jnp.ones_like(z),))
+    g = float(jnp.max(jnp.maximum(jnp.abs(s), jnp.abs(d))))
+    if not math.isfinite(g):
+        return TAIL
+    logg = 4.0 * math.log(max(g, 1e-300))
+    for T in np.arange(_TAIL_MIN, TAIL + 1e-9, 0.05):
+        T = float(T)
+        if math.log(2 * k) - T * T / 2 - 0.5 * math.log(2 * math.pi) - math.log(T) + logg <= math.log(tol) - 1.0:
+            return round(T, 2)
+    return TAIL
 
 
 # ---------------------------------------------------------------------------------------------
 # the grid kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _device_mesh():
+    """A 1-d mesh ("d",) over the local devices of JAX's default backend: the nested kernel runs
+    one shard of every call on each (on a CPU the devices are the cores :mod:`efftheory` asks JAX
+    for at import, ``jax_num_cpu_devices``).  One compiled program serves all devices, and every
+    item is computed by the same code whichever device holds it, so results do not depend on the
+    device count."""
+    return jax.sharding.Mesh(np.array(jax.local_devices()), ("d",))
 
 
 def _pad_size(n: int) -> int:
@@ -210,6 +251,7 @@ def _eval_sets(sig, patterns, Ls, rules):
     key = tuple(tuple(tuple(int(v) for v in row) for row in pat) for pat in patterns)
     out = np.empty((C, len(patterns)))
     groups: dict = {}
+    pending = []
     for c, row in enumerate(rules):
         groups.setdefault(tuple(row), []).append(c)
     for row, members in groups.items():
@@ -227,7 +269,9 @@ def _eval_sets(sig, patterns, Ls, rules):
             n = Lb.shape[0]
             if n < batch:
                 Lb = np.concatenate([Lb, np.zeros((batch - n, k, k))])
-            out[members[start:start + n]] = np.asarray(_grid_moments(sig, key, nchunks, jnp.asarray(Lb), Xj, Wj))[:n]
+            pending.append((members[start:start + n], _grid_moments(sig, key, nchunks, jnp.asarray(Lb), Xj, Wj)))
+    for rows, res in pending:
+        out[rows] = np.asarray(res)[:len(rows)]
     return out
 
 
@@ -274,7 +318,7 @@ def _moments_kd(act, sig, dsig, K, sets, patterns, tol):
 # smooth sigma: "eigen block + conditional last member" factors and the nested kernel
 
 
-def _rules_for_scales(s, tol: float = TOL, fine: bool = False):
+def _rules_for_scales(s, tol: float = TOL, fine: bool = False, tail: float = TAIL):
     """The cheapest 1-d rule per direction scale s (any shape): (kind, n) arrays, kind 0 =
     Gauss-Hermite, 1 = trapezoid; s <= 0 gives one Gauss-Hermite node at the mean.
 
@@ -284,7 +328,8 @@ def _rules_for_scales(s, tol: float = TOL, fine: bool = False):
     p (p = 8: four sigma' = sech^2 factors sharing a direction), so the error is at most
     min_d exp(-(2 pi d/h - d^2/2)) (d0 - s d)^(-p) <= e tol.  The cheaper rule wins (ties: GH).
 
-    ``fine: any n up to 8 Gauss-Hermite nodes and any even number of trapezoid nodes from 16
+    ``tail``: the half-width T of the trapezoid rules (nodes on [-T, T]; :func:`_tail_for`).
+    ``fine``: any n up to 8 Gauss-Hermite nodes and any even number of trapezoid nodes from 16
     to 256 (the smallest that meets the same error model), instead of the ladders.  Used for
     the widest direction of a set, whose node count costs no compiled shape."""
     s = np.asarray(s, dtype=np.float64)
@@ -303,17 +348,16 @@ def _rules_for_scales(s, tol: float = TOL, fine: bool = False):
         gh = np.where(math.lgamma(m + 1) + 2 * m * np.log(u / dgh) <= logtol, m, gh)
     dgrid = np.linspace(0.0, 1.0, 201)[1:-1][None, :] * np.minimum(D0 / u, 40.0)[:, None]
     pole = _POLE_ORDER * np.log(np.maximum(D0 - u[:, None] * dgrid, 1e-300))
-    trap = np.zeros(u.size, dtype=np.int64)
+    # m nodes (h = 2T/m) meet the model iff -(2 pi d m / (2T) - d^2/2) - pole(d) <= log(tol) + 1
+    # for some d of the grid, i.e. iff m >= need = min_d T (d^2/2 - pole(d) - log(tol) - 1) / (pi d)
+    need = np.min(tail * (dgrid**2 / 2 - pole - math.log(tol) - 1.0) / (np.pi * dgrid), axis=1)
     if fine:
-        # -(2 pi d m / (2 T) - d^2/2) - pole(d) <= log(tol) + 1 for some d of the grid
-        need = np.min(TAIL * (dgrid**2 / 2 - pole - math.log(tol) - 1.0) / (np.pi * dgrid), axis=1)
         m = 2 * np.ceil(np.maximum(need, _TRAP_LADDER[0]) / 2).astype(np.int64)
-        trap = np.where(m <= _TRAP_LADDER[-1], m, 0)
     else:
-        for m in reversed(_TRAP_LADDER):
-            h = 2 * TAIL / m
-            log_err = -(2 * np.pi * dgrid / h - dgrid**2 / 2) - pole
-            trap = np.where(np.min(log_err, axis=1) <= math.log(tol) + 1.0, m, trap)
+        ladder = np.array(_TRAP_LADDER)
+        m = ladder[np.minimum(np.searchsorted(ladder, need, side="left"), ladder.size - 1)]
+        m = np.where(need <= ladder[-1], m, ladder[-1] + 1)
+    trap = np.where(m <= _TRAP_LADDER[-1], m, 0)
     use_gh = (gh > 0) & ((trap == 0) | (gh <= trap))
     trap = np.where(trap == 0, _TRAP_LADDER[-1], trap)
     kind[pos] = np.where(use_gh, 0, 1)[inv]
@@ -321,7 +365,7 @@ def _rules_for_scales(s, tol: float = TOL, fine: bool = False):
     return kind.reshape(shape), n.reshape(shape)
 
 
-def _conditional_factor(S, tol):
+def _conditional_factor(S, tol, tail: float = TAIL):
     """Factors z = L w of the covariances S (C, k, k) in which only the last member depends on the
     last direction: members other than ``last`` in the eigenbasis of their block (widest direction
     first), the member ``last`` as their linear regression plus its conditional deviation.
@@ -354,8 +398,8 @@ def _conditional_factor(S, tol):
         La = np.take_along_axis(La, order[:, None, :], axis=2)
         cvec = np.take_along_axis(cvec, order, axis=1)
         scale = np.take_along_axis(scale, order, axis=1)
-        kind, n = _rules_for_scales(np.concatenate([scale, np.sqrt(sig2)[:, None]], 1), tol)
-        kind[:, 0], n[:, 0] = _rules_for_scales(scale[:, 0], tol, fine=True)
+        kind, n = _rules_for_scales(np.concatenate([scale, np.sqrt(sig2)[:, None]], 1), tol, tail=tail)
+        kind[:, 0], n[:, 0] = _rules_for_scales(scale[:, 0], tol, fine=True, tail=tail)
         G = np.prod(n.astype(np.float64), axis=1)
         cost = G + (k - 1) * G / n[:, -1]
         L = np.zeros((C, k, k))
@@ -398,7 +442,19 @@ def _power(cache, s, d, key):
     return cache[key]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+@functools.lru_cache(maxsize=None)
+def _nested_kernel(sig, pattern_key, nchunks, mesh):
+    """The jitted :func:`_nested_moments` with L (D * cap, b, k, k) and steps (D,) split over the D
+    devices of ``mesh``: device d computes its ``steps[d]`` sub-batches of its cap."""
+    spec = jax.sharding.PartitionSpec
+
+    def local(L, steps, X, W, xk, wk):
+        return _nested_moments(sig, pattern_key, nchunks, L, steps[0], X, W, xk, wk)
+
+    return jax.jit(shard_map(local, mesh=mesh, in_specs=(spec("d"), spec("d")) + (spec(),) * 4,
+                              out_specs=spec("d"), check=False))
+
+
 def _nested_moments(sig, pattern_key, nchunks, L, steps, X, W, xk, wk):
     """vals[s, c, p] for factors L (cap, b, k, k) in which only member k-1 sees direction k-1,
     for the first ``steps`` (a traced count: one compiled kernel serves every call) sub-batches.
@@ -492,14 +548,17 @@ def _smooth_sets(sig, S, patterns, tol, half: bool):
     direction needs only its nodes x >= 0 (:func:`_first_rule`).
     """
     C, k, _ = S.shape
-    perm, L, kind, n = _conditional_factor(S, tol)
+    tail = _tail_for(sig, S, tol)
+    perm, L, kind, n = _conditional_factor(S, tol, tail)
     key = tuple(tuple(tuple(int(v) for v in row) for row in pat) for pat in patterns)
     P = len(patterns)
     names = np.where(kind == 0, 0, 1) * 1000 + n  # (C, k) rule codes
     uniq, inv = np.unique(names[:, 1:], axis=0, return_inverse=True)
     inv = inv.reshape(-1)
-    decode = lambda c: ("gh" if c < 1000 else "trap", int(c % 1000))  # noqa: E731
+    decode = lambda c: ("gh", int(c)) if c < 1000 else ("trap", int(c % 1000), tail)  # noqa: E731
     owners, weights, pending = [], [], []
+    mesh = _device_mesh()
+    D = mesh.devices.size
     for g, row in enumerate(uniq):
         members = np.nonzero(inv == g)[0]
         rules = tuple(decode(c) for c in row)
@@ -525,20 +584,22 @@ def _smooth_sets(sig, S, patterns, tol, half: bool):
             ws.append(np.tile(w1, sub.size))
             own.append(np.repeat(sub, x1.size))
         Li, wi, oi = np.concatenate(Ls), np.concatenate(ws), np.concatenate(own)
-        Xj, Wj, xkj, wkj = (jnp.asarray(a) for a in (X, W, xk, wk))
-        per_call = cap * b
-        for start in range(0, Li.shape[0], per_call):
-            Lb = Li[start:start + per_call]
-            cnt = Lb.shape[0]
-            if cnt < per_call:
-                Lb = np.concatenate([Lb, np.zeros((per_call - cnt, k, k))])
-            steps = -(-cnt // b)
-            res = _nested_moments(sig, key, nchunks, jnp.asarray(Lb.reshape(cap, b, k, k)), np.int32(steps),
-                                  Xj, Wj, xkj, wkj)
-            pending.append((cnt, res))
+        per_dev = cap * b
+        kernel = _nested_kernel(sig, key, nchunks, mesh)
+        for start in range(0, Li.shape[0], D * per_dev):
+            items = Li[start:start + D * per_dev]
+            share = -(-items.shape[0] // D)  # items per device, the last call's split evenly
+            cnts = [max(0, min(share, items.shape[0] - d * share)) for d in range(D)]
+            Lb = np.zeros((D, per_dev, k, k))
+            for d in range(D):
+                Lb[d, :cnts[d]] = items[d * share:d * share + cnts[d]]
+            steps = np.array([-(-c // b) for c in cnts], dtype=np.int32)
+            res = kernel(Lb.reshape(D * cap, b, k, k), steps, X, W, xk, wk)
+            pending.append((cnts, per_dev, res))
         owners.append(oi)
         weights.append(wi)
-    vals = np.concatenate([np.asarray(res).reshape(-1, P)[:cnt] for cnt, res in pending])
+    vals = np.concatenate([np.asarray(res).reshape(D, per_dev, P)[d, :c]
+                           for cnts, per_dev, res in pending for d, c in enumerate(cnts)])
     own, w = np.concatenate(owners), np.concatenate(weights)
     order = np.argsort(own, kind="stable")
     own, vals = own[order], vals[order] * w[order, None]

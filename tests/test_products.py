@@ -190,3 +190,38 @@ def test_parity_of_activations():
         assert et.get_activation(name).symmetric is expected, name
     assert et.get_activation(lambda z: z**3 - z).symmetric
     assert not et.get_activation(lambda z: z**3 + 0.1).symmetric
+
+
+def test_trapezoid_tail_follows_tol_and_growth():
+    """The half-width T of the trapezoid rules (products._tail_for): bounded sigma at tol 1e-9
+    stops well inside the old |w| <= 8 and meets the truncation bound 2 k phi(T) / T <= tol / e;
+    tighter tol or a growing sigma (gelu) never gets a shorter range, and T never exceeds TAIL."""
+    S = np.full((3, 4, 4), 0.5) + 0.5 * np.eye(4)
+    tanh, gelu = et.get_activation("tanh").fn, et.get_activation("gelu").fn
+    T = products._tail_for(tanh, S, 1e-9)
+    assert 6.0 < T < products.TAIL
+    assert 2 * 4 * math.exp(-T * T / 2) / math.sqrt(2 * math.pi) / T <= 1e-9 / math.e
+    T0 = T - 0.05  # the next shorter range would not meet it
+    assert 2 * 4 * math.exp(-T0 * T0 / 2) / math.sqrt(2 * math.pi) / T0 > 1e-9 / math.e
+    tails = [products._tail_for(tanh, S, tol) for tol in (1e-5, 1e-7, 1e-9, 1e-12, 1e-16)]
+    assert tails == sorted(tails) and tails[-1] == products.TAIL
+    assert products._tail_for(gelu, S, 1e-9) >= T
+    assert products._tail_for(gelu, 3 * S, 1e-9) >= products._tail_for(gelu, S, 1e-9)
+
+
+@pytest.mark.parametrize("name", ["tanh", "softplus"])
+def test_wide_kernel_meets_tol(name):
+    """Inputs of large norm (variances up to 3, as in a first layer fed raw data): the default
+    tol = 1e-9 against a rule of tighter tol and the full |w| <= 8 range (tol 1e-13), and one
+    three-input entry against the plain Cholesky rule."""
+    rng = np.random.default_rng(16)
+    x = rng.normal(size=(5, 4))
+    K = x @ x.T / 4
+    K = 3.0 * K / K.diagonal().max()
+    act = et.get_activation(name)
+    fine = products.source_moments(act, K, tol=1e-13)
+    for a, b in zip(products.source_moments(act, K), fine):
+        assert np.max(np.abs(a - b)) < 1e-9
+    if name == "tanh":
+        ref = _cholesky_rule(np.tanh, lambda z: 1 / np.cosh(z) ** 2, K, (0, 0, 1, 2), (1, 1, 0, 0), 160)
+        assert abs(fine[1][0, 0, 1, 2] - ref) < 1e-10, (fine[1][0, 0, 1, 2], ref)

@@ -53,6 +53,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from .. import _validate
+from .._sharding import shard_map
 from .._pytree import result
 from ..network import MLP
 from . import cache as _cache
@@ -219,19 +220,10 @@ def _chunk_fn(net: MLP, statistics: tuple, method: str, dtype_name: str, chunk: 
         return run(base_key, start + i * jnp.uint32(chunk), x)
 
     P = PartitionSpec
-    sharded = _shard_map(block, mesh=mesh, in_specs=(P(), P(), P()), out_specs=P("networks"))
+    sharded = shard_map(block, mesh=mesh, in_specs=(P(), P(), P()), out_specs=P("networks"))
     rep = NamedSharding(mesh, P())
     return jax.jit(sharded, in_shardings=(rep, rep, rep), out_shardings=NamedSharding(mesh, P("networks")),
                    compiler_options=opts)
-
-
-def _shard_map(f, *, mesh, in_specs, out_specs):
-    """jax.shard_map (jax >= 0.6) or jax.experimental.shard_map.shard_map (older jax)."""
-    if hasattr(jax, "shard_map"):
-        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
-    from jax.experimental.shard_map import shard_map
-
-    return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
 
 
 def _to_host(a) -> np.ndarray:

@@ -58,7 +58,8 @@ from .. import _validate
 from .._pytree import result
 from ..network import MLP
 from . import cache as _cache
-from .ensemble import _shard_map, _to_host, network_mesh
+from .._sharding import shard_map
+from .ensemble import _to_host, network_mesh
 from .networks import _check_key, _init, check_dtype, check_net, check_x, forward, learning_rates
 from .tangent import backward_vectors, ntk_from_layers
 
@@ -260,15 +261,15 @@ def _fns(net: MLP, n0: int, dtype_name: str, chunk: int, mesh: Mesh | None = Non
         return init(base_key, start + i * jnp.uint32(chunk))
 
     def sharded_segment(params, x, y, eta, nsteps):
-        return _shard_map(functools.partial(segment, nsteps=nsteps), mesh=mesh,
+        return shard_map(functools.partial(segment, nsteps=nsteps), mesh=mesh,
                           in_specs=(P("networks"), P(), P(), P()), out_specs=P("networks"))(params, x, y, eta)
 
     def sharded_record(params, x_all, y, n_train, with_ntk):
         fn = functools.partial(record, n_train=n_train, with_ntk=with_ntk)
-        return _shard_map(fn, mesh=mesh, in_specs=(P("networks"), P(), P()), out_specs=P("networks"))(
+        return shard_map(fn, mesh=mesh, in_specs=(P("networks"), P(), P()), out_specs=P("networks"))(
             params, x_all, y)
 
-    sh_init = _shard_map(init_block, mesh=mesh, in_specs=(P(), P()), out_specs=P("networks"))
+    sh_init = shard_map(init_block, mesh=mesh, in_specs=(P(), P()), out_specs=P("networks"))
     return (jax.jit(sh_init, in_shardings=(rep, rep), out_shardings=split, compiler_options=opts),
             jax.jit(sharded_segment, static_argnums=4, in_shardings=(split, rep, rep, rep), out_shardings=split),
             jax.jit(sharded_record, static_argnums=(3, 4), in_shardings=(split, rep, rep), out_shardings=split))
