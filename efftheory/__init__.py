@@ -4,11 +4,14 @@ Theory runs in float64: importing efftheory turns on JAX's 64-bit mode (``jax_en
 The empirical module chooses its dtype explicitly (float32 or float64) per call.
 
 CPU cores: XLA runs one computation on one core, so a CPU machine computes in parallel only across
-JAX devices.  Importing efftheory therefore asks JAX for one CPU device per core available to the
-process (``jax_num_cpu_devices``), which the finite-width sources and the ensemble sampling and
-training spread their work over.  It does so only while JAX's backends are not yet initialised and
-the device count is not set already (``XLA_FLAGS=--xla_force_host_platform_device_count=...`` or
-``jax_num_cpu_devices``); set ``EFFTHEORY_CPU_DEVICES=n`` to choose n yourself (1: JAX's default).
+JAX devices, and JAX gives a CPU one device unless asked for more.  efftheory leaves that alone by
+default.  ``EFFTHEORY_CPU_DEVICES=n`` (or ``all``: one per core available to the process) asks JAX
+for n CPU devices at import (``jax_num_cpu_devices``; only while JAX's backends are not initialised
+and ``XLA_FLAGS`` does not set ``xla_force_host_platform_device_count`` already); the finite-width
+sources, ensemble sampling and training then spread their work over them (results identical to one
+device).  Not the default because XLA:CPU's multi-device runtime is fragile: in jax 0.10.2 a batched
+LAPACK call (``jnp.linalg.qr``, ``cholesky``, ``solve``) inside a program that runs on two CPU
+devices at once can deadlock (efftheory's own sharded code avoids LAPACK; user code may not).
 """
 
 import os as _os
@@ -19,16 +22,16 @@ _jax.config.update("jax_enable_x64", True)
 
 
 def _cpu_devices() -> int | None:
-    """The CPU device count efftheory asks for (None: leave JAX's setting alone)."""
-    env = _os.environ.get("EFFTHEORY_CPU_DEVICES", "").strip()
-    if env:
-        if not env.isdigit() or int(env) < 1:
-            raise ValueError(f"EFFTHEORY_CPU_DEVICES: expected a positive integer, got {env!r}")
-        return int(env)
+    """The CPU device count ``EFFTHEORY_CPU_DEVICES`` asks for (None: leave JAX's setting alone)."""
+    env = _os.environ.get("EFFTHEORY_CPU_DEVICES", "").strip().lower()
+    if not env:
+        return None
+    if env != "all" and (not env.isdigit() or int(env) < 1):
+        raise ValueError(f"EFFTHEORY_CPU_DEVICES: expected a positive integer or 'all', got {env!r}")
     if "xla_force_host_platform_device_count" in _os.environ.get("XLA_FLAGS", ""):
-        return None
-    if _jax.config.jax_num_cpu_devices != -1:
-        return None
+        return None  # the user's own XLA flag wins
+    if env != "all":
+        return int(env)
     try:
         return max(1, len(_os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux

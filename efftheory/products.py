@@ -24,6 +24,7 @@ Rules
   |Im w_j| < d0 / s_j.  Two error models, each with the margin e^8 of :func:`gaussian.nodes_for`:
 
       trapezoid, step h on [-T, T]:  min_d exp(-(2 pi d/h - d^2/2)) (d0 - s_j d)^(-8)
+                                     (T from tol and the growth of sigma: :func:`_tail_for`)
                                      (a pole of order 8: four sech^2 factors on one direction)
       Gauss-Hermite, n nodes:        n! (s_j / d_GH)^{2n},   d_GH = 0.75 d0         (Cauchy bound)
 
@@ -57,7 +58,7 @@ __all__ = ["source_moments", "SOURCE_KINDS", "rule_for_scale"]
 
 SOURCE_KINDS = {"ss": (0, 0, 0, 0), "ds": (1, 1, 0, 0), "dd": (1, 1, 1, 1)}
 D0 = np.pi / 2          # strip half-width of tanh in z: the nearest singularity of the built-ins
-TAIL = 8.0              # trapezoid directions span |w| <= 8 (mass beyond: 1.2e-15)
+TAIL = 8.0              # widest trapezoid range |w| <= 8 (mass beyond: 1.2e-15); _tail_for may cut it
 TOL = 1e-9              # default target accuracy of the 3- and 4-input rules
 _MARGIN = 8.0           # log-margin of the Gauss-Hermite bound (as gaussian.nodes_for)
 _POLE_ORDER = 8         # highest pole order of a product of four sigma' = sech^2 factors

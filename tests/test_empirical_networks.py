@@ -118,3 +118,26 @@ def test_bad_arguments_raise_value_error_naming_them(bad, match):
     p = E.init_params(net, jax.random.PRNGKey(0), 6)
     with pytest.raises(ValueError, match=match):
         bad(net, p)
+
+
+@pytest.mark.parametrize("dtype,rtol", [("float64", 1e-13), ("float32", 2e-6)])
+def test_householder_r_is_lapack_qr_r(dtype, rtol):
+    """The conditional sampler's LAPACK-free R factor: R equals LAPACK's (jnp.linalg.qr, same sign convention)
+    and R^T R = A^T A, for tall, wide and square A; rank-deficient A (repeated, opposite, zero columns) gives a
+    finite R with R^T R = A^T A (its rows beyond the rank are zero to rounding)."""
+    from efftheory.empirical.networks import householder_r
+
+    rng = np.random.default_rng(7)
+    for m, N in [(64, 16), (4, 16), (16, 16), (3, 5), (100, 1), (1, 4)]:
+        A = jnp.asarray(rng.normal(size=(m, N)), dtype)
+        R, R0 = np.asarray(householder_r(A), np.float64), np.asarray(jnp.linalg.qr(A, mode="r"), np.float64)
+        assert R.shape == R0.shape == (min(m, N), N)
+        np.testing.assert_allclose(R, R0, atol=rtol * np.abs(R0).max(), err_msg=f"{m}x{N}")
+    A = rng.normal(size=(20, 6))
+    A[:, 3], A[:, 4], A[:, 5] = A[:, 1], -2 * A[:, 1], 0.0
+    R = np.asarray(householder_r(jnp.asarray(A, dtype)), np.float64)
+    G = A.T @ A
+    assert np.all(np.isfinite(R))
+    np.testing.assert_allclose(R.T @ R, G, atol=10 * rtol * np.abs(G).max())
+    assert np.abs(R[4:]).max() <= 10 * rtol * np.abs(R).max()  # rank 4
+    np.testing.assert_array_equal(np.asarray(householder_r(jnp.zeros((5, 3), dtype))), 0.0)

@@ -176,12 +176,39 @@ def learning_rates(net: MLP, input_dim: int) -> tuple[dict, ...]:
     return tuple({"W": net.lambda_Ws[l] / sizes[l], "b": net.lambda_bs[l]} for l in range(net.depth))
 
 
+def householder_r(A) -> jax.Array:
+    """The triangular factor R (min(m, N), N) of the thin QR factorization A = Q R of A (m, N).
+
+    LAPACK's geqrf convention (reflector v with v_k = 1, R_kk = -sign(A_kk) |column|, no reflection
+    where the column below the diagonal is already zero), so R equals ``jnp.linalg.qr(A, mode="r")``
+    to rounding, and R^T R = A^T A for any rank (zero and repeated columns included).  Written with
+    plain array operations instead of a LAPACK call because a batched LAPACK call in a program that
+    runs on several CPU devices at once can deadlock XLA:CPU (jax 0.10.2; efftheory/__init__.py).
+    """
+    m, N = A.shape
+    rows = jnp.arange(m)
+
+    def reflect(k, A):
+        x = A[:, k]
+        alpha = x[k]
+        below = jnp.where(rows > k, x, 0)
+        sigma2 = jnp.sum(below * below)
+        trivial = sigma2 == 0
+        beta = -jnp.copysign(jnp.sqrt(alpha * alpha + sigma2), alpha)
+        v = (below / jnp.where(trivial, 1, alpha - beta)).at[k].set(1)
+        tau = jnp.where(trivial, 0, (beta - alpha) / jnp.where(trivial, 1, beta))
+        return A - jnp.outer(tau * v, v @ A)
+
+    r = min(m, N)
+    return jnp.triu(jax.lax.fori_loop(0, r, reflect, A)[:r])
+
+
 def conditional_forward(net: MLP, key, x, dtype) -> tuple[jax.Array, ...]:
     r"""Preactivations z^(1)..z^(L) at the N inputs drawn layer by layer from their exact conditional law.
 
     Given the layer inputs a_{l-1} (N, n_{l-1}), the rows z^(l)_i = b_i + W_i a_{l-1}^T are independent
     Gaussians with covariance C_b + (C_W/n_{l-1}) a_{l-1} a_{l-1}^T.  With the thin QR factorization
-    a_{l-1}^T = Q R, W Q has i.i.d. N(0, C_W/n_{l-1}) entries (Q has orthonormal columns), so
+    a_{l-1}^T = Q R (:func:`householder_r`), W Q has i.i.d. N(0, C_W/n_{l-1}) entries (Q has orthonormal columns), so
 
         z^(l) = b^(l) + sqrt(C_W/n_{l-1}) (xi R)^T,   xi ~ N(0, 1) of shape (n_l, min(N, n_{l-1})),
 
@@ -197,7 +224,7 @@ def conditional_forward(net: MLP, key, x, dtype) -> tuple[jax.Array, ...]:
     xis = _standard_normals(key, [((n_out, r), (n_out,)) for n_out, r in zip(net.widths, ranks)], dtype)
     zs = []
     for l, (xi, xb) in enumerate(xis):
-        R = jnp.linalg.qr(a.T, mode="r")
+        R = householder_r(a.T)
         z = jnp.sqrt(jnp.asarray(net.C_Ws[l] / sizes[l], dtype)) * (xi @ R).T \
             + jnp.sqrt(jnp.asarray(net.C_bs[l], dtype)) * xb
         zs.append(z)
