@@ -21,9 +21,9 @@ import json, sys
 import numpy as np
 import jax
 import efftheory as et
-x = np.random.default_rng(3).normal(size=(5, 3))
-x[4] = -0.5 * x[1]  # a collinear pair
-fw = et.finite_width(et.MLP(3, 64, "tanh", C_W=1.0), x)
+x = np.random.default_rng(3).normal(size=(4, 3))
+x[3] = -0.5 * x[1]  # a collinear pair
+fw = et.finite_width(et.MLP(2, 64, "tanh", C_W=1.0), x)
 np.savez(sys.argv[1], V=np.asarray(fw.V), F=np.asarray(fw.F), A=np.asarray(fw.A))
 print(json.dumps({"devices": len(jax.devices())}))
 """
@@ -76,7 +76,7 @@ def test_bad_device_count_is_named(tmp_path):
 
 SAMPLE = r"""
 import faulthandler, sys
-faulthandler.dump_traceback_later(240, exit=True)
+faulthandler.dump_traceback_later(120, exit=True)
 import numpy as np
 import jax
 import efftheory as et
@@ -84,11 +84,11 @@ from efftheory import empirical as em
 assert len(jax.devices()) == 2
 x = np.random.default_rng(2).normal(size=(16, 16))
 net = et.MLP(3, 64, "tanh", C_W=1.0)
-for _ in range(3):
-    e = em.sample_ensemble(net, x, 4000, 1, method="conditional", chunk=1000, dtype="float32", progress=False,
-                           statistics=("metric", "four_point"))
-one = em.sample_ensemble(net, x, 4000, 1, method="conditional", chunk=1000, dtype="float32", progress=False,
-                         statistics=("metric", "four_point"), devices=jax.devices()[:1])
+for _ in range(2):  # the LAPACK QR this replaced hung on the first or second call
+    e = em.sample_ensemble(net, x, 2000, 1, method="conditional", chunk=1000, dtype="float32", progress=False,
+                           statistics=("metric",))
+one = em.sample_ensemble(net, x, 2000, 1, method="conditional", chunk=1000, dtype="float32", progress=False,
+                         statistics=("metric",), devices=jax.devices()[:1])
 for k in e.stats:
     np.testing.assert_array_equal(np.asarray(e.stats[k]), np.asarray(one.stats[k]), err_msg=k)
 print("ok")
@@ -99,5 +99,5 @@ def test_conditional_sampling_on_two_cpu_devices_finishes(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("EFFTHEORY_CPU_DEVICES", "XLA_FLAGS")}
     env.update(JAX_PLATFORMS="cpu", EFFTHEORY_CPU_DEVICES="2",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", SAMPLE], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", SAMPLE], env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
