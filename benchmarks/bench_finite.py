@@ -16,6 +16,9 @@ error of every entry of V_hat in the last hidden layer to reach 1% of max |V| (a
 printed is that sampling time over the theory's warm time.  It is a lower bound on the cost of measuring
 V: V_hat at one width also carries an O(1/n) bias, which only a width sweep removes.
 --no-peers is accepted for benchmarks/run_all.py's uniform command line.
+Devices: one CPU device unless EFFTHEORY_CPU_DEVICES=n|all is set (efftheory/__init__.py); the header
+says how many ran.  "cold" is the first call of its shape in this process: rows after the first reuse
+kernels compiled for earlier rows, so only the first row's cold time is a fresh process's.
 """
 
 from __future__ import annotations
@@ -80,6 +83,9 @@ def main(argv=None):
     Ns = (1, 2) if args.small else (2, 4, 8) + ((16,) if args.full else ())
     depths = (3,) if args.small else (3, 10)
     Ns, depths = tuple(args.ns or Ns), tuple(args.depths or depths)
+    print(f"jax {mach['jax']} on {mach['backend']} ({mach['cpu']}, {mach['cores']} cores), "
+          f"{mach['devices']} JAX device(s) (EFFTHEORY_CPU_DEVICES={os.environ.get('EFFTHEORY_CPU_DEVICES', 'unset')})",
+          flush=True)
     rows = []
     for act, C_W in (("tanh", 1.0), ("relu", 2.0)):
         if act not in args.acts:
