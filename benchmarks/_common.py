@@ -83,6 +83,13 @@ def machine() -> dict:
     }
 
 
+def machine_line(mach: dict) -> str:
+    """One header line from :func:`machine`: jax version, backend, CPU, cores and JAX devices (on a CPU,
+    EFFTHEORY_CPU_DEVICES=n|all asks for more than one; efftheory/__init__.py)."""
+    return (f"jax {mach['jax']} on {mach['backend']} ({mach['cpu']}, {mach['cores']} cores), "
+            f"{mach['devices']} JAX device(s) (EFFTHEORY_CPU_DEVICES={os.environ.get('EFFTHEORY_CPU_DEVICES', 'unset')})")
+
+
 def under_load(*loads) -> bool:
     cores = os.cpu_count() or 1
     return any(v is not None and v > 0.5 * cores for v in loads)

@@ -34,7 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import efftheory  # noqa: E402
-from _common import interleaved, loadavg, machine, ratio, summary_row, under_load  # noqa: E402
+from _common import interleaved, loadavg, machine, machine_line, ratio, summary_row, under_load  # noqa: E402
 from efftheory import empirical as E  # noqa: E402
 
 
@@ -183,7 +183,7 @@ def main(argv=None) -> dict:
     reps = 3
     mach = machine()
     load0 = loadavg()
-    print(f"jax {jax.__version__} on {jax.default_backend()} ({mach['cpu']}), {os.cpu_count()} CPUs")
+    print(machine_line(mach))
 
     mm_n = 512 if small else 2048
     flops = {np.dtype(d).name: matmul_flops(mm_n, d, reps) for d in (jnp.float32, jnp.float64)}

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import numpy as np  # noqa: E402
-from _common import loadavg, machine, summary_row, under_load  # noqa: E402
+from _common import loadavg, machine, machine_line, summary_row, under_load  # noqa: E402
 
 import efftheory as et  # noqa: E402
 from efftheory import empirical  # noqa: E402
@@ -83,9 +83,7 @@ def main(argv=None):
     Ns = (1, 2) if args.small else (2, 4, 8) + ((16,) if args.full else ())
     depths = (3,) if args.small else (3, 10)
     Ns, depths = tuple(args.ns or Ns), tuple(args.depths or depths)
-    print(f"jax {mach['jax']} on {mach['backend']} ({mach['cpu']}, {mach['cores']} cores), "
-          f"{mach['devices']} JAX device(s) (EFFTHEORY_CPU_DEVICES={os.environ.get('EFFTHEORY_CPU_DEVICES', 'unset')})",
-          flush=True)
+    print(machine_line(mach), flush=True)
     rows = []
     for act, C_W in (("tanh", 1.0), ("relu", 2.0)):
         if act not in args.acts:

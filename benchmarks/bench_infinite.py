@@ -40,7 +40,7 @@ import efftheory  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import interleaved, loadavg, machine, ratio, summary_row, under_load  # noqa: E402
+from _common import interleaved, loadavg, machine, machine_line, ratio, summary_row, under_load  # noqa: E402
 
 from efftheory import gaussian, mehler  # noqa: E402
 
@@ -178,8 +178,8 @@ def main(argv=None):
     peer = None if ntm is None else f"neural-tangents {nt_version} kernel_fn"
     mach = machine()
     load0 = loadavg()
-    print(f"jax {mach['jax']} on {mach['backend']} ({mach['cpu']}, {mach['cores']} cores), "
-          f"efftheory {efftheory.__version__}, " + (peer or f"neural-tangents skipped ({nt_error})"))
+    print(machine_line(mach) + f", efftheory {efftheory.__version__}, "
+          + (peer or f"neural-tangents skipped ({nt_error})"))
     print(f"depth {DEPTH}, n_0 = {N0}, interleaved rounds, median of >= {max(3, args.repeats)}; "
           "speedup = NT time / our time")
     rows = []

@@ -29,12 +29,17 @@ print(json.dumps({"devices": len(jax.devices())}))
 """
 
 
-def _run(tmp, name, **env_extra):
+def _env(**env_extra):
+    """This process's environment without its device settings, CPU only, efftheory from this checkout."""
     env = {k: v for k, v in os.environ.items() if k not in ("EFFTHEORY_CPU_DEVICES", "XLA_FLAGS")}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env_extra)
+    return env
+
+
+def _run(tmp, name, **env_extra):
     out = tmp / f"{name}.npz"
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(out)], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(out)], env=_env(**env_extra), capture_output=True,
+                          text=True, timeout=600)
     return proc, out
 
 
@@ -96,8 +101,6 @@ print("ok")
 
 
 def test_conditional_sampling_on_two_cpu_devices_finishes(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("EFFTHEORY_CPU_DEVICES", "XLA_FLAGS")}
-    env.update(JAX_PLATFORMS="cpu", EFFTHEORY_CPU_DEVICES="2",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", SAMPLE], env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run([sys.executable, "-c", SAMPLE], env=_env(EFFTHEORY_CPU_DEVICES="2"), capture_output=True,
+                          text=True, timeout=180)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
