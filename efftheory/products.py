@@ -51,6 +51,7 @@ import numpy as np
 from scipy.special import roots_hermitenorm
 
 from ._sharding import shard_map
+from ._tables import build_tables, over_items, pattern_sums, table_spacing, tabled_kernel
 from .gaussian import derivative, normal_rule
 from .hermite import _polar_monomials, _trapezoid_monomials, whiten2
 
@@ -366,16 +367,19 @@ def _rules_for_scales(s, tol: float = TOL, fine: bool = False, tail: float = TAI
     return kind.reshape(shape), n.reshape(shape)
 
 
-def _conditional_factor(S, tol, tail: float = TAIL):
+def _conditional_factor(S, tol, tail: float = TAIL, dx: float = 0.0):
     """Factors z = L w of the covariances S (C, k, k) in which only the last member depends on the
     last direction: members other than ``last`` in the eigenbasis of their block (widest direction
     first), the member ``last`` as their linear regression plus its conditional deviation.
 
     The last member is chosen per set to minimise the work of the nested rule (tanh evaluations:
-    the full grid for the last member, the outer grid for the others).  Returns
-    perm (C, k): set positions in kernel order (``last`` at the end); L (C, k, k) in that order;
-    kind, n (C, k): the 1-d rule of each direction (the outer ones sorted widest first, the last
-    one the conditional direction).
+    the full grid for the last member, the outer grid for the others), and with ``dx`` > 0 (the
+    table spacing of :func:`efftheory._tables.table_spacing`) whether its conditional moments are
+    tabulated (ntab table points of nk inner nodes each, then one cell lookup per outer node)
+    instead.  Returns perm (C, k): set positions in kernel order (``last`` at the end); L (C, k, k)
+    in that order; kind, n (C, k): the 1-d rule of each direction (the outer ones sorted widest
+    first, the last one the conditional direction); ntab (C,): table points (0: not tabulated);
+    R (C,): the half-width of the table, sum_j |c_j| T_j over the outer directions.
     """
     C, k, _ = S.shape
     best = None
@@ -401,21 +405,48 @@ def _conditional_factor(S, tol, tail: float = TAIL):
         scale = np.take_along_axis(scale, order, axis=1)
         kind, n = _rules_for_scales(np.concatenate([scale, np.sqrt(sig2)[:, None]], 1), tol, tail=tail)
         kind[:, 0], n[:, 0] = _rules_for_scales(scale[:, 0], tol, fine=True, tail=tail)
-        G = np.prod(n.astype(np.float64), axis=1)
-        cost = G + (k - 1) * G / n[:, -1]
+        outer = np.prod(n[:, :-1].astype(np.float64), axis=1)
+        nk = n[:, -1].astype(np.float64)
+        cost = outer * (nk + k - 1)
+        R = np.sum(np.abs(cvec) * _rule_extent(kind[:, :-1], n[:, :-1], tail), axis=1)
+        ntab = np.zeros(C, dtype=np.int64)
+        if dx > 0:
+            ntab = _table_points(R, dx)
+            tab_cost = ntab * nk * _TABLE_COST + outer * (k - 1 + _LOOKUP_COST)
+            use = (nk > 1) & (tab_cost < cost) & (ntab <= _TABLE_ROWS)
+            ntab = np.where(use, ntab, 0)
+            cost = np.where(use, tab_cost, cost)
         L = np.zeros((C, k, k))
         L[:, :k - 1, :k - 1] = La
         L[:, k - 1, :k - 1] = cvec
         L[:, k - 1, k - 1] = np.sqrt(sig2)
         perm = np.broadcast_to(np.array(rest + [j]), (C, k))
-        cand = (cost, perm, L, kind, n)
+        cand = (cost, perm, L, kind, n, ntab, R)
         if best is None:
             best = [np.array(x) for x in cand]
         else:
             better = cost < best[0]
             for x, y in zip(best, cand):
                 x[better] = y[better]
-    return best[1], best[2], best[3], best[4]
+    return best[1:]
+
+
+_TABLE_COST = 1.5   # one table point of nk inner nodes: ~1.5 nk direct nodes
+_LOOKUP_COST = 10.0  # one cell lookup and polynomial per outer node, in sigma evaluations
+
+
+def _rule_extent(kind, n, tail: float):
+    """Largest |node| of each 1-d rule (kind, n) (0 = Gauss-Hermite, 1 = trapezoid)."""
+    gh = np.array([0.0] + [float(np.max(np.abs(_gh_rule(m)[0]))) for m in range(1, _GH_LADDER[-1] + 1)])
+    return np.where(kind == 1, tail, gh[np.minimum(n, _GH_LADDER[-1])])
+
+
+def _table_points(R, dx: float):
+    """Table points for half-width R at spacing <= dx (two more below -R, three above R, see
+    :func:`_run_tabled`): a padded size (few compiled shapes)."""
+    need = np.maximum(np.ceil(2.0 * np.maximum(R, 1e-3) / dx) + 6, 16.0)  # + the end points
+    p = 2.0 ** np.ceil(np.log2(need))  # _pad_size, vectorised
+    return np.where(0.75 * p >= need, 0.75 * p, p).astype(np.int64)
 
 
 @functools.lru_cache(maxsize=None)
@@ -429,18 +460,6 @@ def _perm_maps(k: int):
         perm = [i for i in range(k) if i != j] + [j]
         maps.append(np.array([ids[tuple(p[perm].reshape(-1))] for p in patterns]))
     return np.stack(maps)
-
-
-def _power(cache, s, d, key):
-    """s^e0 d^e1 for key = (position, e0, e1), multiplied once and shared."""
-    if key not in cache:
-        i, e0, e1 = key
-        f = None
-        for base, e in ((s[i], e0), (d[i], e1)):
-            for _ in range(e):
-                f = base if f is None else f * base
-        cache[key] = f
-    return cache[key]
 
 
 @functools.lru_cache(maxsize=None)
@@ -467,44 +486,23 @@ def _nested_moments(sig, pattern_key, nchunks, L, steps, X, W, xk, wk):
     one step (b * M / nchunks * nk nodes) stays in cache.
     """
     k = L.shape[2]
-    m = X.shape[1] // nchunks
     last = sorted({pat[k - 1] for pat in pattern_key})
-    Xs = X.reshape(k - 1, nchunks, m).transpose(1, 0, 2)
-    Ws = W.reshape(nchunks, m)
 
-    def one_batch(Lb):
-        Lo, c, sd = Lb[:, :k - 1, :k - 1], Lb[:, k - 1, :k - 1], Lb[:, k - 1, k - 1]
+    def chunk(Lb, Xc, Wc):
+        c, sd = Lb[:, k - 1, :k - 1], Lb[:, k - 1, k - 1]
+        zo = jnp.einsum("cij,jm->icm", Lb[:, :k - 1, :k - 1], Xc)  # (k-1, b, m)
+        zl = jnp.einsum("cj,jm->cm", c, Xc)[None] + sd[None, :, None] * xk[:, None, None]  # (nk, b, m)
+        sl, dl = jax.jvp(sig, (zl,), (jnp.ones_like(zl),))
+        h = {}
+        for e0, e1 in last:
+            f = jnp.broadcast_to(wk[:, None, None], zl.shape)
+            for base, e in ((sl, e0), (dl, e1)):
+                for _ in range(e):
+                    f = f * base
+            h[(e0, e1)] = jnp.sum(f, axis=0)
+        return pattern_sums(sig, pattern_key, zo, h, Wc)
 
-        def chunk(acc, xw):
-            Xc, Wc = xw
-            zo = jnp.einsum("cij,jm->icm", Lo, Xc)  # (k-1, b, m)
-            zl = jnp.einsum("cj,jm->cm", c, Xc)[None] + sd[None, :, None] * xk[:, None, None]  # (nk, b, m)
-            sl, dl = jax.jvp(sig, (zl,), (jnp.ones_like(zl),))
-            h = {}
-            for e0, e1 in last:
-                f = jnp.broadcast_to(wk[:, None, None], zl.shape)
-                for base, e in ((sl, e0), (dl, e1)):
-                    for _ in range(e):
-                        f = f * base
-                h[(e0, e1)] = jnp.sum(f, axis=0)
-            so, do = jax.jvp(sig, (zo,), (jnp.ones_like(zo),))
-            cache = {}
-            out = []
-            for pat in pattern_key:
-                f = h[pat[k - 1]] * Wc
-                for i in range(k - 1):
-                    if pat[i] != (0, 0):
-                        f = f * _power(cache, so, do, (i,) + tuple(pat[i]))
-                out.append(jnp.sum(f, axis=-1))
-            return acc + jnp.stack(out, -1), None
-
-        acc = jnp.zeros((Lb.shape[0], len(pattern_key)), X.dtype)
-        if nchunks == 1:
-            return chunk(acc, (Xs[0], Ws[0]))[0]
-        return jax.lax.scan(chunk, acc, (Xs, Ws))[0]
-
-    out = jnp.zeros(L.shape[:2] + (len(pattern_key),), X.dtype)
-    return jax.lax.fori_loop(0, steps, lambda i, o: o.at[i].set(one_batch(L[i])), out)
+    return over_items(chunk, len(pattern_key), nchunks, X, W, steps, L)
 
 
 @functools.lru_cache(maxsize=256)
@@ -546,26 +544,35 @@ def _smooth_sets(sig, S, patterns, tol, half: bool):
     L'[:, 0] = L[:, 0] x1.  Sets that share the rules of the other directions share a kernel,
     whatever their widest direction, and the compiled shapes depend on those rules only.
     ``half``: sigma is odd or even (:attr:`efftheory.Activation.symmetric`), so the widest
-    direction needs only its nodes x >= 0 (:func:`_first_rule`).
+    direction needs only its nodes x >= 0 (:func:`_first_rule`).  Sets whose last member is
+    cheaper tabulated (:mod:`efftheory._tables`) run the tabulated kernel, the others the nested
+    one.
     """
     C, k, _ = S.shape
     tail = _tail_for(sig, S, tol)
-    perm, L, kind, n = _conditional_factor(S, tol, tail)
     key = tuple(tuple(tuple(int(v) for v in row) for row in pat) for pat in patterns)
+    pairs = tuple(sorted({tuple(int(v) for v in pat[i]) for pat in patterns for i in range(k)} - {(0, 0)}))
+    diag = np.diagonal(S, axis1=1, axis2=2)
+    reach = 2.0 * TAIL * math.sqrt(k * max(float(np.max(diag)), 0.0)) if C else 0.0
+    dx = table_spacing(sig, pairs, reach, np.unique(diag), tol) if C else 0.0
+    perm, L, kind, n, ntab, _R = _conditional_factor(S, tol, tail, dx)
+    R = np.maximum(_R, 1e-3)
     P = len(patterns)
     names = np.where(kind == 0, 0, 1) * 1000 + n  # (C, k) rule codes
-    uniq, inv = np.unique(names[:, 1:], axis=0, return_inverse=True)
-    inv = inv.reshape(-1)
     decode = lambda c: ("gh", int(c)) if c < 1000 else ("trap", int(c % 1000), tail)  # noqa: E731
-    owners, weights, pending = [], [], []
     mesh = _device_mesh()
     D = mesh.devices.size
+    results = []  # (owners (items,), weights (items,), values (items, P)) per kernel call
+    keys = np.concatenate([names[:, 1:], (ntab > 0)[:, None]], 1)
+    uniq, inv = np.unique(keys, axis=0, return_inverse=True)
+    inv = inv.reshape(-1)
     for g, row in enumerate(uniq):
         members = np.nonzero(inv == g)[0]
-        rules = tuple(decode(c) for c in row)
+        rules = tuple(decode(c) for c in row[:-1])
+        tabled = bool(row[-1])
         X, W = _rest_grid(rules[:-1])
         xk, wk = _rule(rules[-1])
-        per_item = W.size * xk.size
+        per_item = W.size * (1 if tabled else xk.size)
         if per_item > _CHUNK:
             b, nchunks = 1, 1
             while per_item // nchunks > _CHUNK and (W.size // nchunks) % 2 == 0:
@@ -573,7 +580,7 @@ def _smooth_sets(sig, S, patterns, tol, half: bool):
         else:
             b, nchunks = min(_pow2_floor(_CHUNK // per_item), 1024), 1
         cap = max(1, min(_pow2_floor(max(1, _CALL // (b * per_item))), _ITEMS // b))
-        # items of the group: every member at every node of its widest direction
+        # items of the group: every member at every node of its widest direction, set by set
         Ls, ws, own = [], [], []
         first = names[members, 0]
         for c1 in np.unique(first):
@@ -586,28 +593,84 @@ def _smooth_sets(sig, S, patterns, tol, half: bool):
             own.append(np.repeat(sub, x1.size))
         Li, wi, oi = np.concatenate(Ls), np.concatenate(ws), np.concatenate(own)
         per_dev = cap * b
+        if tabled:  # set by set: each call builds the tables of a run of sets
+            o = np.argsort(oi, kind="stable")
+            Li, wi, oi = Li[o], wi[o], oi[o]
+            results += _run_tabled(sig, key, pairs, nchunks, mesh, cap, b, Li, wi, oi, X, W, xk, wk, R, L, ntab)
+            continue
         kernel = _nested_kernel(sig, key, nchunks, mesh)
         for start in range(0, Li.shape[0], D * per_dev):
-            items = Li[start:start + D * per_dev]
-            share = -(-items.shape[0] // D)  # items per device, the last call's split evenly
-            cnts = [max(0, min(share, items.shape[0] - d * share)) for d in range(D)]
-            Lb = np.zeros((D, per_dev, k, k))
-            for d in range(D):
-                Lb[d, :cnts[d]] = items[d * share:d * share + cnts[d]]
-            steps = np.array([-(-c // b) for c in cnts], dtype=np.int32)
-            res = kernel(Lb.reshape(D * cap, b, k, k), steps, X, W, xk, wk)
-            pending.append((cnts, per_dev, res))
-        owners.append(oi)
-        weights.append(wi)
+            stop = min(start + D * per_dev, Li.shape[0])
+            Lb, steps, cnts = _split(Li[start:stop], D, cap, b)
+            results.append((oi[start:stop], wi[start:stop], cnts, per_dev,
+                            kernel(Lb, steps, X, W, xk, wk)))
+    own = np.concatenate([r[0] for r in results])
+    w = np.concatenate([r[1] for r in results])
     vals = np.concatenate([np.asarray(res).reshape(D, per_dev, P)[d, :c]
-                           for cnts, per_dev, res in pending for d, c in enumerate(cnts)])
-    own, w = np.concatenate(owners), np.concatenate(weights)
+                           for _, _, cnts, per_dev, res in results for d, c in enumerate(cnts)])
     order = np.argsort(own, kind="stable")
     own, vals = own[order], vals[order] * w[order, None]
     starts = np.nonzero(np.r_[True, own[1:] != own[:-1]])[0]
     raw = np.add.reduceat(vals, starts, axis=0)  # every set owns at least one item
     maps = _perm_maps(k)[perm[:, -1]]  # (C, P)
     return np.take_along_axis(raw, maps, axis=1)
+
+
+def _split(items, D, cap, b, *extra):
+    """Items (n, ...) of one call spread evenly over D devices: arrays (D * cap, b, ...) (zero
+    padded), steps (D,) (sub-batches each device runs) and the item counts per device."""
+    n = items.shape[0]
+    share = -(-n // D)
+    cnts = [max(0, min(share, n - d * share)) for d in range(D)]
+    out = []
+    for a in (items,) + extra:
+        buf = np.zeros((D, cap * b) + a.shape[1:], a.dtype)
+        for d in range(D):
+            buf[d, :cnts[d]] = a[d * share:d * share + cnts[d]]
+        out.append(buf.reshape((D * cap, b) + a.shape[1:]))
+    steps = np.array([-(-c // b) for c in cnts], dtype=np.int32)
+    return (*out, steps, cnts) if extra else (out[0], steps, cnts)
+
+
+_TABLE_ROWS = 1 << 18  # table points per call of the tabulated kernel (8 P float64 each)
+
+
+def _run_tabled(sig, key, pairs, nchunks, mesh, cap, b, Li, wi, oi, X, W, xk, wk, R, L, ntab):
+    """Calls of the tabulated kernel over the items (Li, wi, oi) of one group (owners in
+    increasing order, several items per set): each call builds the tables of the sets its items
+    belong to (at most _TABLE_ROWS points) and looks them up."""
+    k = Li.shape[1]
+    D = mesh.devices.size
+    kernel = tabled_kernel(sig, key, pairs, nchunks, mesh)
+    out = []
+    start = 0
+    while start < Li.shape[0]:
+        stop = min(start + D * cap * b, Li.shape[0])
+        sets, first = np.unique(oi[start:stop], return_index=True)
+        pts = ntab[sets]
+        fit = int(np.searchsorted(np.cumsum(pts), _TABLE_ROWS, side="right"))
+        if fit < sets.size:  # end the call before the first set whose table does not fit
+            stop, sets, pts = start + first[fit], sets[:fit], pts[:fit]
+        offs = np.cumsum(pts) - pts
+        total = int(pts.sum())
+        M = 4096 * _pad_size(-(-total // 4096))  # few compiled shapes
+        # points lo + dx j, j < pts: [-R, R] is cells 2..pts-5 (two points below, three above)
+        dx = 2.0 * R[sets] / (pts - 6)
+        lo, sd = -R[sets] - 2.0 * dx, L[sets, k - 1, k - 1]
+        idx = np.arange(total) - np.repeat(offs, pts)
+        mu = np.zeros(M)
+        mu[:total] = np.repeat(lo, pts) + np.repeat(dx, pts) * idx
+        sdp = np.zeros(M)
+        sdp[:total] = np.repeat(sd, pts)
+        rows = 4096 << 2 * max(0, math.ceil(math.log(M / 4096, 4) - 1e-9))  # 4096 * 4^j: few kernels
+        tab = build_tables(sig, pairs, rows, mu, sdp, xk, wk)
+        local = np.searchsorted(sets, oi[start:stop])
+        aux = np.stack([lo[local], 1.0 / dx[local], (pts[local] - 5).astype(np.float64)], 1)
+        row = offs[local].astype(np.int32)
+        Lb, ab, rb, steps, cnts = _split(Li[start:stop], D, cap, b, aux, row)
+        out.append((oi[start:stop], wi[start:stop], cnts, cap * b, kernel(Lb, ab, rb, steps, X, W, tab)))
+        start = stop
+    return out
 
 
 def _polar_sets(sig, dsig, L2, patterns):

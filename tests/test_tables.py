@@ -1,0 +1,138 @@
+"""Tabulated conditional integrals (efftheory._tables) inside the three- and four-input sources:
+the interpolation meets its error bound against direct evaluation, and source moments computed
+with tables everywhere agree with the nested rule, the closed form for sin and a plain Cholesky
+tensor rule."""
+
+import itertools
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import efftheory as et
+from efftheory import _tables, products
+from efftheory.gaussian import normal_rule
+
+from test_products import _cholesky_rule, _kernel, _sin_moment
+
+PAIRS = ((0, 1), (1, 0))
+
+
+def _direct(fn, pair, mu, sd, xk, wk):
+    """h_e(mu) = sum_j wk_j g_e(mu + sd xk_j), evaluated directly."""
+    g = _tables._factor(fn, *pair)
+    return np.asarray(g(jnp.asarray(mu[:, None] + sd * xk[None, :]))) @ wk
+
+
+def _lookup(tab, pts, lo, dx, mu, j):
+    """The kernel's cell lookup, in numpy: the degree-5 polynomial of pair j at mu."""
+    u = (mu - lo) / dx
+    i = np.clip(np.floor(u), 2, pts - 5)
+    t = u - i
+    a = tab[i.astype(int), 6 * j:6 * j + 6]
+    return sum(a[:, r] * t**r for r in range(6))
+
+
+def _max_error(fn, sd, R, dx, mu, xk, wk):
+    pts = int(math.ceil(2 * R / dx)) + 6
+    dx = 2 * R / (pts - 6)
+    lo = -R - 2 * dx
+    grid = lo + dx * np.arange(pts)
+    M = -(-pts // 4096) * 4096
+    mpad = np.zeros(M)
+    mpad[:pts] = grid
+    tab = np.asarray(_tables.build_tables(fn, PAIRS, M, mpad, np.full(M, sd), xk, wk))
+    return max(float(np.max(np.abs(_lookup(tab, pts, lo, dx, mu, j) - _direct(fn, p, mu, sd, xk, wk))))
+               for j, p in enumerate(PAIRS))
+
+
+@pytest.mark.parametrize("name", ["tanh", "gelu", "sin", "silu"])
+def test_interpolation_meets_its_bound(name):
+    """At the spacing of table_spacing the interpolation error of h_e stays below tol / (e B) at
+    2000 random points; at four times that spacing it is > 100x larger (it is the
+    interpolation's error that is measured, not a rounding floor), as a degree-5 rule predicts
+    (4^6 = 4096)."""
+    fn = et.get_activation(name).fn
+    tol, sd, R = 1e-9, 0.4, 5.0
+    xk, wk = normal_rule(48, tail=6.5)
+    dx = _tables.table_spacing(fn, PAIRS, R + 6.5 * sd, [1.0], tol)
+    assert 0.005 < dx < 0.2
+    eps = tol / (math.e * _tables._outer_bound(fn, [1.0]))
+    mu = np.random.default_rng(0).uniform(-R, R, 2000)
+    err = _max_error(fn, sd, R, dx, mu, xk, wk)
+    assert err <= eps, (err, eps)
+    assert _max_error(fn, sd, R, 4 * dx, mu, xk, wk) > 100 * err
+
+
+@pytest.fixture
+def tables_everywhere(monkeypatch):
+    """Every set with an inner rule of more than one node takes the tabulated kernel; counts calls."""
+    calls = []
+    run = products._run_tabled
+
+    def counting(*a, **k):
+        out = run(*a, **k)
+        calls.append(len(out))
+        return out
+
+    monkeypatch.setattr(products, "_TABLE_COST", 0.0)
+    monkeypatch.setattr(products, "_LOOKUP_COST", -1e9)
+    monkeypatch.setattr(products, "_run_tabled", counting)
+    return calls
+
+
+def test_sin_closed_form_with_tables(tables_everywhere):
+    K = _kernel(5, 0)
+    Mss, Mds, Mdd = products.source_moments(et.get_activation("sin"), K)
+    assert sum(tables_everywhere) > 0
+    for M, kinds in ((Mss, (0, 0, 0, 0)), (Mds, (1, 1, 0, 0)), (Mdd, (1, 1, 1, 1))):
+        ref = np.empty_like(M)
+        for idx in itertools.product(range(5), repeat=4):
+            ref[idx] = _sin_moment(K, idx, kinds)
+        np.testing.assert_allclose(M, ref, atol=2e-9, rtol=0)
+
+
+def test_tanh_with_tables_against_cholesky_rule(tables_everywhere):
+    K = _kernel(5, 2, collinear=False)
+    K = 1.5 * K / K.diagonal().max()
+    Mss, Mds, Mdd = products.source_moments(et.get_activation("tanh"), K)
+    assert sum(tables_everywhere) > 0
+    fn, dfn = np.tanh, lambda z: 1 / np.cosh(z) ** 2
+    for idx, M, kinds in [((0, 1, 2, 4), Mss, (0, 0, 0, 0)), ((0, 3, 1, 2), Mds, (1, 1, 0, 0)),
+                          ((1, 2, 3, 4), Mdd, (1, 1, 1, 1)), ((4, 1, 1, 2), Mss, (0, 0, 0, 0))]:
+        ref = _cholesky_rule(fn, dfn, K, idx, kinds, 56 if len(set(idx)) == 4 else 120)
+        assert abs(M[idx] - ref) < 2e-9 * max(1.0, abs(ref)), (idx, M[idx], ref)
+
+
+@pytest.mark.parametrize("name", ["tanh", "gelu", "softplus"])
+def test_tables_agree_with_the_nested_rule(name, tables_everywhere, monkeypatch):
+    """Wide, correlated, collinear and nearly collinear inputs (variances up to 3): tables
+    everywhere against no tables, both at tol = 1e-10."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(5, 4))
+    x[2] = -1.5 * x[1]
+    x[0] = 0.995 * x[3] + 0.05 * rng.normal(size=4)
+    K = x @ x.T / 4
+    K = 3.0 * K / K.diagonal().max()
+    act = et.get_activation(name)
+    tabled = products.source_moments(act, K, tol=1e-10)
+    assert sum(tables_everywhere) > 0
+    monkeypatch.setattr(products, "table_spacing", lambda *a, **k: 0.0)
+    nested = products.source_moments(act, K, tol=1e-10)
+    for a, b in zip(tabled, nested):
+        assert np.max(np.abs(a - b)) < 2e-10 * max(1.0, np.max(np.abs(b)))
+
+
+def test_default_choice_tabulates_wide_sets():
+    """At the default costs the four-input sets of wide first-layer kernels are tabulated (the
+    path the finite-width speed relies on), the small deep-layer ones need not be."""
+    rng = np.random.default_rng(16)
+    x = rng.normal(size=(8, 4))
+    K = x @ x.T / 4
+    sets = products._sets(8, 4)
+    S = K[sets[:, :, None], sets[:, None, :]]
+    fn = et.get_activation("tanh").fn
+    dx = _tables.table_spacing(fn, PAIRS, 20.0, np.diagonal(S, axis1=1, axis2=2).ravel(), 1e-9)
+    ntab = products._conditional_factor(S, 1e-9, 6.5, dx)[4]
+    assert np.mean(ntab > 0) > 0.5
