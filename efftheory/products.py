@@ -32,6 +32,11 @@ Rules
   inputs) have one large and several small eigenvalues, so their grids are a few thousand
   nodes instead of the 32^4 = 10^6 of an isotropic rule, at better accuracy.  A zero eigenvalue
   (collinear inputs) gets one node: the integral over the lower-dimensional marginal, no jitter.
+* k = 3, 4, smooth sigma, nested (:func:`_smooth_sets`): the members but one in the eigenbasis
+  of their block, the last as its regression on them plus a conditional deviation sd x, summed
+  over x first.  A set whose outer grid is large against its table (:mod:`efftheory._tables`:
+  the conditional moments h_e(mu) tabulated on [-R, R], local degree-5 interpolation with an
+  error bound inside tol / e) looks them up instead of summing nk nodes at every outer node.
 * k = 3, 4, kinked sigma (relu and its step derivative, abs, user callables with
   ``smooth=False``): an isotropic tensor trapezoid rule in the same eigenbasis (96^3 and 32^4
   nodes); it converges like h^2 across the kinks (~1e-5 and 1e-4 relative).  Sets of rank <= 2
