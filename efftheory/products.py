@@ -637,7 +637,7 @@ def _split(items, D, cap, b, *extra):
     return (*out, steps, cnts) if extra else (out[0], steps, cnts)
 
 
-_TABLE_ROWS = 1 << 18  # table points per call of the tabulated kernel (8 P float64 each)
+_TABLE_ROWS = 1 << 18  # table points per call of the tabulated kernel (6 P float64 coefficients each)
 
 
 def _run_tabled(sig, key, pairs, nchunks, mesh, cap, b, Li, wi, oi, X, W, xk, wk, R, L, ntab):
