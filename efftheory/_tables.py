@@ -40,9 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._sharding import shard_map
-from .gaussian import normal_rule
+from .gaussian import derivative, normal_rule
 
-__all__ = ["table_spacing", "build_tables", "tabled_kernel", "pattern_sums", "over_items"]
+__all__ = ["table_spacing", "build_tables", "tabled_kernel", "pattern_sums", "over_items", "sharded",
+           "monomial", "TABLE_CHUNK"]
 
 _SAFETY = 1.25          # max |g^(6)| between grid points of table_spacing's scan
 _ORDER = 6             # points of the local interpolation (degree 5): cell i uses points i-2..i+3
@@ -50,28 +51,31 @@ _LAGRANGE = 3.515625 / 720.0  # max_{t in [0, 1]} |prod_{j=-2}^{3} (t - j)| / 6!
 _SCAN_POINTS = 4001
 
 
-def _nth_derivative(fn, n: int):
-    for _ in range(n):
-        fn = (lambda f: lambda z: jax.jvp(f, (z,), (jnp.ones_like(z),))[1])(fn)
-    return fn
+def monomial(s, d, e0: int, e1: int, f=None):
+    """f s^e0 d^e1 (f = None: no factor; None back when there is nothing to multiply)."""
+    for base, e in ((s, e0), (d, e1)):
+        for _ in range(e):
+            f = base if f is None else f * base
+    return f
 
 
 def _factor(sig, e0: int, e1: int):
     """g_e(z) = sigma(z)^e0 sigma'(z)^e1 as one elementwise function."""
     def g(z):
         s, d = jax.jvp(sig, (z,), (jnp.ones_like(z),))
-        f = jnp.ones_like(z)
-        for base, e in ((s, e0), (d, e1)):
-            for _ in range(e):
-                f = f * base
-        return f
+        return monomial(s, d, e0, e1, jnp.ones_like(z))
     return g
 
 
 @functools.lru_cache(maxsize=64)
 def _sixth_derivatives(sig, pairs: tuple):
     """jitted z -> max over ``pairs`` of |g_e^(6)(z)| (compiled once per sigma)."""
-    fns = [_nth_derivative(_factor(sig, e0, e1), _ORDER) for e0, e1 in pairs]
+    fns = []
+    for e0, e1 in pairs:
+        f = _factor(sig, e0, e1)
+        for _ in range(_ORDER):
+            f = derivative(f)
+        fns.append(f)
     return jax.jit(lambda z: functools.reduce(jnp.maximum, [jnp.abs(f(z)) for f in fns]))
 
 
@@ -104,7 +108,7 @@ def table_spacing(sig, pairs, R: float, variances, tol: float) -> float:
     return (eps / (_LAGRANGE * d6)) ** (1.0 / _ORDER)
 
 
-_CHUNK = 4096  # table points per step of build_tables
+TABLE_CHUNK = 4096  # table points per step of build_tables (table sizes are multiples of it)
 
 
 def _lagrange_to_monomial() -> np.ndarray:
@@ -116,7 +120,7 @@ def _lagrange_to_monomial() -> np.ndarray:
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def build_tables(sig, pairs, rows, mu, sd, xk, wk):
     """Local interpolation coefficients of h_e (e in ``pairs``) for table points mu (M,) (M a
-    multiple of 4096; each set's points consecutive and equispaced) and their sets' sd (M,),
+    multiple of TABLE_CHUNK; each set's points consecutive and equispaced) and their sets' sd (M,),
     with the inner rule (xk, wk): (rows, 6 P), zero beyond M.  Row j holds, pair by pair, the
     coefficients a_0..a_5 of p(t) = sum_r a_r t^r, the polynomial through the values at points
     j-2..j+3 (t = 0 at point j, 1 at point j+1): meaningful for 2 <= j <= (set's points) - 4,
@@ -128,7 +132,7 @@ def build_tables(sig, pairs, rows, mu, sd, xk, wk):
         z = m[:, None] + s[:, None] * xk[None, :]
         return jnp.stack([g(z) @ wk for g in factors], -1)  # (chunk, P)
 
-    v = jax.lax.map(values, (mu.reshape(-1, _CHUNK), sd.reshape(-1, _CHUNK))).reshape(mu.size, -1)
+    v = jax.lax.map(values, (mu.reshape(-1, TABLE_CHUNK), sd.reshape(-1, TABLE_CHUNK))).reshape(mu.size, -1)
     pad = jnp.zeros((_ORDER, v.shape[1]), v.dtype)
     vp = jnp.concatenate([pad[:2], v, pad[2:]])
     window = jnp.stack([vp[r:r + mu.size] for r in range(_ORDER)], 1)  # (M, 6, P): points j-2..j+3
@@ -141,11 +145,7 @@ def _power(cache, s, d, key):
     """s^e0 d^e1 for key = (position, e0, e1), multiplied once and shared."""
     if key not in cache:
         i, e0, e1 = key
-        f = None
-        for base, e in ((s[i], e0), (d[i], e1)):
-            for _ in range(e):
-                f = base if f is None else f * base
-        cache[key] = f
+        cache[key] = monomial(s[i], d[i], e0, e1)
     return cache[key]
 
 
@@ -209,14 +209,21 @@ def _tabled_moments(sig, pattern_key, pairs, nchunks, L, aux, row, steps, X, W, 
     return over_items(chunk, len(pattern_key), nchunks, X, W, steps, L, aux, row)
 
 
-@functools.lru_cache(maxsize=None)
-def tabled_kernel(sig, pattern_key, pairs, nchunks, mesh):
-    """The jitted :func:`_tabled_moments` with items (L, aux, row: leading axis D * cap) and
-    steps (D,) split over the D devices of ``mesh``, the tables replicated."""
+def sharded(moments, mesh, n_items: int, n_shared: int):
+    """jit(shard_map) of moments(*items, steps, *shared) over the devices of ``mesh``: the
+    ``n_items`` item arrays (leading axis D * cap) and steps (D,) split, device d running its
+    steps[d] sub-batches, the ``n_shared`` other arguments replicated."""
     spec = jax.sharding.PartitionSpec
 
-    def local(L, aux, row, steps, X, W, tab):
-        return _tabled_moments(sig, pattern_key, pairs, nchunks, L, aux, row, steps[0], X, W, tab)
+    def local(*a):
+        return moments(*a[:n_items], a[n_items][0], *a[n_items + 1:])
 
-    return jax.jit(shard_map(local, mesh=mesh, in_specs=(spec("d"),) * 4 + (spec(),) * 3,
+    return jax.jit(shard_map(local, mesh=mesh, in_specs=(spec("d"),) * (n_items + 1) + (spec(),) * n_shared,
                               out_specs=spec("d"), check=False))
+
+
+@functools.lru_cache(maxsize=None)
+def tabled_kernel(sig, pattern_key, pairs, nchunks, mesh):
+    """The jitted :func:`_tabled_moments`: items (L, aux, row) and steps split over the devices
+    of ``mesh``, the outer grid and the tables replicated."""
+    return sharded(functools.partial(_tabled_moments, sig, pattern_key, pairs, nchunks), mesh, 3, 3)

@@ -55,8 +55,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.special import roots_hermitenorm
 
-from ._sharding import shard_map
-from ._tables import build_tables, over_items, pattern_sums, table_spacing, tabled_kernel
+from ._tables import (TABLE_CHUNK, build_tables, monomial, over_items, pattern_sums, sharded, table_spacing,
+                      tabled_kernel)
 from .gaussian import derivative, normal_rule
 from .hermite import _polar_monomials, _trapezoid_monomials, whiten2
 
@@ -148,6 +148,14 @@ def _rule(r):
 _TAIL_MIN = 5.0
 
 
+def _reach(S) -> float:
+    """2 sqrt(k max_i S_ii) TAIL: twice the largest |z| a grid of half-width TAIL reaches for the
+    sets with covariances S (C, k, k), the range over which sigma is bounded (:func:`_tail_for`,
+    :func:`efftheory._tables.table_spacing`)."""
+    k = S.shape[1]
+    return 2.0 * TAIL * math.sqrt(k * max(float(np.max(np.diagonal(S, axis1=1, axis2=2))), 0.0))
+
+
 def _tail_for(sig, S, tol: float) -> float:
     """Half-width T <= TAIL of the trapezoid directions for the sets with covariances S (C, k, k).
 
@@ -160,7 +168,7 @@ def _tail_for(sig, S, tol: float) -> float:
     C, k, _ = S.shape
     if C == 0:
         return TAIL
-    R = 2.0 * TAIL * math.sqrt(k * max(float(np.max(np.diagonal(S, axis1=1, axis2=2))), 0.0))
+    R = _reach(S)
     z = jnp.linspace(-R, R, 4001)
     s, d = jax.jvp(sig, (z,), (jnp.ones_like(z),))
     g = float(jnp.max(jnp.maximum(jnp.abs(s), jnp.abs(d))))
@@ -384,7 +392,7 @@ def _conditional_factor(S, tol, tail: float = TAIL, dx: float = 0.0):
     instead.  Returns perm (C, k): set positions in kernel order (``last`` at the end); L (C, k, k)
     in that order; kind, n (C, k): the 1-d rule of each direction (the outer ones sorted widest
     first, the last one the conditional direction); ntab (C,): table points (0: not tabulated);
-    R (C,): the half-width of the table, sum_j |c_j| T_j over the outer directions.
+    R (C,): the half-width of the table, sum_j |c_j| T_j over the outer directions (at least 1e-3).
     """
     C, k, _ = S.shape
     best = None
@@ -413,7 +421,7 @@ def _conditional_factor(S, tol, tail: float = TAIL, dx: float = 0.0):
         outer = np.prod(n[:, :-1].astype(np.float64), axis=1)
         nk = n[:, -1].astype(np.float64)
         cost = outer * (nk + k - 1)
-        R = np.sum(np.abs(cvec) * _rule_extent(kind[:, :-1], n[:, :-1], tail), axis=1)
+        R = np.maximum(np.sum(np.abs(cvec) * _rule_extent(kind[:, :-1], n[:, :-1], tail), axis=1), 1e-3)
         ntab = np.zeros(C, dtype=np.int64)
         if dx > 0:
             ntab = _table_points(R, dx)
@@ -449,7 +457,7 @@ def _rule_extent(kind, n, tail: float):
 def _table_points(R, dx: float):
     """Table points for half-width R at spacing <= dx (two more below -R, three above R, see
     :func:`_run_tabled`): a padded size (few compiled shapes)."""
-    need = np.maximum(np.ceil(2.0 * np.maximum(R, 1e-3) / dx) + 6, 16.0)  # + the end points
+    need = np.maximum(np.ceil(2.0 * R / dx) + 6, 16.0)  # + the end points
     p = 2.0 ** np.ceil(np.log2(need))  # _pad_size, vectorised
     return np.where(0.75 * p >= need, 0.75 * p, p).astype(np.int64)
 
@@ -469,15 +477,10 @@ def _perm_maps(k: int):
 
 @functools.lru_cache(maxsize=None)
 def _nested_kernel(sig, pattern_key, nchunks, mesh):
-    """The jitted :func:`_nested_moments` with L (D * cap, b, k, k) and steps (D,) split over the D
-    devices of ``mesh``: device d computes its ``steps[d]`` sub-batches of its cap."""
-    spec = jax.sharding.PartitionSpec
-
-    def local(L, steps, X, W, xk, wk):
-        return _nested_moments(sig, pattern_key, nchunks, L, steps[0], X, W, xk, wk)
-
-    return jax.jit(shard_map(local, mesh=mesh, in_specs=(spec("d"), spec("d")) + (spec(),) * 4,
-                              out_specs=spec("d"), check=False))
+    """The jitted :func:`_nested_moments`: L (D * cap, b, k, k) and steps (D,) split over the D
+    devices of ``mesh`` (device d computes its ``steps[d]`` sub-batches of its cap), the grids
+    replicated."""
+    return sharded(functools.partial(_nested_moments, sig, pattern_key, nchunks), mesh, 1, 4)
 
 
 def _nested_moments(sig, pattern_key, nchunks, L, steps, X, W, xk, wk):
@@ -498,13 +501,8 @@ def _nested_moments(sig, pattern_key, nchunks, L, steps, X, W, xk, wk):
         zo = jnp.einsum("cij,jm->icm", Lb[:, :k - 1, :k - 1], Xc)  # (k-1, b, m)
         zl = jnp.einsum("cj,jm->cm", c, Xc)[None] + sd[None, :, None] * xk[:, None, None]  # (nk, b, m)
         sl, dl = jax.jvp(sig, (zl,), (jnp.ones_like(zl),))
-        h = {}
-        for e0, e1 in last:
-            f = jnp.broadcast_to(wk[:, None, None], zl.shape)
-            for base, e in ((sl, e0), (dl, e1)):
-                for _ in range(e):
-                    f = f * base
-            h[(e0, e1)] = jnp.sum(f, axis=0)
+        wb = jnp.broadcast_to(wk[:, None, None], zl.shape)
+        h = {(e0, e1): jnp.sum(monomial(sl, dl, e0, e1, wb), axis=0) for e0, e1 in last}
         return pattern_sums(sig, pattern_key, zo, h, Wc)
 
     return over_items(chunk, len(pattern_key), nchunks, X, W, steps, L)
@@ -558,10 +556,8 @@ def _smooth_sets(sig, S, patterns, tol, half: bool):
     key = tuple(tuple(tuple(int(v) for v in row) for row in pat) for pat in patterns)
     pairs = tuple(sorted({tuple(int(v) for v in pat[i]) for pat in patterns for i in range(k)} - {(0, 0)}))
     diag = np.diagonal(S, axis1=1, axis2=2)
-    reach = 2.0 * TAIL * math.sqrt(k * max(float(np.max(diag)), 0.0)) if C else 0.0
-    dx = table_spacing(sig, pairs, reach, np.unique(diag), tol) if C else 0.0
-    perm, L, kind, n, ntab, _R = _conditional_factor(S, tol, tail, dx)
-    R = np.maximum(_R, 1e-3)
+    dx = table_spacing(sig, pairs, _reach(S), np.unique(diag), tol) if C else 0.0
+    perm, L, kind, n, ntab, R = _conditional_factor(S, tol, tail, dx)
     P = len(patterns)
     names = np.where(kind == 0, 0, 1) * 1000 + n  # (C, k) rule codes
     decode = lambda c: ("gh", int(c)) if c < 1000 else ("trap", int(c % 1000), tail)  # noqa: E731
@@ -634,7 +630,7 @@ def _split(items, D, cap, b, *extra):
             buf[d, :cnts[d]] = a[d * share:d * share + cnts[d]]
         out.append(buf.reshape((D * cap, b) + a.shape[1:]))
     steps = np.array([-(-c // b) for c in cnts], dtype=np.int32)
-    return (*out, steps, cnts) if extra else (out[0], steps, cnts)
+    return (*out, steps, cnts)
 
 
 _TABLE_ROWS = 1 << 18  # table points per call of the tabulated kernel (6 P float64 coefficients each)
@@ -658,7 +654,7 @@ def _run_tabled(sig, key, pairs, nchunks, mesh, cap, b, Li, wi, oi, X, W, xk, wk
             stop, sets, pts = start + first[fit], sets[:fit], pts[:fit]
         offs = np.cumsum(pts) - pts
         total = int(pts.sum())
-        M = 4096 * _pad_size(-(-total // 4096))  # few compiled shapes
+        M = TABLE_CHUNK * _pad_size(-(-total // TABLE_CHUNK))  # few compiled shapes
         # points lo + dx j, j < pts: [-R, R] is cells 2..pts-5 (two points below, three above)
         dx = 2.0 * R[sets] / (pts - 6)
         lo, sd = -R[sets] - 2.0 * dx, L[sets, k - 1, k - 1]
@@ -667,7 +663,9 @@ def _run_tabled(sig, key, pairs, nchunks, mesh, cap, b, Li, wi, oi, X, W, xk, wk
         mu[:total] = np.repeat(lo, pts) + np.repeat(dx, pts) * idx
         sdp = np.zeros(M)
         sdp[:total] = np.repeat(sd, pts)
-        rows = 4096 << 2 * max(0, math.ceil(math.log(M / 4096, 4) - 1e-9))  # 4096 * 4^j: few kernels
+        rows = TABLE_CHUNK
+        while rows < M:  # TABLE_CHUNK * 4^j rows: few kernels
+            rows *= 4
         tab = build_tables(sig, pairs, rows, mu, sdp, xk, wk)
         local = np.searchsorted(sets, oi[start:stop])
         aux = np.stack([lo[local], 1.0 / dx[local], (pts[local] - 5).astype(np.float64)], 1)

@@ -39,7 +39,7 @@ def _max_error(fn, sd, R, dx, mu, xk, wk):
     dx = 2 * R / (pts - 6)
     lo = -R - 2 * dx
     grid = lo + dx * np.arange(pts)
-    M = -(-pts // 4096) * 4096
+    M = -(-pts // _tables.TABLE_CHUNK) * _tables.TABLE_CHUNK
     mpad = np.zeros(M)
     mpad[:pts] = grid
     tab = np.asarray(_tables.build_tables(fn, PAIRS, M, mpad, np.full(M, sd), xk, wk))
