@@ -152,8 +152,12 @@ def _reach(S) -> float:
     """2 sqrt(k max_i S_ii) TAIL: twice the largest |z| a grid of half-width TAIL reaches for the
     sets with covariances S (C, k, k), the range over which sigma is bounded (:func:`_tail_for`,
     :func:`efftheory._tables.table_spacing`)."""
-    k = S.shape[1]
-    return 2.0 * TAIL * math.sqrt(k * max(float(np.max(np.diagonal(S, axis1=1, axis2=2))), 0.0))
+    return _reach_of(S.shape[1], float(np.max(np.diagonal(S, axis1=1, axis2=2))))
+
+
+def _reach_of(k: int, vmax: float) -> float:
+    """:func:`_reach` of sets of k inputs whose largest variance is vmax."""
+    return 2.0 * TAIL * math.sqrt(k * max(vmax, 0.0))
 
 
 def _tail_for(sig, S, tol: float) -> float:
@@ -168,7 +172,11 @@ def _tail_for(sig, S, tol: float) -> float:
     C, k, _ = S.shape
     if C == 0:
         return TAIL
-    R = _reach(S)
+    return _tail_of(sig, k, _reach(S), tol)
+
+
+def _tail_of(sig, k: int, R: float, tol: float) -> float:
+    """:func:`_tail_for` of sets of k inputs whose grids reach |z| <= R."""
     z = jnp.linspace(-R, R, 4001)
     s, d = jax.jvp(sig, (z,), (jnp.ones_like(z),))
     g = float(jnp.max(jnp.maximum(jnp.abs(s), jnp.abs(d))))
@@ -307,12 +315,13 @@ def _eigen_factor(S):
     return L, scale
 
 
-def _moments_kd(act, sig, dsig, K, sets, patterns, tol):
-    """(C, P) pattern moments over sets of k >= 3 distinct inputs."""
+def _moments_kd(act, sig, dsig, K, sets, patterns, tol, setup=None):
+    """(C, P) pattern moments over sets of k >= 3 distinct inputs (``setup``: :func:`_smooth_setup`
+    of all the sets of this size, for smooth sigma)."""
     C, k = sets.shape
     S = K[sets[:, :, None], sets[:, None, :]]
     if act.smooth:
-        return _smooth_sets(sig, S, patterns, tol, half=act.symmetric)
+        return _smooth_sets(sig, S, patterns, tol, half=act.symmetric, setup=setup)
     L, scale = _eigen_factor(S)
     n = _KINKED_ORDER[k]
     rules = [(("kink", n),) * k] * C
@@ -540,7 +549,19 @@ def _pow2_floor(n: int) -> int:
     return 1 << max(0, int(n).bit_length() - 1)
 
 
-def _smooth_sets(sig, S, patterns, tol, half: bool):
+def _smooth_setup(sig, k: int, variances, patterns, tol):
+    """(tail, pairs, dx) shared by every set of k inputs whose variances are among ``variances``:
+    the trapezoid half-width (:func:`_tail_for`), the exponent pairs (e0, e1) != (0, 0) the last
+    member carries in ``patterns``, and the table spacing (:func:`efftheory._tables.table_spacing`).
+    Computed once per kernel K, so that processing the sets in blocks changes no rule."""
+    variances = np.unique(np.asarray(variances, dtype=np.float64))
+    R = _reach_of(k, float(np.max(variances)))
+    tail = _tail_of(sig, k, R, tol)
+    pairs = tuple(sorted({tuple(int(v) for v in pat[i]) for pat in patterns for i in range(k)} - {(0, 0)}))
+    return tail, pairs, table_spacing(sig, pairs, R, variances, tol)
+
+
+def _smooth_sets(sig, S, patterns, tol, half: bool, setup=None):
     """(C, P) pattern moments of smooth sigma over sets with covariances S (C, k, k).
 
     Work items: one set at one node x1 of its widest direction, z = L'[:, 0] + L'[:, 1:] w' with
@@ -552,11 +573,12 @@ def _smooth_sets(sig, S, patterns, tol, half: bool):
     one.
     """
     C, k, _ = S.shape
-    tail = _tail_for(sig, S, tol)
+    if C == 0:
+        return np.zeros((0, len(patterns)))
+    if setup is None:
+        setup = _smooth_setup(sig, k, np.diagonal(S, axis1=1, axis2=2), patterns, tol)
+    tail, pairs, dx = setup
     key = tuple(tuple(tuple(int(v) for v in row) for row in pat) for pat in patterns)
-    pairs = tuple(sorted({tuple(int(v) for v in pat[i]) for pat in patterns for i in range(k)} - {(0, 0)}))
-    diag = np.diagonal(S, axis1=1, axis2=2)
-    dx = table_spacing(sig, pairs, _reach(S), np.unique(diag), tol) if C else 0.0
     perm, L, kind, n, ntab, R = _conditional_factor(S, tol, tail, dx)
     P = len(patterns)
     names = np.where(kind == 0, 0, 1) * 1000 + n  # (C, k) rule codes
@@ -753,7 +775,11 @@ def _padded(fn, *arrays):
 # public
 
 
-def source_moments(act, K, *, tol: float = TOL, order2: int | None = None):
+SET_BLOCK = 1 << 14  # sets of three or four inputs processed at once
+SET_BYTES = 24 << 10  # memory of the work items of one set (measured: ~15 KiB, tanh, N = 16-24)
+
+
+def source_moments(act, K, *, tol: float = TOL, order2: int | None = None, block: int = SET_BLOCK):
     """Mss, Mds, Mdd (each (N,)*4, float64) at kernel K (N, N): see the module docstring.
 
     Args:
@@ -762,11 +788,15 @@ def source_moments(act, K, *, tol: float = TOL, order2: int | None = None):
       tol: target accuracy of the 3- and 4-input rules for smooth sigma.
       order2: nodes per direction of the 2-input trapezoid rule (smooth, non-homogeneous sigma);
         default :func:`efftheory.gaussian.rule_size` at max diag K.
+      block: sets of three or four inputs processed at once.  Memory beyond the three outputs grows
+        with it (the work items of a block: about ``SET_BYTES`` per set), not with N; the values do
+        not depend on it (every rule is chosen per set, the shared ranges per K).
     """
     from .gaussian import rule_size
 
     K = np.asarray(K, dtype=np.float64)
     N = K.shape[0]
+    block = max(1, int(block))
     sig, dsig = act.fn, derivative(act.fn)
     if order2 is None and not act.homogeneous:
         order2 = rule_size(act, float(np.max(np.diag(K))))
@@ -774,11 +804,14 @@ def source_moments(act, K, *, tol: float = TOL, order2: int | None = None):
     for k in range(1, min(N, 4) + 1):
         sets = _sets(N, k)
         patterns, plan = _pattern_table(k)
-        if k <= 2:
-            vals = _moments_low(act, sig, dsig, K, sets, patterns, order2)
-        else:
-            vals = _moments_kd(act, sig, dsig, K, sets, patterns, tol)
-        for name, m, pid in plan:
-            idx = sets[:, m]
-            out[name][idx[:, 0], idx[:, 1], idx[:, 2], idx[:, 3]] = vals[:, pid]
+        setup = _smooth_setup(sig, k, np.diag(K), patterns, tol) if k >= 3 and act.smooth else None
+        for lo in range(0, len(sets), block if k >= 3 else len(sets)):
+            sub = sets[lo:lo + block] if k >= 3 else sets
+            if k <= 2:
+                vals = _moments_low(act, sig, dsig, K, sub, patterns, order2)
+            else:
+                vals = _moments_kd(act, sig, dsig, K, sub, patterns, tol, setup)
+            for name, m, pid in plan:
+                idx = sub[:, m]
+                out[name][idx[:, 0], idx[:, 1], idx[:, 2], idx[:, 3]] = vals[:, pid]
     return out["ss"], out["ds"], out["dd"]

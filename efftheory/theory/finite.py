@@ -55,7 +55,7 @@ import numpy as np
 from .._pytree import result
 from ..gaussian import derivative, rule_size
 from ..hermite import hermite_moments2, whiten2
-from ..products import source_moments
+from ..products import SET_BLOCK, SET_BYTES, source_moments
 from ..network import MLP
 from .infinite import check_net, infinite_width
 
@@ -171,18 +171,18 @@ def _first(H, Lp):
     return jnp.einsum("...ia,...i->...a", Lp, H1)
 
 
-def _dense(C2):
-    """Dense (N^2, N^2) operator from per-pair 2x2 coefficients C2 (N, N, 2, 2)."""
-    C2 = np.asarray(C2)
+def _apply(C2, X):
+    """(C X) for the (N^2, N^2) operator C with per-pair 2x2 coefficients C2 (N, N, 2, 2) and X (N^2, M),
+    without forming C (it has at most four entries per row): row p = (a1, a2) of C X is
+    sum_{ab} C2[p, a, b] X[(g_a, g_b)] with g = (a1, a2), the pair's own inputs."""
     N = C2.shape[0]
-    P = _pair_index(N)
-    rows = np.broadcast_to(np.arange(N * N).reshape(N, N, 1, 1), (N, N, 2, 2))
-    ga = P[:, :, :, None]  # (N, N, 2, 1): input of slot a
-    gb = P[:, :, None, :]  # (N, N, 1, 2): input of slot b
-    cols = np.broadcast_to(ga * N + gb, (N, N, 2, 2))
-    M = np.zeros((N * N, N * N))
-    np.add.at(M, (rows.reshape(-1), cols.reshape(-1)), C2.reshape(-1))
-    return M
+    P = _pair_index(N).reshape(-1, 2)
+    out = None
+    for a in range(2):
+        for b in range(2):
+            term = C2[..., a, b].reshape(-1, 1) * X[P[:, a] * N + P[:, b]]
+            out = term if out is None else out.__iadd__(term)
+    return out
 
 
 def _contract4(T4, X):
@@ -206,12 +206,25 @@ def _pair_gather(X, N):
     return X[a1, a2, np.broadcast_to(ga, (N, N, 2, 2)), np.broadcast_to(gb, (N, N, 2, 2))]
 
 
+def _p_transform(P1, F):
+    """sum_{g h} P_{(ab),g} P_{(cd),h} F_{a g c h}: slot g of pair (a, b) is input a (g = 0) or b (g = 1),
+    so the four terms read F on its diagonals F_aacc, F_aacd, F_abcc and F itself (no gathered copies)."""
+    p0, p1 = P1[..., 0], P1[..., 1]
+    out = p1[:, :, None, None] * p1[None, None] * F
+    out += p0[:, :, None, None] * p0[None, None] * np.einsum("aacc->ac", F)[:, None, :, None]
+    out += p0[:, :, None, None] * p1[None, None] * np.einsum("aacd->acd", F)[:, None]
+    out += p1[:, :, None, None] * p0[None, None] * np.einsum("abcc->abc", F)[..., None]
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # one layer
 
 
-def layer_step(act, C_W, lam_W, r, K, Theta, G1, V, H1, A, B, D, F, *, tol: float = 1e-9):
-    """One step l -> l+1 of every first-order recursion (module docstring); numpy float64 in/out."""
+def layer_step(act, C_W, lam_W, r, K, Theta, G1, V, H1, A, B, D, F, *, tol: float = 1e-9,
+               block: int = SET_BLOCK):
+    """One step l -> l+1 of every first-order recursion (module docstring); numpy float64 in/out.
+    ``block``: sets of three or four inputs integrated at once (:func:`efftheory.products.source_moments`)."""
     N = K.shape[0]
     hom = act.homogeneous
     order = None if hom else rule_size(act, float(np.max(np.diag(K))))
@@ -219,59 +232,104 @@ def layer_step(act, C_W, lam_W, r, K, Theta, G1, V, H1, A, B, D, F, *, tol: floa
     S, dS, R2, Rp2, T4, Tp4, P1 = (np.asarray(o) for o in ops)
     Z = C_W * dS
     R2, Rp2 = C_W / 2 * R2, C_W / 2 * Rp2
-    R, Rp = _dense(R2), _dense(Rp2)
-    th = Theta.reshape(-1)
-    Q = (lam_W / C_W) * R + th[:, None] * Rp
+    Q2 = (lam_W / C_W) * R2 + Theta[:, :, None, None] * Rp2  # Q = (lambda_W / C_W) R + diag(Theta) R'
     n2 = N * N
 
-    # single-neuron four-point moments and covariances
-    Mss, Mds, Mdd = source_moments(act, K, tol=tol, order2=order)
-    SS = np.einsum("ab,cd->abcd", S, S)
-    cov_ss = Mss - SS
-    cov_ds = Mds - np.einsum("ab,cd->abcd", dS, S)
-    cov_sd = cov_ds.transpose(2, 3, 0, 1)
-    cov_dd = Mdd - np.einsum("ab,cd->abcd", dS, dS)
-    T12 = Theta[:, :, None, None]
-    T34 = Theta[None, None, :, :]
-
+    # single-neuron four-point moments, turned into covariances in place once B and F have used them
+    # (the N^4 arrays are the memory of this step: finite_width's budget counts _STEP_TENSORS of them)
+    Mss, Mds, Mdd = source_moments(act, K, tol=tol, order2=order, block=block)
     m = lambda X: X.reshape(n2, n2)  # noqa: E731
     t = lambda X: X.reshape(N, N, N, N)  # noqa: E731
-    Vm, Dm, Am = m(V), m(D), m(A)
+    T12 = Theta[:, :, None, None]
+    T34 = Theta[None, None, :, :]
     zf = Z.reshape(-1)
+    B_new = r * Z[:, :, None, None] * Z[None, None, :, :] * B
+    B_new += C_W**2 * Theta[:, None, :, None] * Theta[None, :, None, :] * Mdd
+    F_new = r * C_W**2 * _p_transform(P1, F)
+    F_new += C_W**2 * Theta[:, None, :, None] * Mds.transpose(0, 2, 1, 3)
+    cov_ss, cov_ds, cov_dd = Mss, Mds, Mdd
+    cov_ss -= S[:, :, None, None] * S[None, None]
+    cov_ds -= dS[:, :, None, None] * S[None, None]
+    cov_dd -= dS[:, :, None, None] * dS[None, None]
+    cov_sd = cov_ds.transpose(2, 3, 0, 1)
 
-    V_new = C_W**2 * cov_ss + r * t(R @ Vm @ R.T)
+    Vm = m(V)
+    V_new = t(_apply(R2, _apply(R2, Vm).T).T)  # R V R^T
+    V_new *= r
+    V_new += C_W**2 * cov_ss
     TV = _contract4(T4, V)
-    G1_bracket = (R @ G1.reshape(-1)).reshape(N, N) + C_W / 8 * TV
+    G1_bracket = _apply(R2, G1.reshape(-1, 1)).reshape(N, N) + C_W / 8 * TV
     G1_new = r * G1_bracket
-    B_new = C_W**2 * Theta[:, None, :, None] * Theta[None, :, None, :] * Mdd \
-        + r * Z[:, :, None, None] * Z[None, None, :, :] * B
-    # F: P-transform of the preactivation slots (b, d) of F_{a b c d}
-    a_ = np.arange(N)[:, None, None, None, None, None]
-    b_ = np.arange(N)[None, :, None, None, None, None]
-    c_ = np.arange(N)[None, None, :, None, None, None]
-    d_ = np.arange(N)[None, None, None, :, None, None]
-    gs = np.arange(2)[None, None, None, None, :, None]
-    hs = np.arange(2)[None, None, None, None, None, :]
-    gi = np.where(gs == 0, a_, b_)
-    hi = np.where(hs == 0, c_, d_)
-    coef = P1[a_, b_, gs] * P1[c_, d_, hs]
-    F_new = C_W**2 * Theta[:, None, :, None] * Mds.transpose(0, 2, 1, 3) \
-        + r * C_W**2 * np.sum(coef * F[a_, gi, c_, hi], axis=(-2, -1))
-    D_new = lam_W * C_W * cov_ss + C_W**2 * T12 * cov_ds + r * t(Q @ Vm @ R.T + zf[:, None] * Dm @ R.T)
-    A_src = lam_W**2 * cov_ss + lam_W * C_W * (T34 * cov_sd + T12 * cov_ds) + C_W**2 * T12 * T34 * cov_dd
-    ZD = zf[:, None] * Dm
-    A_new = A_src + r * t(Q @ Vm @ Q.T + ZD @ Q.T + Q @ ZD.T + zf[:, None] * Am * zf[None, :])
+    QV = _apply(Q2, Vm)
+    ZD = zf[:, None] * m(D)
+    D_new = t(_apply(R2, (QV + ZD).T).T)  # (Q V + Z D) R^T
+    D_new *= r
+    D_new += lam_W * C_W * cov_ss
+    D_new += C_W**2 * T12 * cov_ds
+    A_new = t(_apply(Q2, QV.T).T)  # Q V Q^T
+    del QV
+    QZD = _apply(Q2, ZD.T)  # Q (Z D)^T
+    del ZD
+    A_new += t(QZD)
+    A_new += t(QZD.T)
+    del QZD
+    A_new += t(zf[:, None] * m(A) * zf[None, :])
+    A_new *= r
+    A_new += lam_W**2 * cov_ss
+    A_new += lam_W * C_W * (T34 * cov_sd)
+    A_new += lam_W * C_W * (T12 * cov_ds)
+    A_new += C_W**2 * T12 * T34 * cov_dd
+    del Mss, Mds, Mdd, cov_ss, cov_ds, cov_sd, cov_dd
     # H1
     TpV = _contract4(Tp4, V)
     Mx = D + F.transpose(0, 2, 1, 3) + F.transpose(0, 2, 3, 1)  # Mx[a1,a2,g1,g2] = D + F_{1 g1 2 g2} + F_{1 g2 2 g1}
     RpM = np.einsum("pqab,pqab->pq", Rp2, _pair_gather(Mx, N))
     H1_new = r * ((lam_W / C_W) * G1_bracket
-                  + Theta * ((Rp @ G1.reshape(-1)).reshape(N, N) + C_W / 8 * TpV)
+                  + Theta * (_apply(Rp2, G1.reshape(-1, 1)).reshape(N, N) + C_W / 8 * TpV)
                   + Z * H1 + RpM)
     return G1_new, V_new, H1_new, A_new, B_new, D_new, F_new
 
 
-def finite_width(net: MLP, x, *, tol: float = 1e-9, progress: bool = False) -> FiniteWidth:
+_STEP_TENSORS = 20      # (N,)*4 float64 arrays alive at once in layer_step, inputs and outputs included (18 measured)
+_FLOOR = 64 << 20       # quadrature tables and buffers that do not grow with N
+_MIN_BLOCK = 64         # fewest sets per quadrature block a memory budget may force
+
+
+def _plan_memory(N: int, L: int, memory, on_disk: bool) -> int:
+    """Sets per quadrature block within ``memory`` bytes (None: the default block); raises if the
+    held tensors and one layer step alone exceed it."""
+    if memory is None:
+        return SET_BLOCK
+    from .. import _validate
+
+    t4 = 8.0 * N**4
+    held = 0.0 if on_disk else 6.0 * L * t4  # five (L, N,N,N,N) results and one converted copy
+    fixed = held + _STEP_TENSORS * t4 + _FLOOR
+    block = int(min(SET_BLOCK, (memory - fixed) // SET_BYTES)) if memory > fixed else 0
+    if block < _MIN_BLOCK:
+        need = fixed + _MIN_BLOCK * SET_BYTES
+        hint = "" if on_disk else (f"; {_validate._bytes(held)} of it holds the returned tensors: "
+                                   "give store=<directory> to keep them on disk")
+        raise ValueError(f"memory: {_validate._bytes(memory)} is below the {_validate._bytes(need)} that N = {N}, "
+                         f"depth {L} needs ({_validate._bytes(_STEP_TENSORS * t4)} for one layer step{hint})")
+    return block
+
+
+def _config(net: MLP, x: np.ndarray, tol: float) -> dict:
+    """What a store's results depend on (:mod:`._store`): sigma by its values, not its name."""
+    import hashlib
+
+    from .. import __version__
+
+    probe = np.linspace(-6.0, 6.0, 25)
+    fn = np.asarray(net.sigma.fn(jnp.asarray(probe)), dtype=np.float64)
+    return {"net": repr(net), "sigma": hashlib.sha256(fn.tobytes()).hexdigest(),
+            "x": hashlib.sha256(np.ascontiguousarray(x, np.float64).tobytes()).hexdigest() + str(x.shape),
+            "tol": tol, "efftheory": __version__}
+
+
+def finite_width(net: MLP, x, *, tol: float = 1e-9, progress: bool = False, memory: float | None = None,
+                 store=None) -> FiniteWidth:
     """First-order finite-width statistics of every layer of ``net`` on inputs x (N, n_0).
 
     Returns a :class:`FiniteWidth` with K, Theta, G1, H1 (L, N, N) and V, A, B, D, F
@@ -284,6 +342,16 @@ def finite_width(net: MLP, x, *, tol: float = 1e-9, progress: bool = False) -> F
         grows like log(1/tol)^(number of wide directions); one- and two-input integrals are
         always at ~1e-13.  Kinked activations use fixed rules (~1e-4 relative in four dimensions).
       progress: show a progress bar over layers (tqdm).
+      memory: a budget in bytes for the arrays this call allocates (None: no limit).  The Gaussian
+        integrals then run in blocks of sets small enough for it; a budget below what the returned
+        tensors (5 L N^4 float64, unless ``store`` keeps them on disk) and one layer step
+        (~20 N^4 float64) need raises ValueError.  JAX's runtime and compiled kernels (a few
+        hundred MB, independent of N) come on top.
+      store: a directory for the results: each finished layer is written to disk (:mod:`._store`),
+        and V, A, B, D, F come back as read-only memory maps (L, N, N, N, N) that read only the
+        slices used.  A run interrupted for any reason resumes from its last finished layer when
+        called again with the same store and arguments; a finished store is returned without
+        recomputing.  A store written for another computation raises ValueError.
     """
     from .. import _validate
 
@@ -291,25 +359,51 @@ def finite_width(net: MLP, x, *, tol: float = 1e-9, progress: bool = False) -> F
     tol = _validate.real("tol", tol, positive=True)
     if not tol < 1e-2:
         raise ValueError(f"tol: expected a target accuracy below 1e-2, got {tol}")
+    if memory is not None:
+        memory = _validate.real("memory", memory, positive=True)
+    store = _validate.optional_path("store", store)
     inf = infinite_width(net, x)
     Ks, Ts = np.asarray(inf.K), np.asarray(inf.Theta)
     L, N = Ks.shape[0], Ks.shape[1]
+    block = _plan_memory(N, L, memory, store is not None)
     z2, z4 = np.zeros((N, N)), np.zeros((N,) * 4)
-    state = (z2, z4, z2, z4, z4, z4, z4)
-    out = [state]
+    zero = (z2, z4, z2, z4, z4, z4, z4)
+    if store is not None:
+        from ._store import LayerStore
+
+        disk = LayerStore(store, _config(net, np.asarray(x, np.float64), tol), L, N)
+        if disk.done == 0:
+            disk.write(0, zero)
+        first = disk.done
+        state = disk.layer(first - 1) if first < L else None
+        keep = disk.write
+    else:
+        held = [np.empty((L,) + z.shape) for z in zero]
+        first, state = 1, zero
+
+        def keep(l, st):
+            for h, a in zip(held, st):
+                h[l] = a
+
+        keep(0, zero)
     ratios = net.width_ratios()
-    layers = range(1, L)
+    layers = range(first, L)
     if progress:
         from tqdm.auto import tqdm
 
-        layers = tqdm(layers, desc=f"finite_width N={N}", unit="layer")
+        layers = tqdm(layers, desc=f"finite_width N={N}", unit="layer", initial=first - 1, total=L - 1)
     for l in layers:
         state = layer_step(net.sigma, net.C_Ws[l], net.lambda_Ws[l], ratios[l - 1], Ks[l - 1], Ts[l - 1], *state,
-                           tol=tol)
-        out.append(state)
-    stack = [jnp.asarray(np.stack([s[i] for s in out])) for i in range(7)]
-    G1, V, H1, A, B, D, F = stack
-    return FiniteWidth(K=inf.K, Theta=inf.Theta, G1=G1, V=V, H1=H1, A=A, B=B, D=D, F=F, net=net)
+                           tol=tol, block=block)
+        keep(l, state)
+    if store is not None:
+        out = disk.arrays()
+        out["G1"], out["H1"] = jnp.asarray(out["G1"]), jnp.asarray(out["H1"])
+    else:
+        out = {}
+        for name in ("G1", "V", "H1", "A", "B", "D", "F"):  # one kind at a time: one extra copy at most
+            out[name] = jnp.asarray(held.pop(0))
+    return FiniteWidth(K=inf.K, Theta=inf.Theta, net=net, **out)
 
 
 @result(meta=("net",))
