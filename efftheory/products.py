@@ -619,14 +619,13 @@ def _smooth_sets(sig, S, patterns, tol, half: bool, setup=None):
         if tabled:  # set by set: each call builds the tables of a run of sets
             o = np.argsort(oi, kind="stable")
             Li, wi, oi = Li[o], wi[o], oi[o]
-            results += _run_tabled(sig, key, pairs, nchunks, mesh, cap, b, Li, wi, oi, X, W, xk, wk, R, L, ntab)
+            _run_tabled(results, sig, key, pairs, nchunks, mesh, cap, b, Li, wi, oi, X, W, xk, wk, R, L, ntab)
             continue
         kernel = _nested_kernel(sig, key, nchunks, mesh)
         for start in range(0, Li.shape[0], D * per_dev):
             stop = min(start + D * per_dev, Li.shape[0])
             Lb, steps, cnts = _split(Li[start:stop], D, cap, b)
-            results.append((oi[start:stop], wi[start:stop], cnts, per_dev,
-                            kernel(Lb, steps, X, W, xk, wk)))
+            _settle(results, (oi[start:stop], wi[start:stop], cnts, per_dev, kernel(Lb, steps, X, W, xk, wk)))
     own = np.concatenate([r[0] for r in results])
     w = np.concatenate([r[1] for r in results])
     vals = np.concatenate([np.asarray(res).reshape(D, per_dev, P)[d, :c]
@@ -637,6 +636,19 @@ def _smooth_sets(sig, S, patterns, tol, half: bool, setup=None):
     raw = np.add.reduceat(vals, starts, axis=0)  # every set owns at least one item
     maps = _perm_maps(k)[perm[:, -1]]  # (C, P)
     return np.take_along_axis(raw, maps, axis=1)
+
+
+_IN_FLIGHT = 2  # kernel calls dispatched ahead of the one being collected
+
+
+def _settle(results: list, call: tuple) -> None:
+    """Append a dispatched call (owners, weights, counts, per-device items, values) to ``results`` and
+    wait for all but the last _IN_FLIGHT: JAX runs calls asynchronously, and every queued call holds
+    its inputs (items, tables: up to ~40 MB each), so an unbounded queue would hold a block's worth."""
+    results.append(call)
+    if len(results) > _IN_FLIGHT:
+        done = results[-_IN_FLIGHT - 1]
+        results[-_IN_FLIGHT - 1] = done[:4] + (np.asarray(done[4]),)
 
 
 def _split(items, D, cap, b, *extra):
@@ -658,14 +670,13 @@ def _split(items, D, cap, b, *extra):
 _TABLE_ROWS = 1 << 18  # table points per call of the tabulated kernel (6 P float64 coefficients each)
 
 
-def _run_tabled(sig, key, pairs, nchunks, mesh, cap, b, Li, wi, oi, X, W, xk, wk, R, L, ntab):
+def _run_tabled(results, sig, key, pairs, nchunks, mesh, cap, b, Li, wi, oi, X, W, xk, wk, R, L, ntab):
     """Calls of the tabulated kernel over the items (Li, wi, oi) of one group (owners in
-    increasing order, several items per set): each call builds the tables of the sets its items
-    belong to (at most _TABLE_ROWS points) and looks them up."""
+    increasing order, several items per set), appended to ``results`` (:func:`_settle`): each call
+    builds the tables of the sets its items belong to (at most _TABLE_ROWS points) and looks them up."""
     k = Li.shape[1]
     D = mesh.devices.size
     kernel = tabled_kernel(sig, key, pairs, nchunks, mesh)
-    out = []
     start = 0
     while start < Li.shape[0]:
         stop = min(start + D * cap * b, Li.shape[0])
@@ -693,9 +704,8 @@ def _run_tabled(sig, key, pairs, nchunks, mesh, cap, b, Li, wi, oi, X, W, xk, wk
         aux = np.stack([lo[local], 1.0 / dx[local], (pts[local] - 5).astype(np.float64)], 1)
         row = offs[local].astype(np.int32)
         Lb, ab, rb, steps, cnts = _split(Li[start:stop], D, cap, b, aux, row)
-        out.append((oi[start:stop], wi[start:stop], cnts, cap * b, kernel(Lb, ab, rb, steps, X, W, tab)))
+        _settle(results, (oi[start:stop], wi[start:stop], cnts, cap * b, kernel(Lb, ab, rb, steps, X, W, tab)))
         start = stop
-    return out
 
 
 def _polar_sets(sig, dsig, L2, patterns):
