@@ -2,6 +2,7 @@
 
     python benchmarks/bench_finite.py [--small] [--full] [--ns N ...] [--depths L ...]
                                       [--acts tanh relu] [--relu-max-n N] [--no-peers] [--json PATH]
+                                      [--memory BYTES] [--store DIR]
 
 Reports cold (with JAX compilation) and warm times for tanh and relu MLPs on N random inputs
 (normal, 4 dimensions); --full adds N = 16 (the issue's target size), and --ns 32 --depths 10
@@ -16,6 +17,8 @@ error of every entry of V_hat in the last hidden layer to reach 1% of max |V| (a
 printed is that sampling time over the theory's warm time.  It is a lower bound on the cost of measuring
 V: V_hat at one width also carries an O(1/n) bias, which only a width sweep removes.
 --no-peers is accepted for benchmarks/run_all.py's uniform command line.
+--memory BYTES and --store DIR pass finite_width's memory budget and on-disk results through (docs/finite_width.md,
+"Memory"); every row prints the process's peak RSS so far (it only grows from row to row).
 Devices: one CPU device unless EFFTHEORY_CPU_DEVICES=n|all is set (efftheory/__init__.py); the header
 says how many ran.  "cold" is the first call of its shape in this process: rows after the first reuse
 kernels compiled for earlier rows, so only the first row's cold time is a fresh process's.
@@ -60,6 +63,14 @@ def sampling_cost(net, x, fw, n_networks: int):
     return out
 
 
+def peak_rss() -> int:
+    """The process's peak resident memory in bytes so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)
+
+
 def timed(fn):
     t = time.perf_counter()
     out = fn()
@@ -77,6 +88,10 @@ def main(argv=None):
     ap.add_argument("--relu-max-n", type=int, default=4, help="largest N for relu")
     ap.add_argument("--sampling-max-n", type=int, default=4, help="largest N compared with sampling")
     ap.add_argument("--sampling-networks", type=int, default=None, help="networks sampled (default 2000; 200 --small)")
+    ap.add_argument("--memory", type=float, default=None,
+                    help="finite_width(memory=): a budget in bytes for efftheory's arrays")
+    ap.add_argument("--store", default=None,
+                    help="finite_width(store=): keep results on disk, in a fresh subfolder per row")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     mach, load0, t0 = machine(), loadavg(), time.perf_counter()
@@ -94,10 +109,16 @@ def main(argv=None):
                     continue
                 x = np.random.default_rng(N).normal(size=(N, 4))  # the same inputs for every depth and run
                 net = et.MLP(L, 64, act, C_W=C_W)
-                _, cold = timed(lambda: et.finite_width(net, x))
-                fw, warm = timed(lambda: et.finite_width(net, x))
-                row = dict(activation=act, depth=L, N=N, cold_s=cold, warm_s=warm)
-                print(f"{act:5s} depth {L:2d} N {N:2d}: cold {cold:7.2f} s  warm {warm:7.2f} s", flush=True)
+                def run(tag):
+                    store = os.path.join(args.store, f"{act}_L{L}_N{N}_{tag}_{os.getpid()}") if args.store else None
+                    return et.finite_width(net, x, memory=args.memory, store=store)
+
+                _, cold = timed(lambda: run("cold"))
+                fw, warm = timed(lambda: run("warm"))
+                rss = peak_rss()
+                row = dict(activation=act, depth=L, N=N, cold_s=cold, warm_s=warm, peak_rss_bytes=rss)
+                print(f"{act:5s} depth {L:2d} N {N:2d}: cold {cold:7.2f} s  warm {warm:7.2f} s  "
+                      f"(process peak RSS so far {rss / 2**30:.2f} GiB)", flush=True)
                 if N <= args.sampling_max_n:
                     M = args.sampling_networks or (200 if args.small else 2000)
                     c = sampling_cost(net.with_width(SAMPLING_WIDTH), x, fw, M)

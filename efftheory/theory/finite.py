@@ -345,8 +345,8 @@ def finite_width(net: MLP, x, *, tol: float = 1e-9, progress: bool = False, memo
       memory: a budget in bytes for the arrays this call allocates (None: no limit).  The Gaussian
         integrals then run in blocks of sets small enough for it; a budget below what the returned
         tensors (5 L N^4 float64, unless ``store`` keeps them on disk) and one layer step
-        (~20 N^4 float64) need raises ValueError.  JAX's runtime and compiled kernels (a few
-        hundred MB, independent of N) come on top.
+        (~20 N^4 float64) need raises ValueError.  JAX's runtime and compiled kernels come on
+        top (0.5-1.5 GB measured, growing with the number of kernel shapes, not with N^4).
       store: a directory for the results: each finished layer is written to disk (:mod:`._store`),
         and V, A, B, D, F come back as read-only memory maps (L, N, N, N, N) that read only the
         slices used.  A run interrupted for any reason resumes from its last finished layer when
