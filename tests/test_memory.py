@@ -153,6 +153,12 @@ def test_store_refuses_other_runs_and_damage(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="store: .* not an efftheory store"):
         et.finite_width(net, x, store=junk)
     assert os.listdir(junk) == ["notes.txt"]
+    early = tmp_path / "early"  # killed while creating its files, before the first manifest
+    early.mkdir()
+    (early / "V.npy").write_bytes(b"\x93NUMPY partial")
+    (early / ".tmp-x.json").write_text("{")
+    got = et.finite_width(net, x, store=early)
+    np.testing.assert_array_equal(np.asarray(got.V), np.asarray(et.finite_width(net, x).V))
 
 
 def test_memory_budget_errors():

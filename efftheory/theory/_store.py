@@ -14,7 +14,8 @@ fsync, ``os.replace``), so a run killed at any point leaves every layer below ``
 the next run with the same store recomputes from layer ``done`` on.  ``checksums[l]`` is the
 SHA-256 of layer l's seven slices; the layer a run resumes from is checked against it, and a
 store written for another computation, in another format or with missing or damaged files raises
-``ValueError`` naming ``store``.
+``ValueError`` naming ``store``.  A directory with no manifest is started afresh only if it holds
+nothing but these files (a run killed while creating them); any other content is refused.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ class LayerStore:
         if os.path.exists(manifest):
             self._open(manifest)
         else:
-            if os.path.exists(self.path) and (not os.path.isdir(self.path) or os.listdir(self.path)):
+            ours = {f"{n}.npy" for n in NAMES}  # a run killed before its first manifest leaves only these
+            if os.path.exists(self.path) and (not os.path.isdir(self.path) or any(
+                    f not in ours and not f.startswith(".tmp-") for f in os.listdir(self.path))):
                 raise ValueError(f"store: {self.path!r} exists and is not an efftheory store (no manifest.json); "
                                  "give a new or empty directory")
             os.makedirs(self.path, exist_ok=True)
