@@ -50,7 +50,10 @@ def _killed_run(tmp_path, sig) -> tuple[pathlib.Path, pathlib.Path, str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "efftheory", *RUN, "--out", str(out), "--cache", str(cache)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    # SIGINT back to its default in the child: a test run launched in the background by a shell without job
+    # control inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 180
     try:
         while not (cache.is_dir() and _chunks(cache)):
