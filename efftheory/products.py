@@ -148,35 +148,22 @@ def _rule(r):
 _TAIL_MIN = 5.0
 
 
-def _reach(S) -> float:
-    """2 sqrt(k max_i S_ii) TAIL: twice the largest |z| a grid of half-width TAIL reaches for the
-    sets with covariances S (C, k, k), the range over which sigma is bounded (:func:`_tail_for`,
+def _reach(k: int, vmax: float) -> float:
+    """2 sqrt(k vmax) TAIL: twice the largest |z| a grid of half-width TAIL reaches for sets of k
+    inputs whose largest variance is vmax, the range over which sigma is bounded (:func:`_tail_for`,
     :func:`efftheory._tables.table_spacing`)."""
-    return _reach_of(S.shape[1], float(np.max(np.diagonal(S, axis1=1, axis2=2))))
-
-
-def _reach_of(k: int, vmax: float) -> float:
-    """:func:`_reach` of sets of k inputs whose largest variance is vmax."""
     return 2.0 * TAIL * math.sqrt(k * max(vmax, 0.0))
 
 
-def _tail_for(sig, S, tol: float) -> float:
-    """Half-width T <= TAIL of the trapezoid directions for the sets with covariances S (C, k, k).
+def _tail_for(sig, k: int, R: float, tol: float) -> float:
+    """Half-width T <= TAIL of the trapezoid directions for sets of k inputs whose grids reach
+    |z| <= R (:func:`_reach`).
 
     Cutting each of the k directions at |w| = T drops Gaussian mass at most 2 phi(T) / T per
     direction (Mills' ratio), times the largest |integrand|, a product of four sigma or sigma'.
-    That is bounded by g^4, g = max(|sigma|, |sigma'|) over |z| <= 2 sqrt(k max_i S_ii) TAIL
-    (twice the largest |z| any grid of half-width TAIL reaches; sigma evaluated there).  T is the
+    That is bounded by g^4, g = max(|sigma|, |sigma'|) over |z| <= R (sigma evaluated there).  T is the
     smallest multiple of 0.05 in [5, TAIL] with 2 k phi(T) / T g^4 <= tol / e; bounded sigma
     (tanh: g = 1) at tol = 1e-9 gets T = 6.55, a growing one (gelu at K ~ 1) about TAIL."""
-    C, k, _ = S.shape
-    if C == 0:
-        return TAIL
-    return _tail_of(sig, k, _reach(S), tol)
-
-
-def _tail_of(sig, k: int, R: float, tol: float) -> float:
-    """:func:`_tail_for` of sets of k inputs whose grids reach |z| <= R."""
     z = jnp.linspace(-R, R, 4001)
     s, d = jax.jvp(sig, (z,), (jnp.ones_like(z),))
     g = float(jnp.max(jnp.maximum(jnp.abs(s), jnp.abs(d))))
@@ -315,7 +302,7 @@ def _eigen_factor(S):
     return L, scale
 
 
-def _moments_kd(act, sig, dsig, K, sets, patterns, tol, setup=None):
+def _moments_kd(act, sig, dsig, K, sets, patterns, tol, setup):
     """(C, P) pattern moments over sets of k >= 3 distinct inputs (``setup``: :func:`_smooth_setup`
     of all the sets of this size, for smooth sigma)."""
     C, k = sets.shape
@@ -572,13 +559,13 @@ def _smooth_setup(sig, k: int, variances, patterns, tol):
     member carries in ``patterns``, and the table spacing (:func:`efftheory._tables.table_spacing`).
     Computed once per kernel K, so that processing the sets in blocks changes no rule."""
     variances = np.unique(np.asarray(variances, dtype=np.float64))
-    R = _reach_of(k, float(np.max(variances)))
-    tail = _tail_of(sig, k, R, tol)
+    R = _reach(k, float(np.max(variances)))
+    tail = _tail_for(sig, k, R, tol)
     pairs = tuple(sorted({tuple(int(v) for v in pat[i]) for pat in patterns for i in range(k)} - {(0, 0)}))
     return tail, pairs, table_spacing(sig, pairs, R, variances, tol)
 
 
-def _smooth_sets(sig, S, patterns, tol, half: bool, setup=None):
+def _smooth_sets(sig, S, patterns, tol, half: bool, setup):
     """(C, P) pattern moments of smooth sigma over sets with covariances S (C, k, k).
 
     Work items: one set at one node x1 of its widest direction, z = L'[:, 0] + L'[:, 1:] w' with
@@ -590,10 +577,6 @@ def _smooth_sets(sig, S, patterns, tol, half: bool, setup=None):
     one.
     """
     C, k, _ = S.shape
-    if C == 0:
-        return np.zeros((0, len(patterns)))
-    if setup is None:
-        setup = _smooth_setup(sig, k, np.diagonal(S, axis1=1, axis2=2), patterns, tol)
     tail, pairs, dx = setup
     key = tuple(tuple(tuple(int(v) for v in row) for row in pat) for pat in patterns)
     perm, L, kind, n, ntab, R = _conditional_factor(S, tol, tail, dx)
@@ -832,8 +815,9 @@ def source_moments(act, K, *, tol: float = TOL, order2: int | None = None, block
         sets = _sets(N, k)
         patterns, plan = _pattern_table(k)
         setup = _smooth_setup(sig, k, np.diag(K), patterns, tol) if k >= 3 and act.smooth else None
-        for lo in range(0, len(sets), block if k >= 3 else len(sets)):
-            sub = sets[lo:lo + block] if k >= 3 else sets
+        step = block if k >= 3 else len(sets)  # one- and two-input sets: N^2 at most, in one go
+        for lo in range(0, len(sets), step):
+            sub = sets[lo:lo + step]
             if k <= 2:
                 vals = _moments_low(act, sig, dsig, K, sub, patterns, order2)
             else:

@@ -198,15 +198,19 @@ def test_trapezoid_tail_follows_tol_and_growth():
     tighter tol or a growing sigma (gelu) never gets a shorter range, and T never exceeds TAIL."""
     S = np.full((3, 4, 4), 0.5) + 0.5 * np.eye(4)
     tanh, gelu = et.get_activation("tanh").fn, et.get_activation("gelu").fn
-    T = products._tail_for(tanh, S, 1e-9)
+
+    def tail_for(sig, S, tol):  # the sets with covariances S (C, 4, 4)
+        return products._tail_for(sig, 4, products._reach(4, float(np.max(np.diagonal(S, axis1=1, axis2=2)))), tol)
+
+    T = tail_for(tanh, S, 1e-9)
     assert 6.0 < T < products.TAIL
     assert 2 * 4 * math.exp(-T * T / 2) / math.sqrt(2 * math.pi) / T <= 1e-9 / math.e
     T0 = T - 0.05  # the next shorter range would not meet it
     assert 2 * 4 * math.exp(-T0 * T0 / 2) / math.sqrt(2 * math.pi) / T0 > 1e-9 / math.e
-    tails = [products._tail_for(tanh, S, tol) for tol in (1e-5, 1e-7, 1e-9, 1e-12, 1e-16)]
+    tails = [tail_for(tanh, S, tol) for tol in (1e-5, 1e-7, 1e-9, 1e-12, 1e-16)]
     assert tails == sorted(tails) and tails[-1] == products.TAIL
-    assert products._tail_for(gelu, S, 1e-9) >= T
-    assert products._tail_for(gelu, 3 * S, 1e-9) >= products._tail_for(gelu, S, 1e-9)
+    assert tail_for(gelu, S, 1e-9) >= T
+    assert tail_for(gelu, 3 * S, 1e-9) >= tail_for(gelu, S, 1e-9)
 
 
 @pytest.mark.parametrize("name", ["tanh", "softplus"])

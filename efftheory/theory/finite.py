@@ -57,6 +57,7 @@ from ..gaussian import derivative, rule_size
 from ..hermite import hermite_moments2, whiten2
 from ..products import SET_BLOCK, SET_BYTES, source_moments
 from ..network import MLP
+from ._store import NAMES as STATE, LayerStore  # STATE: the order of layer_step's state
 from .infinite import check_net, infinite_width
 
 __all__ = ["FiniteWidth", "FiniteWidthDiagonal", "Prediction", "finite_width", "finite_width_diagonal", "layer_step"]
@@ -369,8 +370,6 @@ def finite_width(net: MLP, x, *, tol: float = 1e-9, progress: bool = False, memo
     z2, z4 = np.zeros((N, N)), np.zeros((N,) * 4)
     zero = (z2, z4, z2, z4, z4, z4, z4)
     if store is not None:
-        from ._store import LayerStore
-
         disk = LayerStore(store, _config(net, np.asarray(x, np.float64), tol), L, N)
         if disk.done == 0:
             disk.write(0, zero)
@@ -401,7 +400,7 @@ def finite_width(net: MLP, x, *, tol: float = 1e-9, progress: bool = False, memo
         out["G1"], out["H1"] = jnp.asarray(out["G1"]), jnp.asarray(out["H1"])
     else:
         out = {}
-        for name in ("G1", "V", "H1", "A", "B", "D", "F"):  # one kind at a time: one extra copy at most
+        for name in STATE:  # one kind at a time: one extra copy at most
             out[name] = jnp.asarray(held.pop(0))
     return FiniteWidth(K=inf.K, Theta=inf.Theta, net=net, **out)
 
