@@ -65,6 +65,7 @@ from .. import _validate
 from .._pytree import result
 from ..gaussian import derivative, range_factor
 from ..network import MLP
+from .finite import _p_transform
 from .infinite import check_net, infinite_width
 
 __all__ = ["DNTKStatistics", "dntk_statistics", "dntk_step", "bf_step", "gaussian_moments"]
@@ -180,10 +181,10 @@ def _slot_derivative(first, second):
 def bf_step(C_W, r, Theta, B, F, M4, E2):
     """One step l -> l+1 of B and F (module docstring; the recursions of finite.py)."""
     C, Th, E11 = C_W, Theta, E2["11"]
-    Du = _slot_derivative(E2["20"], E11)
     B_new = C**2 * Th[:, None, :, None] * Th[None, :, None, :] * M4["1111"] \
         + r * C**2 * E11[:, :, None, None] * E11[None, None, :, :] * B
-    F_new = C**2 * Th[:, None, :, None] * M4["1010"] + r * C**2 * np.einsum("agch,abg,cdh->abcd", F, Du, Du)
+    # sum_{g h} Du[a,b,g] Du[c,d,h] F_{a g c h}, Du on the pair's own inputs: (E20, E11) per pair
+    F_new = C**2 * Th[:, None, :, None] * M4["1010"] + r * C**2 * _p_transform(np.stack([E2["20"], E11], -1), F)
     return B_new, F_new
 
 
