@@ -61,9 +61,9 @@ def test_layer_step_memory_model():
     real = finite.source_moments
     finite.source_moments = lambda *a, **k: tuple(np.full((N,) * 4, 0.1) for _ in range(3))
     try:
-        state = (np.full((N, N), 0.1),) + tuple(np.full((N,) * 4, 0.01 * i) for i in range(1, 3)) \
-            + (np.full((N, N), 0.2),) + tuple(np.full((N,) * 4, 0.01 * i) for i in range(3, 6))
-        state = (state[0], state[1], state[3], state[2], state[4], state[5], state[6])
+        # G1, V, H1, A, B, D, F
+        state = (np.full((N, N), 0.1), np.full((N,) * 4, 0.01), np.full((N, N), 0.2)) \
+            + tuple(np.full((N,) * 4, 0.01 * i) for i in range(2, 6))
         finite.layer_step(act, 1.0, 1.0, 1.0, K, Theta, *state)  # compile the pair operators
         tracemalloc.start()
         base = tracemalloc.get_traced_memory()[0]
