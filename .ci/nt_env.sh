@@ -31,7 +31,7 @@ PY="$VENV/bin/python"
 
 "$PY" -m pip install --quiet --disable-pip-version-check \
     "jax==0.5.3" "jaxlib==0.5.3" "neural-tangents==0.6.5" \
-    numpy scipy matplotlib tqdm pytest
+    numpy scipy matplotlib tqdm filelock pytest
 # efftheory from this checkout; --no-deps keeps pip from upgrading jax past the pin.
 "$PY" -m pip install --quiet --disable-pip-version-check --no-deps -e "$ROOT"
 

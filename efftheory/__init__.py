@@ -12,6 +12,11 @@ sources, ensemble sampling and training then spread their work over them (result
 device).  Not the default because XLA:CPU's multi-device runtime is fragile: in jax 0.10.2 a batched
 LAPACK call (``jnp.linalg.qr``, ``cholesky``, ``solve``) inside a program that runs on two CPU
 devices at once can deadlock (efftheory's own sharded code avoids LAPACK; user code may not).
+
+Compiled programs: importing efftheory turns on JAX's persistent compilation cache in
+``~/.cache/efftheory/xla`` unless JAX already has one, so a later process loads the kernels an
+earlier one compiled instead of compiling them again (``EFFTHEORY_COMPILE_CACHE=off`` or a
+directory: :mod:`efftheory._compile_cache`).
 """
 
 import os as _os
@@ -44,6 +49,10 @@ if _n_cpu is not None and _n_cpu > 1:
         _jax.config.update("jax_num_cpu_devices", _n_cpu)
     except RuntimeError:  # JAX already computed something: its devices are fixed for this process
         pass
+
+from ._compile_cache import configure as _configure_compile_cache  # noqa: E402
+
+_configure_compile_cache()
 
 from .activations import Activation, get_activation  # noqa: E402
 from .network import MLP  # noqa: E402
