@@ -109,6 +109,8 @@ def table_spacing(sig, pairs, R: float, variances, tol: float) -> float:
 
 
 TABLE_CHUNK = 4096  # table points per step of build_tables (table sizes are multiples of it)
+INNER_MAX = 256     # longest inner rule (products: the trapezoid ladder ends at 256 nodes)
+_INNER_BLOCK = 8    # inner nodes evaluated at once (the trapezoid ladder's sizes are multiples of 8)
 
 
 def _lagrange_to_monomial() -> np.ndarray:
@@ -117,28 +119,52 @@ def _lagrange_to_monomial() -> np.ndarray:
     return np.linalg.inv(np.vander(t, _ORDER, increasing=True))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def build_tables(sig, pairs, rows, mu, sd, xk, wk):
-    """Local interpolation coefficients of h_e (e in ``pairs``) for table points mu (M,) (M a
-    multiple of TABLE_CHUNK; each set's points consecutive and equispaced) and their sets' sd (M,),
-    with the inner rule (xk, wk): (rows, 6 P), zero beyond M.  Row j holds, pair by pair, the
-    coefficients a_0..a_5 of p(t) = sum_r a_r t^r, the polynomial through the values at points
-    j-2..j+3 (t = 0 at point j, 1 at point j+1): meaningful for 2 <= j <= (set's points) - 4,
-    the only rows a lookup reaches."""
-    factors = [_factor(sig, *p) for p in pairs]
+def build_tables(sig, pairs, mu, sd, xk, wk):
+    """Local interpolation coefficients of h_e (e in ``pairs``) for table points mu (M,) (each
+    set's points consecutive and equispaced) and their sets' sd (M,), with the inner rule (xk, wk)
+    (at most INNER_MAX nodes): (rows, 6 P) with rows = the next TABLE_CHUNK * 4^j >= M.  Row j
+    holds, pair by pair, the coefficients a_0..a_5 of p(t) = sum_r a_r t^r, the polynomial
+    through the values at points j-2..j+3 (t = 0 at point j, 1 at point j+1): meaningful for
+    2 <= j <= (set's points) - 4, the only rows a lookup reaches; rows past M are meaningless.
 
-    def values(args):
-        m, s = args
-        z = m[:, None] + s[:, None] * xk[None, :]
-        return jnp.stack([g(z) @ wk for g in factors], -1)  # (chunk, P)
+    The compiled program depends on the number of rows and ``pairs`` only: the points in use and
+    the inner nodes are counted at run time."""
+    M, nk = int(np.size(mu)), int(np.size(xk))
+    if nk > INNER_MAX:
+        raise ValueError(f"xk: at most {INNER_MAX} inner nodes, got {nk}")
+    rows = TABLE_CHUNK
+    while rows < M:
+        rows *= 4
+    pad = lambda a, n: np.concatenate([np.asarray(a, np.float64), np.zeros(n - np.size(a))])  # noqa: E731
+    return _build_tables(sig, tuple(pairs), jnp.asarray(pad(mu, rows)), jnp.asarray(pad(sd, rows)),
+                         np.int32(-(-M // TABLE_CHUNK)), jnp.asarray(pad(xk, INNER_MAX)),
+                         jnp.asarray(pad(wk, INNER_MAX)), np.int32(-(-nk // _INNER_BLOCK)))
 
-    v = jax.lax.map(values, (mu.reshape(-1, TABLE_CHUNK), sd.reshape(-1, TABLE_CHUNK))).reshape(mu.size, -1)
-    pad = jnp.zeros((_ORDER, v.shape[1]), v.dtype)
-    vp = jnp.concatenate([pad[:2], v, pad[2:]])
-    window = jnp.stack([vp[r:r + mu.size] for r in range(_ORDER)], 1)  # (M, 6, P): points j-2..j+3
-    coef = jnp.einsum("rq,mqp->mpr", jnp.asarray(_lagrange_to_monomial()), window)
-    coef = coef.reshape(mu.size, _ORDER * len(pairs))
-    return jnp.zeros((rows, coef.shape[1]), coef.dtype).at[:mu.size].set(coef)
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _build_tables(sig, pairs, mu, sd, nchunks, xk, wk, nblocks):
+    rows = mu.shape[0]
+
+    def chunk(c, v):
+        m = jax.lax.dynamic_slice_in_dim(mu, c * TABLE_CHUNK, TABLE_CHUNK)
+        s = jax.lax.dynamic_slice_in_dim(sd, c * TABLE_CHUNK, TABLE_CHUNK)
+
+        def block(j, acc):  # _INNER_BLOCK inner nodes for every point of the chunk: sigma and sigma' once
+            x = jax.lax.dynamic_slice_in_dim(xk, j * _INNER_BLOCK, _INNER_BLOCK)
+            w = jax.lax.dynamic_slice_in_dim(wk, j * _INNER_BLOCK, _INNER_BLOCK)
+            z = m[:, None] + s[:, None] * x[None, :]
+            sg, dg = jax.jvp(sig, (z,), (jnp.ones_like(z),))
+            return acc + jnp.stack([monomial(sg, dg, e0, e1, jnp.ones_like(z)) @ w for e0, e1 in pairs], -1)
+
+        h = jax.lax.fori_loop(0, nblocks, block, jnp.zeros((TABLE_CHUNK, len(pairs)), mu.dtype))
+        return jax.lax.dynamic_update_slice_in_dim(v, h, c * TABLE_CHUNK, 0)
+
+    v = jax.lax.fori_loop(0, nchunks, chunk, jnp.zeros((rows, len(pairs)), mu.dtype))
+    vp = jnp.pad(v, ((2, _ORDER - 2), (0, 0)))  # (rows + 6, P): row j + 2 is point j
+    window = [vp[q:q + rows] for q in range(_ORDER)]  # points j-2..j+3 of every row j
+    C = _lagrange_to_monomial()
+    coef = [sum(float(C[r, q]) * window[q] for q in range(_ORDER) if C[r, q] != 0.0) for r in range(_ORDER)]
+    return jnp.stack(coef, 2).reshape(rows, _ORDER * len(pairs))  # a sum per coefficient: XLA fuses it
 
 
 def _power(cache, s, d, key):

@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.special import roots_hermitenorm
 
-from ._tables import (TABLE_CHUNK, build_tables, monomial, over_items, pattern_sums, sharded, table_spacing,
+from ._tables import (build_tables, monomial, over_items, pattern_sums, sharded, table_spacing,
                       tabled_kernel)
 from .gaussian import derivative, normal_rule
 from .hermite import _polar_monomials, _trapezoid_monomials, whiten2
@@ -687,19 +687,11 @@ def _run_tabled(results, sig, key, pairs, nchunks, mesh, cap, b, Li, wi, oi, X, 
             stop, sets, pts = start + first[fit], sets[:fit], pts[:fit]
         offs = np.cumsum(pts) - pts
         total = int(pts.sum())
-        M = TABLE_CHUNK * _pad_size(-(-total // TABLE_CHUNK))  # few compiled shapes
         # points lo + dx j, j < pts: [-R, R] is cells 2..pts-5 (two points below, three above)
         dx = 2.0 * R[sets] / (pts - 6)
         lo, sd = -R[sets] - 2.0 * dx, L[sets, k - 1, k - 1]
         idx = np.arange(total) - np.repeat(offs, pts)
-        mu = np.zeros(M)
-        mu[:total] = np.repeat(lo, pts) + np.repeat(dx, pts) * idx
-        sdp = np.zeros(M)
-        sdp[:total] = np.repeat(sd, pts)
-        rows = TABLE_CHUNK
-        while rows < M:  # TABLE_CHUNK * 4^j rows: few kernels
-            rows *= 4
-        tab = build_tables(sig, pairs, rows, mu, sdp, xk, wk)
+        tab = build_tables(sig, pairs, np.repeat(lo, pts) + np.repeat(dx, pts) * idx, np.repeat(sd, pts), xk, wk)
         local = np.searchsorted(sets, oi[start:stop])
         aux = np.stack([lo[local], 1.0 / dx[local], (pts[local] - 5).astype(np.float64)], 1)
         row = offs[local].astype(np.int32)

@@ -39,10 +39,7 @@ def _max_error(fn, sd, R, dx, mu, xk, wk):
     dx = 2 * R / (pts - 6)
     lo = -R - 2 * dx
     grid = lo + dx * np.arange(pts)
-    M = -(-pts // _tables.TABLE_CHUNK) * _tables.TABLE_CHUNK
-    mpad = np.zeros(M)
-    mpad[:pts] = grid
-    tab = np.asarray(_tables.build_tables(fn, PAIRS, M, mpad, np.full(M, sd), xk, wk))
+    tab = np.asarray(_tables.build_tables(fn, PAIRS, grid, np.full(pts, sd), xk, wk))
     return max(float(np.max(np.abs(_lookup(tab, pts, lo, dx, mu, j) - _direct(fn, p, mu, sd, xk, wk))))
                for j, p in enumerate(PAIRS))
 
