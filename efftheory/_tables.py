@@ -43,7 +43,7 @@ from ._sharding import shard_map
 from .gaussian import derivative, normal_rule
 
 __all__ = ["table_spacing", "build_tables", "tabled_kernel", "pattern_sums", "over_items", "sharded",
-           "monomial", "TABLE_CHUNK"]
+           "monomial", "TABLE_CHUNK", "INNER_MAX", "INNER_BLOCK"]
 
 _SAFETY = 1.25          # max |g^(6)| between grid points of table_spacing's scan
 _ORDER = 6             # points of the local interpolation (degree 5): cell i uses points i-2..i+3
@@ -110,7 +110,7 @@ def table_spacing(sig, pairs, R: float, variances, tol: float) -> float:
 
 TABLE_CHUNK = 4096  # table points per step of build_tables (table sizes are multiples of it)
 INNER_MAX = 256     # longest inner rule (products: the trapezoid ladder ends at 256 nodes)
-_INNER_BLOCK = 8    # inner nodes evaluated at once (the trapezoid ladder's sizes are multiples of 8)
+INNER_BLOCK = 8    # inner nodes evaluated at once (the trapezoid ladder's sizes are multiples of 8)
 
 
 def _lagrange_to_monomial() -> np.ndarray:
@@ -138,7 +138,7 @@ def build_tables(sig, pairs, mu, sd, xk, wk):
     pad = lambda a, n: np.concatenate([np.asarray(a, np.float64), np.zeros(n - np.size(a))])  # noqa: E731
     return _build_tables(sig, tuple(pairs), jnp.asarray(pad(mu, rows)), jnp.asarray(pad(sd, rows)),
                          np.int32(-(-M // TABLE_CHUNK)), jnp.asarray(pad(xk, INNER_MAX)),
-                         jnp.asarray(pad(wk, INNER_MAX)), np.int32(-(-nk // _INNER_BLOCK)))
+                         jnp.asarray(pad(wk, INNER_MAX)), np.int32(-(-nk // INNER_BLOCK)))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -149,9 +149,9 @@ def _build_tables(sig, pairs, mu, sd, nchunks, xk, wk, nblocks):
         m = jax.lax.dynamic_slice_in_dim(mu, c * TABLE_CHUNK, TABLE_CHUNK)
         s = jax.lax.dynamic_slice_in_dim(sd, c * TABLE_CHUNK, TABLE_CHUNK)
 
-        def block(j, acc):  # _INNER_BLOCK inner nodes for every point of the chunk: sigma and sigma' once
-            x = jax.lax.dynamic_slice_in_dim(xk, j * _INNER_BLOCK, _INNER_BLOCK)
-            w = jax.lax.dynamic_slice_in_dim(wk, j * _INNER_BLOCK, _INNER_BLOCK)
+        def block(j, acc):  # INNER_BLOCK inner nodes for every point of the chunk: sigma and sigma' once
+            x = jax.lax.dynamic_slice_in_dim(xk, j * INNER_BLOCK, INNER_BLOCK)
+            w = jax.lax.dynamic_slice_in_dim(wk, j * INNER_BLOCK, INNER_BLOCK)
             z = m[:, None] + s[:, None] * x[None, :]
             sg, dg = jax.jvp(sig, (z,), (jnp.ones_like(z),))
             return acc + jnp.stack([monomial(sg, dg, e0, e1, jnp.ones_like(z)) @ w for e0, e1 in pairs], -1)

@@ -55,8 +55,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.special import roots_hermitenorm
 
-from ._tables import (build_tables, monomial, over_items, pattern_sums, sharded, table_spacing,
-                      tabled_kernel)
+from ._tables import (INNER_BLOCK, INNER_MAX, build_tables, monomial, over_items, pattern_sums, sharded,
+                      table_spacing, tabled_kernel)
 from .gaussian import derivative, normal_rule
 from .hermite import _polar_monomials, _trapezoid_monomials, whiten2
 
@@ -493,29 +493,51 @@ def _nested_kernel(sig, pattern_key, nchunks, mesh):
     """The jitted :func:`_nested_moments`: L (D * cap, b, k, k) and steps (D,) split over the D
     devices of ``mesh`` (device d computes its ``steps[d]`` sub-batches of its cap), the grids
     replicated."""
-    return sharded(functools.partial(_nested_moments, sig, pattern_key, nchunks), mesh, 1, 4)
+    return sharded(functools.partial(_nested_moments, sig, pattern_key, nchunks), mesh, 1, 5)
 
 
-def _nested_moments(sig, pattern_key, nchunks, L, steps, X, W, xk, wk):
+def _inner_rule(xk, wk):
+    """The last direction's rule as the nested kernel takes it: (xk, wk, blocks), unchanged when it
+    has at most INNER_BLOCK nodes (Gauss-Hermite: 1, 4 or 8), else zero-weight padded to
+    INNER_MAX nodes and walked in blocks, so that its length costs no compiled shape."""
+    if xk.size <= INNER_BLOCK:
+        return xk, wk, np.int32(1)
+    pad = np.zeros(INNER_MAX - xk.size)
+    return np.concatenate([xk, pad]), np.concatenate([wk, pad]), np.int32(-(-xk.size // INNER_BLOCK))
+
+
+def _nested_moments(sig, pattern_key, nchunks, L, steps, X, W, xk, wk, nblocks):
     """vals[s, c, p] for factors L (cap, b, k, k) in which only member k-1 sees direction k-1,
     for the first ``steps`` (a traced count: one compiled kernel serves every call) sub-batches.
 
-    X (k-1, M), W (M): the outer grid (M divisible by ``nchunks``); xk, wk (nk,): the rule of the
-    last direction.  The last member's factors are summed over xk first (conditional moments,
-    one per exponent pair it carries), then every pattern over the outer grid.  Sub-batches
-    (leading axis of L) and outer-grid chunks are visited in loops so that the working set of
-    one step (b * M / nchunks * nk nodes) stays in cache.
+    X (k-1, M), W (M): the outer grid (M divisible by ``nchunks``); xk, wk: the rule of the
+    last direction, in ``nblocks`` (traced) blocks of INNER_BLOCK nodes (zero-weight padded) when
+    it is longer than that, else whole (:func:`_inner_rule`), so that the compiled kernel does not
+    depend on its length.  The last member's factors are summed over xk first (conditional
+    moments, one per exponent pair it carries), then every pattern over the outer grid.
+    Sub-batches (leading axis of L) and outer-grid chunks are visited in loops so that the working
+    set of one step (b * M / nchunks * block nodes) stays in cache.
     """
     k = L.shape[2]
     last = sorted({pat[k - 1] for pat in pattern_key})
+    nb = min(xk.shape[0], INNER_BLOCK)
 
     def chunk(Lb, Xc, Wc):
         c, sd = Lb[:, k - 1, :k - 1], Lb[:, k - 1, k - 1]
         zo = jnp.einsum("cij,jm->icm", Lb[:, :k - 1, :k - 1], Xc)  # (k-1, b, m)
-        zl = jnp.einsum("cj,jm->cm", c, Xc)[None] + sd[None, :, None] * xk[:, None, None]  # (nk, b, m)
-        sl, dl = jax.jvp(sig, (zl,), (jnp.ones_like(zl),))
-        wb = jnp.broadcast_to(wk[:, None, None], zl.shape)
-        h = {(e0, e1): jnp.sum(monomial(sl, dl, e0, e1, wb), axis=0) for e0, e1 in last}
+        mu = jnp.einsum("cj,jm->cm", c, Xc)
+
+        def block(j, h):
+            x = jax.lax.dynamic_slice_in_dim(xk, j * nb, nb)
+            w = jax.lax.dynamic_slice_in_dim(wk, j * nb, nb)
+            zl = mu[None] + sd[None, :, None] * x[:, None, None]  # (nb, b, m)
+            sl, dl = jax.jvp(sig, (zl,), (jnp.ones_like(zl),))
+            wb = jnp.broadcast_to(w[:, None, None], zl.shape)
+            return tuple(a + jnp.sum(monomial(sl, dl, e0, e1, wb), axis=0) for a, (e0, e1) in zip(h, last))
+
+        zero = tuple(jnp.zeros_like(mu) for _ in last)
+        h = block(0, zero) if xk.shape[0] <= INNER_BLOCK else jax.lax.fori_loop(0, nblocks, block, zero)
+        h = dict(zip(last, h))
         return pattern_sums(sig, pattern_key, zo, h, Wc)
 
     return over_items(chunk, len(pattern_key), nchunks, X, W, steps, L)
@@ -595,7 +617,7 @@ def _smooth_sets(sig, S, patterns, tol, half: bool, setup):
         tabled = bool(row[-1])
         X, W = _rest_grid(rules[:-1])
         xk, wk = _rule(rules[-1])
-        per_item = W.size * (1 if tabled else xk.size)
+        per_item = W.size * (1 if tabled else min(xk.size, INNER_BLOCK))
         if per_item > _CHUNK:
             b, nchunks = 1, 1
             while per_item // nchunks > _CHUNK and (W.size // nchunks) % 2 == 0:
@@ -622,10 +644,11 @@ def _smooth_sets(sig, S, patterns, tol, half: bool, setup):
             _run_tabled(results, sig, key, pairs, nchunks, mesh, cap, b, Li, wi, oi, X, W, xk, wk, R, L, ntab)
             continue
         kernel = _nested_kernel(sig, key, nchunks, mesh)
+        inner = tuple(jnp.asarray(a) for a in _inner_rule(xk, wk))
         for start in range(0, Li.shape[0], D * per_dev):
             stop = min(start + D * per_dev, Li.shape[0])
             Lb, steps, cnts = _split(Li[start:stop], D, cap, b)
-            _settle(results, (oi[start:stop], wi[start:stop], cnts, per_dev, kernel(Lb, steps, X, W, xk, wk)))
+            _settle(results, (oi[start:stop], wi[start:stop], cnts, per_dev, kernel(Lb, steps, X, W, *inner)))
     own = np.concatenate([r[0] for r in results])
     w = np.concatenate([r[1] for r in results])
     vals = np.concatenate([np.asarray(res).reshape(D, per_dev, P)[d, :c]
