@@ -21,7 +21,9 @@ V: V_hat at one width also carries an O(1/n) bias, which only a width sweep remo
 "Memory"); every row prints the process's peak RSS so far (it only grows from row to row).
 Devices: one CPU device unless EFFTHEORY_CPU_DEVICES=n|all is set (efftheory/__init__.py); the header
 says how many ran.  "cold" is the first call of its shape in this process: rows after the first reuse
-kernels compiled for earlier rows, so only the first row's cold time is a fresh process's.
+kernels compiled for earlier rows, so only the first row's cold time is a fresh process's.  A fresh
+process loads the kernels an earlier one compiled from efftheory's compilation cache (the header says
+where, efftheory/_compile_cache.py): run with EFFTHEORY_COMPILE_CACHE=off for a first-ever process's time.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from _common import loadavg, machine, machine_line, summary_row, under_load  # noqa: E402
 
@@ -99,6 +102,7 @@ def main(argv=None):
     depths = (3,) if args.small else (3, 10)
     Ns, depths = tuple(args.ns or Ns), tuple(args.depths or depths)
     print(machine_line(mach), flush=True)
+    print(f"compilation cache: {jax.config.jax_compilation_cache_dir or 'off'}", flush=True)
     rows = []
     for act, C_W in (("tanh", 1.0), ("relu", 2.0)):
         if act not in args.acts:
