@@ -43,7 +43,7 @@ from ._sharding import shard_map
 from .gaussian import derivative, normal_rule
 
 __all__ = ["table_spacing", "build_tables", "tabled_kernel", "pattern_sums", "over_items", "sharded",
-           "monomial", "TABLE_CHUNK", "INNER_MAX", "INNER_BLOCK"]
+           "monomial", "inner_blocks", "TABLE_CHUNK", "INNER_MAX", "INNER_BLOCK"]
 
 _SAFETY = 1.25          # max |g^(6)| between grid points of table_spacing's scan
 _ORDER = 6             # points of the local interpolation (degree 5): cell i uses points i-2..i+3
@@ -129,16 +129,26 @@ def build_tables(sig, pairs, mu, sd, xk, wk):
 
     The compiled program depends on the number of rows and ``pairs`` only: the points in use and
     the inner nodes are counted at run time."""
-    M, nk = int(np.size(mu)), int(np.size(xk))
-    if nk > INNER_MAX:
-        raise ValueError(f"xk: at most {INNER_MAX} inner nodes, got {nk}")
+    M = int(np.size(mu))
+    xk, wk, nblocks = inner_blocks(xk, wk)
     rows = TABLE_CHUNK
     while rows < M:
         rows *= 4
-    pad = lambda a, n: np.concatenate([np.asarray(a, np.float64), np.zeros(n - np.size(a))])  # noqa: E731
-    return _build_tables(sig, tuple(pairs), jnp.asarray(pad(mu, rows)), jnp.asarray(pad(sd, rows)),
-                         np.int32(-(-M // TABLE_CHUNK)), jnp.asarray(pad(xk, INNER_MAX)),
-                         jnp.asarray(pad(wk, INNER_MAX)), np.int32(-(-nk // INNER_BLOCK)))
+    pad = lambda a: np.concatenate([np.asarray(a, np.float64), np.zeros(rows - M)])  # noqa: E731
+    return _build_tables(sig, tuple(pairs), jnp.asarray(pad(mu)), jnp.asarray(pad(sd)),
+                         np.int32(-(-M // TABLE_CHUNK)), jnp.asarray(xk), jnp.asarray(wk), nblocks)
+
+
+def inner_blocks(xk, wk):
+    """An inner rule (at most INNER_MAX nodes) as the kernels walk it: (xk, wk) zero-weight padded to
+    INNER_MAX nodes and the number of blocks of INNER_BLOCK nodes that hold the real ones, counted
+    at run time, so that the rule's length costs no compiled shape."""
+    nk = int(np.size(xk))
+    if nk > INNER_MAX:
+        raise ValueError(f"xk: at most {INNER_MAX} inner nodes, got {nk}")
+    pad = np.zeros(INNER_MAX - nk)
+    return (np.concatenate([np.asarray(xk, np.float64), pad]), np.concatenate([np.asarray(wk, np.float64), pad]),
+            np.int32(-(-nk // INNER_BLOCK)))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.special import roots_hermitenorm
 
-from ._tables import (INNER_BLOCK, INNER_MAX, build_tables, monomial, over_items, pattern_sums, sharded,
+from ._tables import (INNER_BLOCK, build_tables, inner_blocks, monomial, over_items, pattern_sums, sharded,
                       table_spacing, tabled_kernel)
 from .gaussian import derivative, normal_rule
 from .hermite import _polar_monomials, _trapezoid_monomials, whiten2
@@ -498,12 +498,11 @@ def _nested_kernel(sig, pattern_key, nchunks, mesh):
 
 def _inner_rule(xk, wk):
     """The last direction's rule as the nested kernel takes it: (xk, wk, blocks), unchanged when it
-    has at most INNER_BLOCK nodes (Gauss-Hermite: 1, 4 or 8), else zero-weight padded to
-    INNER_MAX nodes and walked in blocks, so that its length costs no compiled shape."""
+    has at most INNER_BLOCK nodes (Gauss-Hermite: 1, 4 or 8), else padded and walked in blocks
+    (:func:`efftheory._tables.inner_blocks`)."""
     if xk.size <= INNER_BLOCK:
         return xk, wk, np.int32(1)
-    pad = np.zeros(INNER_MAX - xk.size)
-    return np.concatenate([xk, pad]), np.concatenate([wk, pad]), np.int32(-(-xk.size // INNER_BLOCK))
+    return inner_blocks(xk, wk)
 
 
 def _nested_moments(sig, pattern_key, nchunks, L, steps, X, W, xk, wk, nblocks):
