@@ -43,7 +43,7 @@ from ._sharding import shard_map
 from .gaussian import derivative, normal_rule
 
 __all__ = ["table_spacing", "build_tables", "tabled_kernel", "pattern_sums", "over_items", "sharded",
-           "monomial", "inner_blocks", "TABLE_CHUNK", "INNER_MAX", "INNER_BLOCK"]
+           "monomial", "inner_blocks", "reduce_patterns", "TABLE_CHUNK", "INNER_MAX", "INNER_BLOCK"]
 
 _SAFETY = 1.25          # max |g^(6)| between grid points of table_spacing's scan
 _ORDER = 6             # points of the local interpolation (degree 5): cell i uses points i-2..i+3
@@ -220,19 +220,60 @@ def over_items(chunk, n_pat, nchunks, X, W, steps, *items):
     return jax.lax.fori_loop(0, steps, lambda s, o: o.at[s].set(one_batch(*(a[s] for a in items))), out)
 
 
+def reduce_patterns(pattern_key, so, do, h, Wc):
+    """(b, P): the sums of :func:`pattern_sums` from the outer members' sigma, sigma' ``so``, ``do``
+    (k-1, b, m), as one variadic reduction over the nodes.  XLA:CPU emits it as one loop that forms
+    every pattern at a node from values computed once there (separate sums duplicated the
+    interpolation into every pattern's pass: measured 2x slower, and memory-bound on two cores)."""
+    k = so.shape[0] + 1
+    cache = {}
+    ops = []
+    for pat in pattern_key:
+        f = h[pat[k - 1]] * Wc
+        for i in range(k - 1):
+            if pat[i] != (0, 0):
+                f = f * _power(cache, so, do, (i,) + tuple(pat[i]))
+        ops.append(f)
+    zero = tuple(jnp.zeros((), f.dtype) for f in ops)
+    sums = jax.lax.reduce(tuple(ops), zero, lambda a, b: tuple(x + y for x, y in zip(a, b)), (ops[0].ndim - 1,))
+    return jnp.stack(sums, -1)
+
+
+def _members(L, X, rows):
+    """sum_j L[:, i, j] X[j] for the members i in ``rows``: (len(rows), b, m), elementwise (fuses
+    with its consumer; a (b, k, k) x (k, m) dot came out transposed)."""
+    return jnp.stack([functools.reduce(jnp.add, [L[:, i, j, None] * X[j] for j in range(X.shape[0])])
+                      for i in rows])
+
+
 def _tabled_moments(sig, pattern_key, pairs, nchunks, L, aux, row, steps, X, W, tab):
     """vals[s, c, p] for items L (cap, b, k, k) (outer members in rows 0..k-2, the last member's
     regression coefficients c in row k-1), its table's first ``row`` (cap, b) in ``tab`` and
     ``aux`` (cap, b, 3) = (lo, 1 / dx, last cell) of that table (cells from 2: see
-    :func:`build_tables`); X (k-1, M), W (M) the outer grid."""
-    k = L.shape[2]
+    :func:`build_tables`); X (k-1, M), W (M) the outer grid, in ``nchunks`` chunks.
 
-    def chunk(Lb, ab, rb, Xc, Wc):
-        zo = jnp.einsum("cij,jm->icm", Lb[:, :k - 1, :k - 1], Xc)  # (k-1, b, m)
-        u = (jnp.einsum("cj,jm->cm", Lb[:, k - 1, :k - 1], Xc) - ab[:, 0, None]) * ab[:, 1, None]
+    One loop over (sub-batch, chunk) steps.  sigma and sigma' of the outer members are computed
+    one step ahead, in a pass of their own that XLA vectorises (inside the fused reduction of
+    :func:`reduce_patterns` they were scalar: 17 of 30 ns a node), and carried into the step that
+    uses them."""
+    k = L.shape[2]
+    m = X.shape[1] // nchunks
+    Xs = X.reshape(k - 1, nchunks, m).transpose(1, 0, 2)
+    Ws = W.reshape(nchunks, m)
+
+    def outer(q):
+        s = jnp.minimum(q // nchunks, L.shape[0] - 1)  # past the last step: a value never used
+        z = _members(L[s], Xs[q % nchunks], range(k - 1))
+        return jax.jvp(sig, (z,), (jnp.ones_like(z),))
+
+    def step(q, carry):
+        out, so, do = carry
+        s, c = q // nchunks, q % nchunks
+        Lb, ab, rb, Xc = L[s], aux[s], row[s], Xs[c]
+        u = (_members(Lb, Xc, (k - 1,))[0] - ab[:, 0, None]) * ab[:, 1, None]
         i = jnp.clip(jnp.floor(u), 2.0, ab[:, 2, None])
         t = u - i
-        coef = jnp.take(tab, rb[:, None] + i.astype(rb.dtype), axis=0)  # (b, m, 6 P)
+        coef = tab.at[rb[:, None] + i.astype(rb.dtype)].get(mode="clip")  # (b, m, 6 P)
         h = {}
         for j, p in enumerate(pairs):
             a = coef[..., _ORDER * j:_ORDER * (j + 1)]
@@ -240,9 +281,11 @@ def _tabled_moments(sig, pattern_key, pairs, nchunks, L, aux, row, steps, X, W, 
             for r in range(_ORDER - 2, -1, -1):
                 hp = a[..., r] + t * hp
             h[p] = hp
-        return pattern_sums(sig, pattern_key, zo, h, Wc)
+        vals = reduce_patterns(pattern_key, so, do, h, Ws[c])
+        return (out.at[s].add(vals), *outer(q + 1))
 
-    return over_items(chunk, len(pattern_key), nchunks, X, W, steps, L, aux, row)
+    out = jnp.zeros(L.shape[:2] + (len(pattern_key),), X.dtype)
+    return jax.lax.fori_loop(0, steps * nchunks, step, (out, *outer(0)))[0]
 
 
 def sharded(moments, mesh, n_items: int, n_shared: int):

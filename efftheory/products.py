@@ -73,6 +73,7 @@ _GH_LADDER = (1, 4, 8)
 _KINKED_ORDER = {3: 96, 4: 32}  # isotropic trapezoid for kinked sigma
 _KINKED_TAIL = 7.5
 _GRID_BUDGET = 1 << 21  # nodes x sets evaluated at once (memory ~ 20 arrays of this size)
+_GRID_CHUNK = 1 << 16   # nodes per loop step of the tensor-grid kernel
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,7 +272,7 @@ def _eval_sets(sig, patterns, Ls, rules):
         batch = 1 << max(0, min(8, (_GRID_BUDGET // W.size).bit_length() - 1))
         batch = min(batch, 1 << max(0, (len(members) - 1).bit_length()))  # no all-padding batches
         nchunks = 1
-        while batch * W.size // nchunks > _CHUNK and (W.size // nchunks) % 2 == 0:
+        while batch * W.size // nchunks > _GRID_CHUNK and (W.size // nchunks) % 2 == 0:
             nchunks *= 2
         Lm = Ls[members]
         for start in range(0, len(members), batch):
@@ -565,7 +566,8 @@ def _rest_grid(rules: tuple):
     return np.concatenate([np.ones((1, W.size)), X], 0), W
 
 
-_CHUNK = 1 << 16    # nodes per loop step of the nested kernel (working set in cache)
+_CHUNK = 1 << 12         # nodes (times inner nodes) per loop step of the nested kernel
+_CHUNK_TABLED = 1 << 14  # nodes per loop step of the tabulated kernel
 _CALL = 1 << 22     # nodes per call of the nested kernel
 _ITEMS = 1 << 14    # items per call
 
@@ -617,12 +619,13 @@ def _smooth_sets(sig, S, patterns, tol, half: bool, setup):
         X, W = _rest_grid(rules[:-1])
         xk, wk = _rule(rules[-1])
         per_item = W.size * (1 if tabled else min(xk.size, INNER_BLOCK))
-        if per_item > _CHUNK:
+        chunk = _CHUNK_TABLED if tabled else _CHUNK
+        if per_item > chunk:
             b, nchunks = 1, 1
-            while per_item // nchunks > _CHUNK and (W.size // nchunks) % 2 == 0:
+            while per_item // nchunks > chunk and (W.size // nchunks) % 2 == 0:
                 nchunks *= 2
         else:
-            b, nchunks = min(_pow2_floor(_CHUNK // per_item), 1024), 1
+            b, nchunks = min(_pow2_floor(chunk // per_item), 1024), 1
         cap = max(1, min(_pow2_floor(max(1, _CALL // (b * per_item))), _ITEMS // b))
         # items of the group: every member at every node of its widest direction, set by set
         Ls, ws, own = [], [], []
