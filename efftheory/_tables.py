@@ -43,7 +43,7 @@ from ._sharding import shard_map
 from .gaussian import derivative, normal_rule
 
 __all__ = ["table_spacing", "build_tables", "tabled_kernel", "pattern_sums", "over_items", "sharded",
-           "monomial", "inner_blocks", "reduce_patterns", "TABLE_CHUNK", "INNER_MAX", "INNER_BLOCK"]
+           "monomial", "inner_blocks", "reduce_patterns", "table_rows", "TABLE_CHUNK", "INNER_MAX", "INNER_BLOCK"]
 
 _SAFETY = 1.25          # max |g^(6)| between grid points of table_spacing's scan
 _ORDER = 6             # points of the local interpolation (degree 5): cell i uses points i-2..i+3
@@ -119,24 +119,30 @@ def _lagrange_to_monomial() -> np.ndarray:
     return np.linalg.inv(np.vander(t, _ORDER, increasing=True))
 
 
-def build_tables(sig, pairs, mu, sd, xk, wk):
-    """Local interpolation coefficients of h_e (e in ``pairs``) for table points mu (M,) (each
-    set's points consecutive and equispaced) and their sets' sd (M,), with the inner rule (xk, wk)
-    (at most INNER_MAX nodes): (rows, 6 P) with rows = the next TABLE_CHUNK * 4^j >= M.  Row j
-    holds, pair by pair, the coefficients a_0..a_5 of p(t) = sum_r a_r t^r, the polynomial
-    through the values at points j-2..j+3 (t = 0 at point j, 1 at point j+1): meaningful for
-    2 <= j <= (set's points) - 4, the only rows a lookup reaches; rows past M are meaningless.
-
-    The compiled program depends on the number of rows and ``pairs`` only: the points in use and
-    the inner nodes are counted at run time."""
-    M = int(np.size(mu))
-    xk, wk, nblocks = inner_blocks(xk, wk)
+def table_rows(M: int) -> int:
+    """Rows of a table of M points: the next TABLE_CHUNK * 4^j >= M (few compiled shapes)."""
     rows = TABLE_CHUNK
     while rows < M:
         rows *= 4
+    return rows
+
+
+def build_tables(sig, pairs, mu, sd, xk, wk):
+    """Local interpolation coefficients of h_e (e in ``pairs``) for table points mu (M,) (each
+    set's points consecutive and equispaced) and their sets' sd (M,), with the inner rule (xk, wk)
+    (at most INNER_MAX nodes): (rows, 6 P) with rows = :func:`table_rows` (M).  Row j holds, pair
+    by pair, the coefficients a_0..a_5 of p(t) = sum_r a_r t^r, the polynomial through the values
+    at points j-2..j+3 (t = 0 at point j, 1 at point j+1): meaningful for 2 <= j <= (set's
+    points) - 4, the only rows a lookup reaches; rows past M are meaningless.
+
+    The compiled program depends on the number of rows and ``pairs`` only: the points in use and
+    the inner nodes are counted at run time.  (The tabulated kernel builds its tables itself, on
+    the device that looks them up: :func:`tabled_kernel`.)"""
+    M = int(np.size(mu))
+    rows = table_rows(M)
     pad = lambda a: np.concatenate([np.asarray(a, np.float64), np.zeros(rows - M)])  # noqa: E731
     return _build_tables(sig, tuple(pairs), jnp.asarray(pad(mu)), jnp.asarray(pad(sd)),
-                         np.int32(-(-M // TABLE_CHUNK)), jnp.asarray(xk), jnp.asarray(wk), nblocks)
+                         np.int32(-(-M // TABLE_CHUNK)), *(jnp.asarray(a) for a in inner_blocks(xk, wk)))
 
 
 def inner_blocks(xk, wk):
@@ -151,8 +157,9 @@ def inner_blocks(xk, wk):
             np.int32(-(-nk // INNER_BLOCK)))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _build_tables(sig, pairs, mu, sd, nchunks, xk, wk, nblocks):
+def _table_coefficients(sig, pairs, mu, sd, nchunks, xk, wk, nblocks):
+    """:func:`build_tables` for mu, sd padded to its rows, the first ``nchunks`` chunks of
+    TABLE_CHUNK points in use and the inner rule as :func:`inner_blocks` gives it (traced)."""
     rows = mu.shape[0]
 
     def chunk(c, v):
@@ -175,6 +182,9 @@ def _build_tables(sig, pairs, mu, sd, nchunks, xk, wk, nblocks):
     C = _lagrange_to_monomial()
     coef = [sum(float(C[r, q]) * window[q] for q in range(_ORDER) if C[r, q] != 0.0) for r in range(_ORDER)]
     return jnp.stack(coef, 2).reshape(rows, _ORDER * len(pairs))  # a sum per coefficient: XLA fuses it
+
+
+_build_tables = jax.jit(_table_coefficients, static_argnums=(0, 1))
 
 
 def _power(cache, s, d, key):
@@ -246,11 +256,13 @@ def _members(L, X, rows):
                       for i in rows])
 
 
-def _tabled_moments(sig, pattern_key, pairs, nchunks, L, aux, row, steps, X, W, tab):
+def _tabled_moments(sig, pattern_key, pairs, nchunks, L, aux, row, mu, sd, tchunks, steps, X, W, xk, wk, nblocks):
     """vals[s, c, p] for items L (cap, b, k, k) (outer members in rows 0..k-2, the last member's
-    regression coefficients c in row k-1), its table's first ``row`` (cap, b) in ``tab`` and
-    ``aux`` (cap, b, 3) = (lo, 1 / dx, last cell) of that table (cells from 2: see
-    :func:`build_tables`); X (k-1, M), W (M) the outer grid, in ``nchunks`` chunks.
+    regression coefficients c in row k-1), its table's first ``row`` (cap, b) and ``aux``
+    (cap, b, 3) = (lo, 1 / dx, last cell) of that table (cells from 2: see :func:`build_tables`);
+    X (k-1, M), W (M) the outer grid, in ``nchunks`` chunks.  The tables are built first, from
+    their points mu, sd (rows,) (``tchunks`` (1,) chunks of them in use) and the inner rule
+    (xk, wk, nblocks) (:func:`_table_coefficients`).
 
     One loop over (sub-batch, chunk) steps.  sigma and sigma' of the outer members are computed
     one step ahead, in a pass of their own that XLA vectorises (inside the fused reduction of
@@ -260,6 +272,7 @@ def _tabled_moments(sig, pattern_key, pairs, nchunks, L, aux, row, steps, X, W, 
     m = X.shape[1] // nchunks
     Xs = X.reshape(k - 1, nchunks, m).transpose(1, 0, 2)
     Ws = W.reshape(nchunks, m)
+    tab = _table_coefficients(sig, pairs, mu, sd, tchunks[0], xk, wk, nblocks)
 
     def outer(q):
         s = jnp.minimum(q // nchunks, L.shape[0] - 1)  # past the last step: a value never used
@@ -303,6 +316,7 @@ def sharded(moments, mesh, n_items: int, n_shared: int):
 
 @functools.lru_cache(maxsize=None)
 def tabled_kernel(sig, pattern_key, pairs, nchunks, mesh):
-    """The jitted :func:`_tabled_moments`: items (L, aux, row) and steps split over the devices
-    of ``mesh``, the outer grid and the tables replicated."""
-    return sharded(functools.partial(_tabled_moments, sig, pattern_key, pairs, nchunks), mesh, 3, 3)
+    """The jitted :func:`_tabled_moments`: items (L, aux, row), table points (mu, sd, tchunks) and
+    steps split over the devices of ``mesh`` (each device builds the tables of its own items), the
+    outer grid and the inner rule replicated."""
+    return sharded(functools.partial(_tabled_moments, sig, pattern_key, pairs, nchunks), mesh, 6, 5)

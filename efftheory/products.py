@@ -55,8 +55,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.special import roots_hermitenorm
 
-from ._tables import (INNER_BLOCK, build_tables, inner_blocks, monomial, over_items, pattern_sums, sharded,
-                      table_spacing, tabled_kernel)
+from ._tables import (INNER_BLOCK, TABLE_CHUNK, inner_blocks, monomial, over_items, pattern_sums, sharded,
+                      table_rows, table_spacing, tabled_kernel)
 from .gaussian import derivative, normal_rule
 from .hermite import _polar_monomials, _trapezoid_monomials, whiten2
 
@@ -469,11 +469,9 @@ def _rule_extent(kind, n, tail: float):
 
 
 def _table_points(R, dx: float):
-    """Table points for half-width R at spacing <= dx (two more below -R, three above R, see
-    :func:`_run_tabled`): a padded size (few compiled shapes)."""
-    need = np.maximum(np.ceil(2.0 * R / dx) + 6, 16.0)  # + the end points
-    p = 2.0 ** np.ceil(np.log2(need))  # _pad_size, vectorised
-    return np.where(0.75 * p >= need, 0.75 * p, p).astype(np.int64)
+    """Table points for half-width R at spacing <= dx: two more below -R, three above R (see
+    :func:`_run_tabled`), at least 16.  Not padded: the kernel counts a table's points at run time."""
+    return np.maximum(np.ceil(2.0 * R / dx) + 6, 16.0).astype(np.int64)
 
 
 @functools.lru_cache(maxsize=None)
@@ -697,11 +695,14 @@ _TABLE_ROWS = 1 << 18  # table points per call of the tabulated kernel (6 P floa
 
 def _run_tabled(results, sig, key, pairs, nchunks, mesh, cap, b, Li, wi, oi, X, W, xk, wk, R, L, ntab):
     """Calls of the tabulated kernel over the items (Li, wi, oi) of one group (owners in
-    increasing order, several items per set), appended to ``results`` (:func:`_settle`): each call
-    builds the tables of the sets its items belong to (at most _TABLE_ROWS points) and looks them up."""
+    increasing order, several items per set), appended to ``results`` (:func:`_settle`).  Each call
+    covers sets with at most _TABLE_ROWS table points in all; each device builds the tables of the
+    sets its share of the items belongs to (a set split between two devices is built on both) and
+    looks them up."""
     k = Li.shape[1]
     D = mesh.devices.size
     kernel = tabled_kernel(sig, key, pairs, nchunks, mesh)
+    inner = tuple(jnp.asarray(a) for a in inner_blocks(xk, wk))
     start = 0
     while start < Li.shape[0]:
         stop = min(start + D * cap * b, Li.shape[0])
@@ -710,18 +711,31 @@ def _run_tabled(results, sig, key, pairs, nchunks, mesh, cap, b, Li, wi, oi, X, 
         fit = int(np.searchsorted(np.cumsum(pts), _TABLE_ROWS, side="right"))
         if fit < sets.size:  # end the call before the first set whose table does not fit
             stop, sets, pts = start + first[fit], sets[:fit], pts[:fit]
-        offs = np.cumsum(pts) - pts
-        total = int(pts.sum())
         # points lo + dx j, j < pts: [-R, R] is cells 2..pts-5 (two points below, three above)
         dx = 2.0 * R[sets] / (pts - 6)
         lo, sd = -R[sets] - 2.0 * dx, L[sets, k - 1, k - 1]
-        idx = np.arange(total) - np.repeat(offs, pts)
-        tab = build_tables(sig, pairs, np.repeat(lo, pts) + np.repeat(dx, pts) * idx, np.repeat(sd, pts), xk, wk)
         local = np.searchsorted(sets, oi[start:stop])
         aux = np.stack([lo[local], 1.0 / dx[local], (pts[local] - 5).astype(np.float64)], 1)
-        row = offs[local].astype(np.int32)
+        n = stop - start
+        share = -(-n // D)  # as _split
+        row = np.zeros(n, dtype=np.int32)
+        points = []
+        for d in range(D):
+            mine = slice(d * share, min((d + 1) * share, n))
+            ds, inv = np.unique(local[mine], return_inverse=True)
+            p = pts[ds]
+            offs = np.cumsum(p) - p
+            row[mine] = offs[inv]
+            j = np.arange(int(p.sum())) - np.repeat(offs, p)
+            points.append((np.repeat(lo[ds], p) + np.repeat(dx[ds], p) * j, np.repeat(sd[ds], p)))
+        rows = table_rows(max(m.size for m, _ in points))
+        mu, sdv = np.zeros((D, rows)), np.zeros((D, rows))
+        for d, (m, v) in enumerate(points):
+            mu[d, :m.size], sdv[d, :m.size] = m, v
+        tchunks = np.array([-(-m.size // TABLE_CHUNK) for m, _ in points], dtype=np.int32)
         Lb, ab, rb, steps, cnts = _split(Li[start:stop], D, cap, b, aux, row)
-        _settle(results, (oi[start:stop], wi[start:stop], cnts, cap * b, kernel(Lb, ab, rb, steps, X, W, tab)))
+        _settle(results, (oi[start:stop], wi[start:stop], cnts, cap * b,
+                          kernel(Lb, ab, rb, mu.reshape(-1), sdv.reshape(-1), tchunks, steps, X, W, *inner)))
         start = stop
 
 
