@@ -180,7 +180,8 @@ def test_memory_budget_is_kept(tmp_path):
     x = np.random.default_rng(2).normal(size=(9, 3))
     net = et.MLP(depth=2, width=16, activation="tanh")
     ref = et.finite_width(net, x)
-    budget = finite._FLOOR + finite._STEP_TENSORS * 8 * 9**4 + 100 * products.SET_BYTES
+    budget = (finite._FLOOR + (finite._STEP_TENSORS + 3 * finite._AHEAD) * 8 * 9**4
+              + (1 + finite._AHEAD) * 100 * products.SET_BYTES)  # the sources of 1 + _AHEAD layers at once
     assert finite._plan_memory(9, 2, budget, True) == 100  # 126 four-input sets: two blocks
     tracemalloc.start()
     try:

@@ -47,6 +47,7 @@ gives G1 and H1.  (cov[f, g] is the single-neuron covariance <f g> - <f><g> over
 from __future__ import annotations
 
 import functools
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +61,7 @@ from ..network import MLP
 from ._store import NAMES as STATE, LayerStore  # STATE: the order of layer_step's state
 from .infinite import check_net, infinite_width
 
-__all__ = ["FiniteWidth", "FiniteWidthDiagonal", "Prediction", "finite_width", "finite_width_diagonal", "layer_step"]
+__all__ = ["FiniteWidth", "FiniteWidthDiagonal", "Prediction", "finite_width", "finite_width_diagonal", "layer_step", "layer_sources"]
 
 
 @result
@@ -222,10 +223,18 @@ def _p_transform(P1, F):
 # one layer
 
 
+def layer_sources(act, K, *, tol: float = 1e-9, block: int = SET_BLOCK):
+    """The single-neuron moments Mss, Mds, Mdd of :func:`efftheory.products.source_moments` that
+    :func:`layer_step` at kernel K needs (each (N,)*4; its 2-input rule as layer_step's)."""
+    order = None if act.homogeneous else rule_size(act, float(np.max(np.diag(K))))
+    return source_moments(act, K, tol=tol, order2=order, block=block)
+
+
 def layer_step(act, C_W, lam_W, r, K, Theta, G1, V, H1, A, B, D, F, *, tol: float = 1e-9,
-               block: int = SET_BLOCK):
+               block: int = SET_BLOCK, sources=None):
     """One step l -> l+1 of every first-order recursion (module docstring); numpy float64 in/out.
-    ``block``: sets of three or four inputs integrated at once (:func:`efftheory.products.source_moments`)."""
+    ``block``: sets of three or four inputs integrated at once (:func:`efftheory.products.source_moments`).
+    ``sources``: :func:`layer_sources` (act, K) computed beforehand (overwritten here), or None."""
     N = K.shape[0]
     hom = act.homogeneous
     order = None if hom else rule_size(act, float(np.max(np.diag(K))))
@@ -238,7 +247,7 @@ def layer_step(act, C_W, lam_W, r, K, Theta, G1, V, H1, A, B, D, F, *, tol: floa
 
     # single-neuron four-point moments, turned into covariances in place once B and F have used them
     # (the N^4 arrays are the memory of this step: finite_width's budget counts _STEP_TENSORS of them)
-    Mss, Mds, Mdd = source_moments(act, K, tol=tol, order2=order, block=block)
+    Mss, Mds, Mdd = sources if sources is not None else layer_sources(act, K, tol=tol, block=block)
     m = lambda X: X.reshape(n2, n2)  # noqa: E731
     t = lambda X: X.reshape(N, N, N, N)  # noqa: E731
     T12 = Theta[:, :, None, None]
@@ -292,6 +301,8 @@ def layer_step(act, C_W, lam_W, r, K, Theta, G1, V, H1, A, B, D, F, *, tol: floa
 
 
 _STEP_TENSORS = 20      # (N,)*4 float64 arrays alive at once in layer_step, inputs and outputs included (18 measured)
+_AHEAD = 1              # layers whose sources finite_width computes ahead, in a thread (3 (N,)*4 arrays each;
+                        # 1 + _AHEAD source computations, each with its block of sets, may run at once)
 _FLOOR = 64 << 20       # quadrature tables and buffers that do not grow with N
 _MIN_BLOCK = 64         # fewest sets per quadrature block a memory budget may force
 
@@ -305,15 +316,40 @@ def _plan_memory(N: int, L: int, memory, on_disk: bool) -> int:
 
     t4 = 8.0 * N**4
     held = 0.0 if on_disk else 6.0 * L * t4  # five (L, N,N,N,N) results and one converted copy
-    fixed = held + _STEP_TENSORS * t4 + _FLOOR
-    block = int(min(SET_BLOCK, (memory - fixed) // SET_BYTES)) if memory > fixed else 0
+    fixed = held + (_STEP_TENSORS + 3 * _AHEAD) * t4 + _FLOOR
+    per_set = (1 + _AHEAD) * SET_BYTES  # every source computation in flight holds a block
+    block = int(min(SET_BLOCK, (memory - fixed) // per_set)) if memory > fixed else 0
     if block < _MIN_BLOCK:
-        need = fixed + _MIN_BLOCK * SET_BYTES
+        need = fixed + _MIN_BLOCK * per_set
         hint = "" if on_disk else (f"; {_validate._bytes(held)} of it holds the returned tensors: "
                                    "give store=<directory> to keep them on disk")
         raise ValueError(f"memory: {_validate._bytes(memory)} is below the {_validate._bytes(need)} that N = {N}, "
                          f"depth {L} needs ({_validate._bytes(_STEP_TENSORS * t4)} for one layer step{hint})")
     return block
+
+
+class _Ahead:
+    """fn() computed in a daemon thread: finite_width computes the sources of the next _AHEAD layers
+    while a layer step runs, so that one layer's host work (rules, items, the N^4 algebra) overlaps
+    another's kernels.  Daemon: an interrupted run exits without waiting for it."""
+
+    def __init__(self, fn):
+        self._out = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn):
+        try:
+            self._out = (True, fn())
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread by result()
+            self._out = (False, e)
+
+    def result(self):
+        self._thread.join()
+        ok, value = self._out
+        if not ok:
+            raise value
+        return value
 
 
 def _config(net: MLP, x: np.ndarray, tol: float) -> dict:
@@ -346,7 +382,8 @@ def finite_width(net: MLP, x, *, tol: float = 1e-9, progress: bool = False, memo
       memory: a budget in bytes for the arrays this call allocates (None: no limit).  The Gaussian
         integrals then run in blocks of sets small enough for it; a budget below what the returned
         tensors (5 L N^4 float64, unless ``store`` keeps them on disk) and one layer step
-        (~20 N^4 float64) need raises ValueError.  JAX's runtime and compiled kernels come on
+        (~20 N^4 float64, and 3 more for the next layer's sources, computed meanwhile in a
+        thread) need raises ValueError.  JAX's runtime and compiled kernels come on
         top (0.5-1.5 GB measured, growing with the number of kernel shapes, not with N^4).
       store: a directory for the results: each finished layer is written to disk (:mod:`._store`),
         and V, A, B, D, F come back as read-only memory maps (L, N, N, N, N) that read only the
@@ -391,9 +428,18 @@ def finite_width(net: MLP, x, *, tol: float = 1e-9, progress: bool = False, memo
         from tqdm.auto import tqdm
 
         layers = tqdm(layers, desc=f"finite_width N={N}", unit="layer", initial=first - 1, total=L - 1)
+    ahead = {}  # layer -> its sources, computing in a thread (_Ahead)
+
+    def start(l):
+        if l < L and l not in ahead:
+            ahead[l] = _Ahead(functools.partial(layer_sources, net.sigma, Ks[l - 1], tol=tol, block=block))
+
     for l in layers:
+        for j in range(l, l + 1 + _AHEAD):  # this layer's sources and the next _AHEAD layers'
+            start(j)
+        sources = ahead.pop(l).result()
         state = layer_step(net.sigma, net.C_Ws[l], net.lambda_Ws[l], ratios[l - 1], Ks[l - 1], Ts[l - 1], *state,
-                           tol=tol, block=block)
+                           tol=tol, block=block, sources=sources)
         keep(l, state)
     if store is not None:
         out = disk.arrays()
