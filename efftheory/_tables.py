@@ -195,12 +195,10 @@ def _power(cache, s, d, key):
     return cache[key]
 
 
-def pattern_sums(sig, pattern_key, zo, h, Wc):
-    """(b, P): sum over the outer nodes of Wc h_{e_last} prod_i g_{e_i}(zo_i) for every pattern,
-    zo (k-1, b, m) the outer members, h {exponent pair: (b, m)} the last member's conditional
-    moments (shared by the nested and the tabulated kernel)."""
-    k = zo.shape[0] + 1
-    so, do = jax.jvp(sig, (zo,), (jnp.ones_like(zo),))
+def _pattern_terms(pattern_key, so, do, h, Wc):
+    """Wc h_{e_last} prod_i g_{e_i} (b, m) for every pattern, from the outer members' sigma and
+    sigma' ``so``, ``do`` (k-1, b, m) and the last member's conditional moments h {pair: (b, m)}."""
+    k = so.shape[0] + 1
     cache = {}
     out = []
     for pat in pattern_key:
@@ -208,8 +206,16 @@ def pattern_sums(sig, pattern_key, zo, h, Wc):
         for i in range(k - 1):
             if pat[i] != (0, 0):
                 f = f * _power(cache, so, do, (i,) + tuple(pat[i]))
-        out.append(jnp.sum(f, axis=-1))
-    return jnp.stack(out, -1)
+        out.append(f)
+    return out
+
+
+def pattern_sums(sig, pattern_key, zo, h, Wc):
+    """(b, P): sum over the outer nodes of Wc h_{e_last} prod_i g_{e_i}(zo_i) for every pattern,
+    zo (k-1, b, m) the outer members, h {exponent pair: (b, m)} the last member's conditional
+    moments (the nested kernel's; the tabulated one uses :func:`reduce_patterns`)."""
+    so, do = jax.jvp(sig, (zo,), (jnp.ones_like(zo),))
+    return jnp.stack([jnp.sum(f, axis=-1) for f in _pattern_terms(pattern_key, so, do, h, Wc)], -1)
 
 
 def over_items(chunk, n_pat, nchunks, X, W, steps, *items):
@@ -235,15 +241,7 @@ def reduce_patterns(pattern_key, so, do, h, Wc):
     (k-1, b, m), as one variadic reduction over the nodes.  XLA:CPU emits it as one loop that forms
     every pattern at a node from values computed once there (separate sums duplicated the
     interpolation into every pattern's pass: measured 2x slower, and memory-bound on two cores)."""
-    k = so.shape[0] + 1
-    cache = {}
-    ops = []
-    for pat in pattern_key:
-        f = h[pat[k - 1]] * Wc
-        for i in range(k - 1):
-            if pat[i] != (0, 0):
-                f = f * _power(cache, so, do, (i,) + tuple(pat[i]))
-        ops.append(f)
+    ops = _pattern_terms(pattern_key, so, do, h, Wc)
     zero = tuple(jnp.zeros((), f.dtype) for f in ops)
     sums = jax.lax.reduce(tuple(ops), zero, lambda a, b: tuple(x + y for x, y in zip(a, b)), (ops[0].ndim - 1,))
     return jnp.stack(sums, -1)
