@@ -301,7 +301,7 @@ def layer_step(act, C_W, lam_W, r, K, Theta, G1, V, H1, A, B, D, F, *, tol: floa
 
 
 _STEP_TENSORS = 20      # (N,)*4 float64 arrays alive at once in layer_step, inputs and outputs included (18 measured)
-_AHEAD = 1              # layers whose sources finite_width computes ahead, in a thread (3 (N,)*4 arrays each;
+_AHEAD = 2              # layers whose sources finite_width computes ahead, in threads (3 (N,)*4 arrays each;
                         # 1 + _AHEAD source computations, each with its block of sets, may run at once)
 _FLOOR = 64 << 20       # quadrature tables and buffers that do not grow with N
 _MIN_BLOCK = 64         # fewest sets per quadrature block a memory budget may force
@@ -331,7 +331,8 @@ def _plan_memory(N: int, L: int, memory, on_disk: bool) -> int:
 class _Ahead:
     """fn() computed in a daemon thread: finite_width computes the sources of the next _AHEAD layers
     while a layer step runs, so that one layer's host work (rules, items, the N^4 algebra) overlaps
-    another's kernels.  Daemon: an interrupted run exits without waiting for it."""
+    another's kernels, and on one JAX device two kernels run at once.  Daemon: an interrupted run
+    exits without waiting for it."""
 
     def __init__(self, fn):
         self._out = None
@@ -382,8 +383,8 @@ def finite_width(net: MLP, x, *, tol: float = 1e-9, progress: bool = False, memo
       memory: a budget in bytes for the arrays this call allocates (None: no limit).  The Gaussian
         integrals then run in blocks of sets small enough for it; a budget below what the returned
         tensors (5 L N^4 float64, unless ``store`` keeps them on disk) and one layer step
-        (~20 N^4 float64, and 3 more for the next layer's sources, computed meanwhile in a
-        thread) need raises ValueError.  JAX's runtime and compiled kernels come on
+        (~20 N^4 float64, and 6 more for the next two layers' sources, computed meanwhile in
+        threads) need raises ValueError.  JAX's runtime and compiled kernels come on
         top (0.5-1.5 GB measured, growing with the number of kernel shapes, not with N^4).
       store: a directory for the results: each finished layer is written to disk (:mod:`._store`),
         and V, A, B, D, F come back as read-only memory maps (L, N, N, N, N) that read only the
