@@ -46,6 +46,7 @@ Rules
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import itertools
 import math
@@ -664,10 +665,26 @@ def _smooth_sets(sig, S, patterns, tol, half: bool, setup):
 _IN_FLIGHT = 2  # kernel calls dispatched ahead of the one being collected
 
 
+STOP = contextvars.ContextVar("efftheory_products_stop", default=None)
+
+
+def check_stop() -> None:
+    """Raise Cancelled when the threading.Event in STOP (set by whoever runs source_moments in a
+    thread of its own: efftheory.theory.finite) is set; checked between kernel calls and blocks."""
+    event = STOP.get()
+    if event is not None and event.is_set():
+        raise Cancelled("source_moments cancelled")
+
+
+class Cancelled(Exception):
+    """source_moments stopped by its caller (:func:`check_stop`)."""
+
+
 def _settle(results: list, call: tuple) -> None:
     """Append a dispatched call (owners, weights, counts, per-device items, values) to ``results`` and
     wait for all but the last _IN_FLIGHT: JAX runs calls asynchronously, and every queued call holds
     its inputs (items, tables: up to ~40 MB each), so an unbounded queue would hold a block's worth."""
+    check_stop()
     results.append(call)
     if len(results) > _IN_FLIGHT:
         done = results[-_IN_FLIGHT - 1]
@@ -848,6 +865,7 @@ def source_moments(act, K, *, tol: float = TOL, order2: int | None = None, block
         setup = _smooth_setup(sig, k, np.diag(K), patterns, tol) if k >= 3 and act.smooth else None
         step = block if k >= 3 else len(sets)  # one- and two-input sets: N^2 at most, in one go
         for lo in range(0, len(sets), step):
+            check_stop()
             sub = sets[lo:lo + step]
             if k <= 2:
                 vals = _moments_low(act, sig, dsig, K, sub, patterns, order2)

@@ -193,3 +193,14 @@ def test_memory_budget_is_kept(tmp_path):
     for name in NAMES:
         r = np.asarray(getattr(ref, name))
         np.testing.assert_allclose(np.asarray(getattr(got, name)), r, rtol=1e-13, atol=1e-15 * np.max(np.abs(r)))
+
+
+def test_interrupt_stops_the_source_threads(tmp_path, monkeypatch):
+    """finite_width computes later layers' sources in threads; an interrupted run stops and joins
+    them before the exception leaves finite_width (a thread left inside XLA aborts the interpreter
+    at exit)."""
+    import threading
+
+    net, x = _net(), _x()
+    _interrupt(monkeypatch, net, x, tmp_path / "fw", after=1)
+    assert [t for t in threading.enumerate() if t.name == "efftheory-sources"] == []

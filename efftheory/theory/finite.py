@@ -56,7 +56,7 @@ import numpy as np
 from .._pytree import result
 from ..gaussian import derivative, rule_size
 from ..hermite import hermite_moments2, whiten2
-from ..products import SET_BLOCK, SET_BYTES, source_moments
+from ..products import SET_BLOCK, SET_BYTES, STOP, source_moments
 from ..network import MLP
 from ._store import NAMES as STATE, LayerStore  # STATE: the order of layer_step's state
 from .infinite import check_net, infinite_width
@@ -329,21 +329,29 @@ def _plan_memory(N: int, L: int, memory, on_disk: bool) -> int:
 
 
 class _Ahead:
-    """fn() computed in a daemon thread: finite_width computes the sources of the next _AHEAD layers
-    while a layer step runs, so that one layer's host work (rules, items, the N^4 algebra) overlaps
-    another's kernels, and on one JAX device two kernels run at once.  Daemon: an interrupted run
-    exits without waiting for it."""
+    """fn() computed in a thread: finite_width computes the sources of the next _AHEAD layers while a
+    layer step runs, so that one layer's host work (rules, items, the N^4 algebra) overlaps
+    another's kernels, and on one JAX device two kernels run at once.  :meth:`cancel` stops it at
+    its next kernel call (:func:`efftheory.products.check_stop`) and waits for it (about a second),
+    so that an interrupted finite_width leaves no thread running: measured, a daemon thread here
+    made Ctrl-C end in "terminate called ... exception not rethrown" at interpreter exit."""
 
     def __init__(self, fn):
         self._out = None
-        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(fn,), name="efftheory-sources")
         self._thread.start()
 
     def _run(self, fn):
+        STOP.set(self._stop)  # this thread's context only
         try:
             self._out = (True, fn())
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread by result()
             self._out = (False, e)
+
+    def cancel(self):
+        self._stop.set()
+        self._thread.join()
 
     def result(self):
         self._thread.join()
@@ -435,13 +443,18 @@ def finite_width(net: MLP, x, *, tol: float = 1e-9, progress: bool = False, memo
         if l < L and l not in ahead:
             ahead[l] = _Ahead(functools.partial(layer_sources, net.sigma, Ks[l - 1], tol=tol, block=block))
 
-    for l in layers:
-        for j in range(l, l + 1 + _AHEAD):  # this layer's sources and the next _AHEAD layers'
-            start(j)
-        sources = ahead.pop(l).result()
-        state = layer_step(net.sigma, net.C_Ws[l], net.lambda_Ws[l], ratios[l - 1], Ks[l - 1], Ts[l - 1], *state,
-                           tol=tol, block=block, sources=sources)
-        keep(l, state)
+    try:
+        for l in layers:
+            for j in range(l, l + 1 + _AHEAD):  # this layer's sources and the next _AHEAD layers'
+                start(j)
+            sources = ahead[l].result()
+            del ahead[l]  # after result(): interrupted inside it, it is still cancelled below
+            state = layer_step(net.sigma, net.C_Ws[l], net.lambda_Ws[l], ratios[l - 1], Ks[l - 1], Ts[l - 1],
+                               *state, tol=tol, block=block, sources=sources)
+            keep(l, state)
+    finally:  # interrupted (or failed): stop the sources still computing before leaving
+        for a in ahead.values():
+            a.cancel()
     if store is not None:
         out = disk.arrays()
         out["G1"], out["H1"] = jnp.asarray(out["G1"]), jnp.asarray(out["H1"])
