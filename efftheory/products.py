@@ -691,17 +691,23 @@ def _settle(results: list, call: tuple) -> None:
         results[-_IN_FLIGHT - 1] = done[:4] + (np.asarray(done[4]),)
 
 
-def _split(items, D, cap, b, *extra):
-    """Items (n, ...) of one call spread evenly over D devices: arrays (D * cap, b, ...) (zero
-    padded), steps (D,) (sub-batches each device runs) and the item counts per device."""
-    n = items.shape[0]
+def _shares(n: int, D: int) -> list[slice]:
+    """The items of a call of n that device d gets, d < D: consecutive runs of ceil(n / D)."""
     share = -(-n // D)
-    cnts = [max(0, min(share, n - d * share)) for d in range(D)]
+    return [slice(min(d * share, n), min((d + 1) * share, n)) for d in range(D)]
+
+
+def _split(items, D, cap, b, *extra):
+    """Items (n, ...) of one call spread evenly over D devices (:func:`_shares`): arrays
+    (D * cap, b, ...) (zero padded), steps (D,) (sub-batches each device runs) and the item counts
+    per device."""
+    shares = _shares(items.shape[0], D)
+    cnts = [sl.stop - sl.start for sl in shares]
     out = []
     for a in (items,) + extra:
         buf = np.zeros((D, cap * b) + a.shape[1:], a.dtype)
-        for d in range(D):
-            buf[d, :cnts[d]] = a[d * share:d * share + cnts[d]]
+        for d, sl in enumerate(shares):
+            buf[d, :cnts[d]] = a[sl]
         out.append(buf.reshape((D * cap, b) + a.shape[1:]))
     steps = np.array([-(-c // b) for c in cnts], dtype=np.int32)
     return (*out, steps, cnts)
@@ -733,12 +739,9 @@ def _run_tabled(results, sig, key, pairs, nchunks, mesh, cap, b, Li, wi, oi, X, 
         lo, sd = -R[sets] - 2.0 * dx, L[sets, k - 1, k - 1]
         local = np.searchsorted(sets, oi[start:stop])
         aux = np.stack([lo[local], 1.0 / dx[local], (pts[local] - 5).astype(np.float64)], 1)
-        n = stop - start
-        share = -(-n // D)  # as _split
-        row = np.zeros(n, dtype=np.int32)
+        row = np.zeros(stop - start, dtype=np.int32)
         points = []
-        for d in range(D):
-            mine = slice(d * share, min((d + 1) * share, n))
+        for mine in _shares(stop - start, D):  # each device's items, as _split gives them
             ds, inv = np.unique(local[mine], return_inverse=True)
             p = pts[ds]
             offs = np.cumsum(p) - p

@@ -223,11 +223,15 @@ def _p_transform(P1, F):
 # one layer
 
 
+def _pair_order(act, K):
+    """Nodes per direction of the 2-input trapezoid rule at kernel K (None: the exact polar rule)."""
+    return None if act.homogeneous else rule_size(act, float(np.max(np.diag(K))))
+
+
 def layer_sources(act, K, *, tol: float = 1e-9, block: int = SET_BLOCK):
     """The single-neuron moments Mss, Mds, Mdd of :func:`efftheory.products.source_moments` that
     :func:`layer_step` at kernel K needs (each (N,)*4; its 2-input rule as layer_step's)."""
-    order = None if act.homogeneous else rule_size(act, float(np.max(np.diag(K))))
-    return source_moments(act, K, tol=tol, order2=order, block=block)
+    return source_moments(act, K, tol=tol, order2=_pair_order(act, K), block=block)
 
 
 def layer_step(act, C_W, lam_W, r, K, Theta, G1, V, H1, A, B, D, F, *, tol: float = 1e-9,
@@ -237,7 +241,7 @@ def layer_step(act, C_W, lam_W, r, K, Theta, G1, V, H1, A, B, D, F, *, tol: floa
     ``sources``: :func:`layer_sources` (act, K) computed beforehand (overwritten here), or None."""
     N = K.shape[0]
     hom = act.homogeneous
-    order = None if hom else rule_size(act, float(np.max(np.diag(K))))
+    order = _pair_order(act, K)
     ops = _pair_operators(act.fn, derivative(act.fn), hom, order, 1e-12 if act.smooth else 1e-9, jnp.asarray(K))
     S, dS, R2, Rp2, T4, Tp4, P1 = (np.asarray(o) for o in ops)
     Z = C_W * dS
