@@ -8,7 +8,7 @@ The oracle is built here directly from ``neural_tangents.stax`` -- independently
 ``efftheory.interop.neural_tangents`` -- so the stored file checks both the theory and the interop
 mapping.  Network: ``Dense(W_std=sqrt(C_W), b_std=sqrt(C_b))`` layers in NT's default "ntk"
 parameterization with relu / erf / gelu between them; with lambda = C this is the PDLT network of
-THEORY.md, and layer l's kernels are those of the prefix network ending at Dense layer l.
+docs/theory.md, and layer l's kernels are those of the prefix network ending at Dense layer l.
 
 Inputs are not normalised: five Gaussian rows of scale 3 in n_0 = 7 dimensions, then a copy of
 row 0 (an identical pair), 2.5 x row 1 (a collinear pair) and -0.4 x row 2 (an anti-collinear

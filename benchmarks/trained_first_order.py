@@ -14,7 +14,7 @@ Per network (its own initial NTK H, initial outputs z_0, final test outputs z_T)
 
 All three are unbiased for their targets: the dropped term z_0(x) - H_xD H_DD^{-1} z_0(D) has mean exactly
 zero (odd under the sign flip of the last layer).  Per test input and estimator the width sweep is fitted
-by THEORY.md's m(n) = a + c1/n + c2/n^2 (weighted least squares, standard errors over networks) and
+by docs/theory.md's m(n) = a + c1/n + c2/n^2 (weighted least squares, standard errors over networks) and
 a (expected 0) and c1 are compared with the prediction; the residual after the first-order correction
 is fitted by a log-log slope where it is resolved.  --scale multiplies every ensemble size.
 
@@ -229,7 +229,7 @@ def measure_split(activation: str, widths=SPLIT_WIDTHS, frozen_networks=SPLIT_FR
 
 
 def analyse(widths, means, ses, c1_theory):
-    """THEORY.md's protocol per part (frozen, motion, total) and test input: the fit a + c1/n + c2/n^2 (a free,
+    """docs/theory.md's protocol per part (frozen, motion, total) and test input: the fit a + c1/n + c2/n^2 (a free,
     and a = 0 imposed), the residual r(n) = m(n) - c1_theory/n with its stderr and the log-log slope of |r| over
     the widths where it is resolved (> 2 stderr, >= 3 widths)."""
     w = np.asarray(widths, np.float64)

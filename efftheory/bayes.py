@@ -7,7 +7,7 @@ observation-noise variance sigma^2 = ``noise`` on every training output,
     p(y | z) ~ exp( - sum_{i, d in D} (y_{i;d} - z_{i;d})^2 / (2 sigma^2) ).
 
 The prior over the outputs z_{i;a} of a network of last hidden width n = n_{L-1} is nearly Gaussian
-(THEORY.md, "First order in 1/n"; K, G1, V of the last layer, :func:`efftheory.finite_width`):
+(docs/theory.md, "First order in 1/n"; K, G1, V of the last layer, :func:`efftheory.finite_width`):
 
     E[z_{i;a} z_{j;b}]    = d_ij Kt_ab,       Kt = K + G1/n
     kappa_{(ia)(jb)(kc)(ld)} = (1/n) [d_ij d_kl V_(ab)(cd) + d_ik d_jl V_(ac)(bd) + d_il d_jk V_(ad)(bc)].
@@ -51,7 +51,7 @@ E_0[H_bcd] = mu_b mu_c mu_d + (M_bc mu_d + 2), E_0[H_cd] = mu_c mu_d + M_cd, giv
 and the d_ij structure of kappa gives the formulas above; the G1 terms are the first-order change of
 the Gaussian posterior when K -> K + G1/n.
 
-Widths.  The statistics of the last layer carry 1/n_{L-1} (THEORY.md), so ``mean1`` and ``cov1``
+Widths.  The statistics of the last layer carry 1/n_{L-1} (docs/theory.md), so ``mean1`` and ``cov1``
 multiply 1/n_{L-1}.  :meth:`FiniteWidthPosterior.at_width` follows
 :meth:`efftheory.FiniteWidth.at_width`: n=None uses the network's own widths, n rescales the hidden
 widths so that n_1 = n (then n_{L-1} = n n_{L-1}/n_1).  Depth 1 has no hidden layer: the prior is

@@ -338,7 +338,7 @@ def _cmd_compare(args) -> int:
         extra["criticality"] = {"universality_class": crit.universality_class, "C_W": crit.C_W, "C_b": crit.C_b,
                                 "K_star": crit.K_star}
     if not (len(widths) >= 4 and widths[-1] >= 8 * widths[0]):
-        _log("note: THEORY.md's protocol asks for at least 4 widths spanning a factor of 8; fits are indicative only")
+        _log("note: docs/theory.md's protocol asks for at least 4 widths spanning a factor of 8; fits are indicative only")
     _log(f"{PROG} compare: {_describe(net, crit)}; widths {','.join(map(str, widths))}; "
          f"{args.networks} networks per width; cache {cache}")
     report = cmp.compare(net, x, widths, args.networks, args.seed, dtype=args.dtype, cache_dir=cache,
@@ -565,7 +565,7 @@ def _cmd_train(args) -> int:
     argv += [f for f, on in (("--critical", args.critical), ("--last-layer", args.last_layer)) if on]
     extra = {"data": ds.name, "critical": bool(args.critical), "command": "efftheory " + " ".join(argv)}
     if not (len(widths) >= 4 and widths[-1] >= 8 * widths[0]):
-        _log("note: THEORY.md's protocol asks for at least 4 widths spanning a factor of 8; fits are indicative only")
+        _log("note: docs/theory.md's protocol asks for at least 4 widths spanning a factor of 8; fits are indicative only")
     _log(f"{PROG} train: {_describe(net, crit)}{', last layer only' if args.last_layer else ''}; widths "
          f"{','.join(map(str, widths))}; {args.networks} networks per width, {args.steps} steps; cache {cache}")
     try:

@@ -1,11 +1,11 @@
 r"""Theory beside measurement: first-order predictions against sampled finite networks.
 
-Every comparison here puts a statistic in the form THEORY.md states it,
+Every comparison here puts a statistic in the form docs/theory.md states it,
 
     m(n) = a + c1/n + O(1/n^2),      n = the hidden width (n_{l-1} for layers l >= 2),
 
 measures m(n) on ensembles at several widths (standard errors over networks), and fits the
-width-sweep protocol of THEORY.md ("How a prediction is confirmed") entry by entry:
+width-sweep protocol of docs/theory.md ("How a prediction is confirmed") entry by entry:
 
 =============  =======================================  =================  ===================
 statistic      measured quantity                        a (n = inf)        c1 (first order)
@@ -119,7 +119,7 @@ class Row:
 class Fit:
     """The width-sweep fit m(n) = a + c1/n [+ c2/n^2] of one entry, against the predictions.
 
-    ``agrees`` is THEORY.md's verdict (:func:`efftheory.empirical.agrees`): a and c1 within 3 standard
+    ``agrees`` is docs/theory.md's verdict (:func:`efftheory.empirical.agrees`): a and c1 within 3 standard
     errors and, where the residual after the first-order correction is resolved, slope -2 +- 0.3.
     """
 
@@ -285,7 +285,7 @@ class Report:
                 "measured": "ensemble mean over networks at this width, stderr over networks",
                 "predicted_infinite": "a: the infinite-width value",
                 "predicted_first_order": "a + c1/n with the first-order (1/n) coefficient c1 of efftheory.finite_width",
-                "fit": "weighted least squares m(n) = a + c1/n + c2/n^2 over the widths (THEORY.md protocol); "
+                "fit": "weighted least squares m(n) = a + c1/n + c2/n^2 over the widths (docs/theory.md protocol); "
                        "agrees: |a - a_pred| <= 3 se, |c1 - c1_pred| <= 3 se, residual slope -2 +- 0.3 where resolved",
             },
             "rows": [_row_dict(r) for r in self.rows],
@@ -469,7 +469,7 @@ def _theory_arrays(theory, L: int | None = None):
 
 # ------------------------------------------------------------------------------------------ comparisons
 def metric_comparison(sweep, theory) -> StatisticComparison:
-    """E[z_{i;a1} z_{i;a2}] at every layer against K + G1/n (THEORY.md, first order)."""
+    """E[z_{i;a1} z_{i;a2}] at every layer against K + G1/n (docs/theory.md, first order)."""
     from . import empirical as em
 
     L = _check_theory(theory, sweep)
@@ -556,7 +556,7 @@ def four_point_depth(sweep, theory, input: int = 0) -> DepthProfile:
 
 
 def _reference_growth(net: MLP, L: int) -> tuple:
-    """Known depth growth of V/(n K^2) at criticality (THEORY.md): 5(l-1)/n for relu, (2/3) l/n for tanh
+    """Known depth growth of V/(n K^2) at criticality (docs/theory.md): 5(l-1)/n for relu, (2/3) l/n for tanh
     (asymptotic).  Returned at n = 1."""
     name = getattr(net.sigma, "name", "")
     ells = np.arange(1, L + 1, dtype=np.float64)
@@ -650,7 +650,7 @@ def compare(net: MLP, x, widths, n_networks: int, seed: int = 0, *, dtype="float
     Args:
       net: the MLP (uniform hidden width; its width is replaced by each of ``widths``); depth >= 2.
       x: inputs (N, n_0), N <= 8.
-      widths: hidden widths (distinct, >= 1); THEORY.md's protocol asks for >= 4 spanning >= 8x.
+      widths: hidden widths (distinct, >= 1); docs/theory.md's protocol asks for >= 4 spanning >= 8x.
       n_networks: networks per width, >= 2.
       seed: network m at width n uses fold_in(fold_in(PRNGKey(seed), n), m) (efftheory.empirical.sample).
       dtype: "float32" (default, faster) or "float64" arithmetic of the sampled networks.

@@ -7,7 +7,7 @@ outputs z_T(x) are compared with the infinite-width ensemble of :func:`efftheory
 (the same eta, the same T), statistic by statistic:
 
 =====================  ===============================================  =============================
-statistic              estimator (standard errors over networks)        n = inf (THEORY.md protocol)
+statistic              estimator (standard errors over networks)        n = inf (docs/theory.md protocol)
 =====================  ===============================================  =============================
 mean E[z_T(x)]         P_T y + mean of (z_T - zhat_T)                   P_T y
 variance Var z_T(x)    mean of (A K^ A^T)_xx + S^2(z_T) - S^2(zhat_T)   Cov_T(x, x)
@@ -30,7 +30,7 @@ E[zhat_T | layers 1..L-1] = P_T y is constant).  Hence
 where z_T - zhat_T vanishes at infinite width and K^ fluctuates only at O(n^-1/2): the random parts
 that remain are small, so the standard errors (over networks, jackknifed) shrink with the width as well.
 
-Mean and variance are fitted per test input by the width sweep of THEORY.md (m(n) = a + c1/n + c2/n^2,
+Mean and variance are fitted per test input by the width sweep of docs/theory.md (m(n) = a + c1/n + c2/n^2,
 :func:`efftheory.empirical.width_sweep_fit`) and a is compared with the infinite-width value; their rms
 deviation over the test inputs, sqrt(mean_x (m_n(x) - m_inf(x))^2) (squared deviation jackknifed, so
 unbiased), and the NTK changes are reported against n with fitted log-log slopes (:func:`loglog_slope`).

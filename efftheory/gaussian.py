@@ -1,6 +1,6 @@
 r"""The Gaussian-expectation engine behind every recursion.
 
-Notation (THEORY.md): <f>_K is the expectation of f(z) for z ~ N(0, K).
+Notation (docs/theory.md): <f>_K is the expectation of f(z) for z ~ N(0, K).
 
 Rules
 -----
@@ -26,7 +26,7 @@ once (a ReLU's sigma'' is a delta).  Stein's lemma in whitened coordinates u = L
 
     <d^k f / dz_{g1}..dz_{gk}> = <f(z) He_{g1..gk}(z; Sigma)>,
 
-with He the multivariate Hermite polynomials of THEORY.md (u_a u_b - Sigma^{-1}_ab, and the
+with He the multivariate Hermite polynomials of docs/theory.md (u_a u_b - Sigma^{-1}_ab, and the
 quartic one), is implemented in :mod:`efftheory.hermite` (whitened coordinates, pseudo-inverse
 for singular covariances).
 

@@ -1,7 +1,7 @@
 r"""Pairwise Gaussian expectations by the Mehler (Hermite) expansion: N one-dimensional rules and a
 power series in the correlation, instead of N^2 two-dimensional rules.
 
-Notation as in THEORY.md: for two inputs a, b and z ~ N(0, K) write
+Notation as in docs/theory.md: for two inputs a, b and z ~ N(0, K) write
 
     rho_ab = K_ab / sqrt(K_aa K_bb),        h_k(x) = He_k(x) / sqrt(k!)
 
@@ -20,7 +20,7 @@ costs N one-dimensional integrals (one per distinct diagonal entry; one in all w
 the same norm), and the N^2 part is the polynomial (M) evaluated elementwise by Horner's rule in rho.
 
 With f = g = sigma this gives S_ab = <sigma_a sigma_b>_K, and with f = g = sigma' the NTK's
-dS_ab = <sigma'_a sigma'_b>_K (THEORY.md, "Infinite width").
+dS_ab = <sigma'_a sigma'_b>_K (docs/theory.md, "Infinite width").
 
 Truncation error
 ----------------

@@ -1,4 +1,4 @@
-r"""The MLP specification shared by the theory and the empirical module (THEORY.md, "The network").
+r"""The MLP specification shared by the theory and the empirical module (docs/theory.md, "The network").
 
     z^(1)_{i;a}   = b^(1)_i   + sum_j W^(1)_{ij} x_{j;a}
     z^(l+1)_{i;a} = b^(l+1)_i + sum_j W^(l+1)_{ij} sigma(z^(l)_{j;a})
@@ -107,7 +107,7 @@ class MLP:
     def width_ratios(self) -> tuple[float, ...]:
         """r_l = n_l / n_{l-1} for l = 1..L-1 (index 0 is r_1 = n_1/n_1 = 1 by convention, unused).
 
-        Entry l-1 multiplies the recursion step from layer l to l+1 (THEORY.md: r_l = n_l/n_{l-1});
+        Entry l-1 multiplies the recursion step from layer l to l+1 (docs/theory.md: r_l = n_l/n_{l-1});
         for l = 1 the ratio involves n_0 and never enters because V^(1) = G1^(1) = 0.
         """
         ws = self.hidden_widths

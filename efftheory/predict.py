@@ -5,12 +5,12 @@ Notation: D = the N_D training inputs (targets y, shape (N_D, k)), x = the N_T t
 are the last layer's NNGP kernel and NTK of :func:`efftheory.infinite_width` evaluated on the training
 and test inputs together (:func:`train_test_kernels`), with blocks K_DD, K_xD = K_Dx^T, K_xx (likewise
 Theta).  At initialization the outputs z_{i;a} are, for each output neuron i independently, a Gaussian
-process with mean 0 and covariance K (THEORY.md, "Infinite width").
+process with mean 0 and covariance K (docs/theory.md, "Infinite width").
 
 Gradient descent (:func:`gradient_descent`)
 -------------------------------------------
 Full-batch GD on L = 1/2 sum_{a in D, i} (z_{i;a} - y_{i;a})^2 with the learning-rate tensor of
-THEORY.md and global learning rate eta moves the outputs by the NTK; at infinite width the NTK is frozen
+docs/theory.md and global learning rate eta moves the outputs by the NTK; at infinite width the NTK is frozen
 at Theta and the outputs are linear in the parameters over the whole trajectory, so the discrete-time
 recursion (PDLT ch. 10)
 

@@ -2,13 +2,13 @@
 
 * A Gaussian mixture with random covariance Sigma(s) = K + eps G1 + (s - 1) Q, s ~ Gamma with mean 1
   and variance eps, has exactly metric K + eps G1 and fourth cumulant eps (Q Q + 2 pairings) with the
-  d_ij structure of THEORY.md (V = Q (x) Q, 1/n = eps).  Its exact posterior is a one-dimensional
+  d_ij structure of docs/theory.md (V = Q (x) Q, 1/n = eps).  Its exact posterior is a one-dimensional
   integral over s (scipy quadrature); the first-order coefficient is d/d eps at eps = 0
   (Richardson extrapolation of difference quotients at three eps).
 * Any pair-symmetric V is the covariance of a random metric G^ (to this order), and a Gaussian with a
   random metric averages as E[F(G^)] = F(K) + (1/n)[G1 . dF + (1/2) V . d^2 F]: the posterior moments
   of a Gaussian prior differentiated twice in the metric numerically (no Edgeworth, no Wick).
-* Deep linear network: G1 = 0 and V closed form (THEORY.md), non-uniform widths.
+* Deep linear network: G1 = 0 and V closed form (docs/theory.md), non-uniform widths.
 """
 
 import math

@@ -16,7 +16,7 @@ Two estimators of the posterior from the same networks m = 1..M:
 
 Both are self-normalised ratios; standard errors by the delta method (influence functions) over
 networks.  Statistics: posterior mean of both components, Var of each and their covariance, fitted as
-a + c1/n + c2/n^2 (THEORY.md protocol): a against the NNGP posterior, c1 against
+a + c1/n + c2/n^2 (docs/theory.md protocol): a against the NNGP posterior, c1 against
 FiniteWidthPosterior.mean1 / cov1, within 3 standard errors; where the residual after the first-order
 correction is resolved, its log-log slope is -2 within 0.3 (plus twice its standard error).
 The test also shows that the output components are coupled: the c1 of the k = 1 problems solved one

@@ -80,7 +80,7 @@ def test_duplicate_inputs_four_index_tensors_are_the_single_computation(duplicat
 def test_collinear_relu_closed_forms(C_W):
     """x and 2x, C_b = 0: z(2x) = 2 z(x) in every network, so every tensor is the single-input one times
     2^(number of indices on 2x); single-input ReLU with C_b = 0 has K^(l) = (C_W/2)^(l-1) K^(1),
-    Theta^(l) = l K^(l), V^(l) = 5 (l-1) K^(l)^2 and G1 = 0 (THEORY.md's recursions, solved by hand)."""
+    Theta^(l) = l K^(l), V^(l) = 5 (l-1) K^(l)^2 and G1 = 0 (docs/theory.md's recursions, solved by hand)."""
     L = 3
     net = et.MLP(L, 16, "relu", C_W=C_W, C_b=0.0)
     fw = et.finite_width(net, np.stack([XA, 2 * XA]))
@@ -94,7 +94,7 @@ def test_collinear_relu_closed_forms(C_W):
         np.testing.assert_allclose(_arr(fw, "V")[l - 1], 5 * (l - 1) * Kl**2 * np.einsum("a,b,c,d->abcd", s, s, s, s),
                                    rtol=1e-12, atol=1e-14 * Kl**2)
     np.testing.assert_allclose(_arr(fw, "G1"), 0.0, atol=1e-13 * K1)
-    if C_W == 2.0:  # criticality: the diagonal of the mean NTK has no 1/n correction (THEORY.md)
+    if C_W == 2.0:  # criticality: the diagonal of the mean NTK has no 1/n correction (docs/theory.md)
         np.testing.assert_allclose(_arr(fw, "H1"), 0.0, atol=1e-12 * K1)
     s4 = np.einsum("a,b,c,d->abcd", s, s, s, s)
     for name in FOUR:
@@ -184,7 +184,7 @@ def test_homogeneous_kernels_scale_exactly(activation, s):
 def test_tiny_inputs_see_the_linear_network(activation):
     """At inputs of size 1e-6 (K ~ 1e-12) sigma(z) = sigma'(0) z + O(z^2): the network is deep linear with
     C_W' = C_W sigma'(0)^2, so K^(l) = C_W'^(l-1) K^(1) and V^(l) = (l-1) C_W'^(2(l-1)) (K13 K24 + K14 K23)
-    (THEORY.md, exact results), to relative O(K) ~ 1e-12 (plus sigma''(0) z terms for gelu: O(sqrt K))."""
+    (docs/theory.md, exact results), to relative O(K) ~ 1e-12 (plus sigma''(0) z terms for gelu: O(sqrt K))."""
     slope = {"tanh": 1.0, "erf": 2 / math.sqrt(math.pi), "gelu": 0.5, "sin": 1.0}[activation]
     C_W, L, s = 1.3, 3, 1e-6
     x = s * np.stack([XA, XB])
@@ -266,7 +266,7 @@ def test_huge_inputs_tanh_sees_the_sign_network():
 
 # ------------------------------------------------------------------------------------------ one input, one layer
 def test_single_input_exact_results():
-    """THEORY.md's exact single-input results: ReLU at criticality V = 5 K^2 (l-1), G1 = 0, H1 = 0; deep linear
+    """docs/theory.md's exact single-input results: ReLU at criticality V = 5 K^2 (l-1), G1 = 0, H1 = 0; deep linear
     V = (l-1) C_W^(2(l-1)) 2 K1^2, G1 = 0; and finite_width_diagonal reads the same numbers."""
     L = 3
     relu = et.finite_width(et.MLP(L, 8, "relu", C_W=2.0, C_b=0.0), XA[None])
@@ -310,7 +310,7 @@ def test_depth_one(activation):
 @pytest.mark.parametrize("widths", [[64, 1, 64], [1, 64, 64], [64, 64, 1]])
 def test_one_very_narrow_layer_deep_linear(widths):
     """Deep linear, C_b = 0, widths n_1..n_{L-1}: the first-order connected four-point function at layer l is
-    V^(l)/n_{l-1} = C_W^(2(l-1)) (K13 K24 + K14 K23) sum_{k<l} 1/n_k (THEORY.md's V recursion with
+    V^(l)/n_{l-1} = C_W^(2(l-1)) (K13 K24 + K14 K23) sum_{k<l} 1/n_k (docs/theory.md's V recursion with
     r_l = n_l/n_{l-1}, unrolled by hand)."""
     C_W = 1.3
     x = np.stack([XA, XB])

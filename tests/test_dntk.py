@@ -131,7 +131,7 @@ def _single_input_reference(net, x1):
     inf = infinite_width(net, x1)
     K, Th = np.asarray(inf.K)[:, 0, 0], np.asarray(inf.Theta)[:, 0, 0]
     out = [np.zeros(6)]
-    b = f = 0.0  # single-input B and F (THEORY.md / finite.py recursions), carried along
+    b = f = 0.0  # single-input B and F (docs/theory.md / finite.py recursions), carried along
     for ell in range(1, net.depth):
         k, th, C, lam, r = K[ell - 1], Th[ell - 1], net.C_Ws[ell], net.lambda_Ws[ell], 1.0
 

@@ -1,4 +1,4 @@
-"""Sampled networks against the theory, by THEORY.md's width-sweep protocol.
+"""Sampled networks against the theory, by docs/theory.md's width-sweep protocol.
 
 The slow checks carry ``@pytest.mark.physics`` (run them with ``-m physics``; a few minutes on two
 CPU cores); ``test_cheap_sweep_matches_infinite_width`` is their small version in the default suite.
@@ -120,7 +120,7 @@ def test_deep_linear_fourth_moment_with_explicit_weights():
 
 @pytest.mark.physics
 def test_relu_exact_single_input_results():
-    """ReLU at criticality, one input (THEORY.md exact results): K constant in depth,
+    """ReLU at criticality, one input (docs/theory.md exact results): K constant in depth,
     V^(l) = 5 K^2 (l - 1), G1_aa = 0 and H1_aa = 0 (no 1/n correction to the diagonal metric or NTK)."""
     net = efftheory.MLP(4, 8, "relu", C_W=2.0)
     x = np.array([[1.0, -0.4, 0.6]])

@@ -52,7 +52,7 @@ def linear_sweep():
 
 
 def test_deep_linear_fourth_moment_is_exact_at_any_width(linear_sweep):
-    """E[z^4] / (3 E[z^2]^2) = (1 + 2/n)^(l-1) (THEORY.md, exact results), same neuron."""
+    """E[z^4] / (3 E[z^2]^2) = (1 + 2/n)^(l-1) (docs/theory.md, exact results), same neuron."""
     net, x, sweep = linear_sweep
     for n in sweep.widths:
         est = E.fourth_moment_ratio(sweep[n])

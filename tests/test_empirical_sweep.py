@@ -1,4 +1,4 @@
-"""efftheory.empirical.sweep: the a + c1/n + c2/n^2 width-sweep protocol of THEORY.md."""
+"""efftheory.empirical.sweep: the a + c1/n + c2/n^2 width-sweep protocol of docs/theory.md."""
 
 import numpy as np
 import pytest

@@ -21,7 +21,7 @@ def gauss(f, K):
 
 
 def single_input_reference(name, depth, C_W, C_b, x2):
-    """THEORY.md's closed single-input recursions, integrated with scipy (independent path)."""
+    """docs/theory.md's closed single-input recursions, integrated with scipy (independent path)."""
     s, ds = SIG[name]
     K = C_b + C_W * x2
     V, G1 = 0.0, 0.0

@@ -1,4 +1,4 @@
-"""Every first-order tensor against sampled networks, by the width-sweep protocol of THEORY.md.
+"""Every first-order tensor against sampled networks, by the width-sweep protocol of docs/theory.md.
 
 For each activation: 3 inputs (one nearly collinear pair, cosine 0.99), depth 5, widths
 16, 32, 64, 128, 256 (a factor of sixteen), M networks per width, standard errors over networks.

@@ -191,7 +191,7 @@ def test_stax_mlp_round_trip(activation):
     x = (2.0 if activation == "relu" else 0.8) * rng.standard_normal((5, 7))
     init_fn, apply_fn, kernel_fn = ntm.stax_mlp(net, deg=DEG)
 
-    # forward pass: NT's standard-normal parameters, scaled as in THEORY.md "The network"
+    # forward pass: NT's standard-normal parameters, scaled as in docs/theory.md "The network"
     out_shape, params = init_fn(jax.random.PRNGKey(0), x.shape)
     assert out_shape == (5, 2)
     dense = [p for p in params if isinstance(p, tuple) and len(p) == 2 and p[0] is not None and p[0].ndim == 2]

@@ -93,7 +93,7 @@ def test_convergence_is_kernel_regression_with_the_ntk(kern):
 
 
 def test_deep_linear_network_converges_to_least_squares():
-    """sigma(z) = z, C_b = 0: K^(L) = C_W^L G and Theta^(L) = L K^(L) (THEORY.md recursions by hand), so
+    """sigma(z) = z, C_b = 0: K^(L) = C_W^L G and Theta^(L) = L K^(L) (docs/theory.md recursions by hand), so
     GD and the noise-free posterior both predict the minimum-norm least-squares fit x_test . w."""
     rng = np.random.default_rng(0)
     n0, L, CW = 9, 4, 1.3

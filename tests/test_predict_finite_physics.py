@@ -119,7 +119,7 @@ def sweep(request):
 
 
 def test_trained_mean_c1_matches_the_first_order_prediction(sweep):
-    """THEORY.md's protocol per part and test input: a = 0 and c1 = prediction within 3 standard errors."""
+    """docs/theory.md's protocol per part and test input: a = 0 and c1 = prediction within 3 standard errors."""
     act, _, theory, means, ses = sweep
     for e, part in enumerate(PARTS):
         for x in range(len(X_TEST)):
@@ -202,7 +202,7 @@ SPLIT_MOTION = (8_000, 12_000, 20_000, 20_000, 500)
 def test_split_ensembles_trained_mean_c1_and_residual_slope():
     """Issue #6's check on split ensembles (benchmarks/trained_first_order.py --split): the frozen part
     H_xD H_DD^-1 y - Pi y on untrained networks drawn by the weight-free conditional sampler, the NTK-motion part
-    on trained networks, total = their sum (independent ensembles, errors in quadrature).  THEORY.md's protocol on
+    on trained networks, total = their sum (independent ensembles, errors in quadrature).  docs/theory.md's protocol on
     the total and on each part: a = 0 and c1 = prediction within 3 standard errors; and for the total the
     residual r(n) = m(n) - c1_theory/n is resolved (> 2 stderr) at >= 3 widths and its log-log slope is
     significant (> 3 of its stderrs from 0).

@@ -1,6 +1,6 @@
 """Property-based checks over random inputs and hyperparameters (issue #8).
 
-* every tensor has the symmetries of its definition (efftheory/theory/finite.py docstring, THEORY.md):
+* every tensor has the symmetries of its definition (efftheory/theory/finite.py docstring, docs/theory.md):
   K, Theta, G1, H1 symmetric; V_(ab)(cd) = V_(ba)(cd) = V_(cd)(ab), A likewise; B_(ab)(cd) = B_(ba)(dc) = B_(cd)(ab)
   (the two NTK factors, and H_ij;ab = H_ji;ba); D_abcd = D_bacd = D_abdc; F_abcd = F_cdab;
 * positive semi-definiteness: K, Theta; V (an N^2 x N^2 matrix, a covariance by its recursion:

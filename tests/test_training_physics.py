@@ -57,7 +57,7 @@ def _power_fit(widths, values, stderrs, powers):
 def test_trained_ensemble_extrapolates_to_the_infinite_width_prediction(trained):
     """The extrapolated (n = inf) ensemble mean and variance of the test predictions are the NTK ensemble's.
 
-    erf: THEORY.md's fit a + c1/n + c2/n^2.  ReLU: its deviations fall more slowly than 1/n over these
+    erf: docs/theory.md's fit a + c1/n + c2/n^2.  ReLU: its deviations fall more slowly than 1/n over these
     widths (test_deviation_shrinks_with_width prints the slopes), so the 1/n fit cannot extrapolate it at
     this precision; there the fit a + b/sqrt(n) + c/n is used, and the 1/n fit's pulls are printed.
     """
@@ -112,7 +112,7 @@ def test_last_layer_training_samples_the_nngp_posterior():
     Exact at every width: each network is a sample of the Bayesian posterior of its own last layer
     (Matheron's rule with its feature kernel K^), so its standardized residual
     u = (z_T - mu^)/sigma^ is N(0, 1).  At infinite width K^ -> K and the ensemble's mean and variance
-    extrapolate to the NNGP posterior (THEORY.md's fit).
+    extrapolate to the NNGP posterior (docs/theory.md's fit).
     """
     net = predict.last_layer_net(et.MLP(3, WIDTHS[0], **NETS["erf"]))
     kern = predict.train_test_kernels(net, DS.x_train, DS.x_test)

@@ -1,4 +1,4 @@
-"""Sampled finite networks, measured the way THEORY.md's predictions are stated.
+"""Sampled finite networks, measured the way docs/theory.md's predictions are stated.
 
 * :mod:`.networks`   init_params, apply, apply_all, learning_rates (one finite MLP)
 * :mod:`.tangent`    ntk, ntk_full (exact NTK from the layer structure), ntk_autodiff (any apply_fn)

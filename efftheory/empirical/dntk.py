@@ -2,7 +2,7 @@ r"""The dNTK and ddNTKs of sampled finite networks, and estimators of their firs
 (docs/dntk.md; PDLT ch. 11).
 
 For one network with parameters theta, outputs z_c = z^(L)_{i;d} (c = (i, d), M = n_L N of them) and
-the learning-rate tensor lambda (THEORY.md), write v_c = lambda (.) grad_theta z_c (M parameter-space
+the learning-rate tensor lambda (docs/theory.md), write v_c = lambda (.) grad_theta z_c (M parameter-space
 directions) and g(t) = z(theta + sum_a t_a v_a) for t in R^M.  Then
 
     dH_{c0 c1 c2}        = sum_{mu nu} lambda_mu lambda_nu d_mu d_nu z_c0 d_mu z_c1 d_nu z_c2 = d^2 g_c0 / dt_c1 dt_c2

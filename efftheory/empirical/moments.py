@@ -1,4 +1,4 @@
-r"""Per-network sufficient statistics: averages over the neurons of ONE network (THEORY.md, first order).
+r"""Per-network sufficient statistics: averages over the neurons of ONE network (docs/theory.md, first order).
 
 Distinct neurons of one network are correlated at O(1/n), so every statistic is first averaged over
 neurons inside a network, giving one array per network; :mod:`.statistics` then averages over

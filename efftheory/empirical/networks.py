@@ -1,4 +1,4 @@
-r"""Finite MLPs: parameters drawn from the PDLT initialization and the forward pass (THEORY.md, "The network").
+r"""Finite MLPs: parameters drawn from the PDLT initialization and the forward pass (docs/theory.md, "The network").
 
     z^(1)_{i;a}   = b^(1)_i   + sum_j W^(1)_{ij} x_{j;a}
     z^(l+1)_{i;a} = b^(l+1)_i + sum_j W^(l+1)_{ij} sigma(z^(l)_{j;a})
@@ -169,7 +169,7 @@ def apply(net: MLP, params, x) -> jax.Array:
 def learning_rates(net: MLP, input_dim: int) -> tuple[dict, ...]:
     """The learning-rate tensor as a params-shaped tree of scalars: {"W": lambda_W^(l)/n_{l-1}, "b": lambda_b^(l)}.
 
-    Contracting parameter Jacobians with this tree gives the NTK of THEORY.md.
+    Contracting parameter Jacobians with this tree gives the NTK of docs/theory.md.
     """
     check_net(net)
     sizes = net.layer_widths(input_dim)

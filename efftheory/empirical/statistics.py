@@ -1,4 +1,4 @@
-r"""Estimators of the first-order statistics of THEORY.md, with standard errors over networks.
+r"""Estimators of the first-order statistics of docs/theory.md, with standard errors over networks.
 
 Every estimator starts from the per-network arrays of :mod:`.moments` (one number per network per
 entry, already averaged over that network's neurons) and never treats neurons as independent:
@@ -10,7 +10,7 @@ entry, already averaged over that network's neurons) and never treats neurons as
   unbiased U-statistic (1/(M(M-1))) sum_{m != m'} u_m v_m'.  Without the correction the plug-in
   V_hat would be low by n Cov(zz_m)/M = O(1/M).
 
-Index conventions (THEORY.md, first order; layer l at index l-1; n = n_{l-1}, the fan-in):
+Index conventions (docs/theory.md, first order; layer l at index l-1; n = n_{l-1}, the fan-in):
 
 * metric:      E[z_{i;a1} z_{i;a2}]                                            -> [l, a1, a2]
 * four_point:  V_{(a1a2)(a3a4)} ~ n (E[z_{i;a1} z_{i;a2} z_{j;a3} z_{j;a4}] - E[zz]_{a1a2} E[zz]_{a3a4}), i != j
@@ -161,7 +161,7 @@ def _fan_in(ensemble: Ensemble, ndim: int):
 def four_point(ensemble: Ensemble) -> Estimate:
     """V_hat_{(a1a2)(a3a4)} = n_{l-1} (cross-neuron E[z_i z_i z_j z_j] - E[zz] E[zz]): value (L, N, N, N, N).
 
-    Estimates V^(l) of THEORY.md up to O(1/n) (a 1/n^2 connected term over the 1/n prefactor); use a
+    Estimates V^(l) of docs/theory.md up to O(1/n) (a 1/n^2 connected term over the 1/n prefactor); use a
     width sweep for V itself.  Layers with n_l = 1 have no distinct neuron pairs: NaN there.
     """
     _require(ensemble, "four_point")

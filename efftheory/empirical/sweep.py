@@ -1,4 +1,4 @@
-r"""The width-sweep protocol of THEORY.md ("How a prediction is confirmed").
+r"""The width-sweep protocol of docs/theory.md ("How a prediction is confirmed").
 
 A statistic m(n) measured at widths n_1..n_W with standard errors s_w is fitted, elementwise, by
 weighted least squares to
@@ -142,7 +142,7 @@ def width_sweep_fit(widths, values, stderrs, infinite=None, first_order=None, *,
     """Fit m(n) = a + c1/n + c2/n^2 by weighted least squares, elementwise over a statistic's entries.
 
     Args:
-      widths: (W,) distinct positive widths, W >= order + 1 (THEORY.md asks for >= 4 spanning >= 8x).
+      widths: (W,) distinct positive widths, W >= order + 1 (docs/theory.md asks for >= 4 spanning >= 8x).
       values, stderrs: (W, *S) measurements and their standard errors (> 0), e.g. the stacked
         ``Sweep.estimate(...)``'s value and stderr.
       infinite: optional a_pred (broadcastable to S): sets ``a_pull``.
@@ -185,7 +185,7 @@ def width_sweep_fit(widths, values, stderrs, infinite=None, first_order=None, *,
 
 
 def agrees(fit: WidthFit, a_pred, c1_pred=None, nsigma: float = 3.0, slope_tolerance: float | None = 0.3):
-    """THEORY.md's verdict: |a - a_pred| <= nsigma a_stderr, |c1 - c1_pred| <= nsigma c1_stderr, and,
+    """docs/theory.md's verdict: |a - a_pred| <= nsigma a_stderr, |c1 - c1_pred| <= nsigma c1_stderr, and,
     where the residual m(n) - a_pred - c1_pred/n is resolved, |slope + 2| <= slope_tolerance.
 
     Returns a bool (scalar statistic) or a bool array of shape S.  ``c1_pred=None`` checks a only;

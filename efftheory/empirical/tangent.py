@@ -1,4 +1,4 @@
-r"""The exact neural tangent kernel of one finite network (THEORY.md, "The network"); module ``tangent``
+r"""The exact neural tangent kernel of one finite network (docs/theory.md, "The network"); module ``tangent``
 (not ``ntk``, so that ``efftheory.empirical.ntk`` is unambiguously the function).
 
     H_{i1 i2; a1 a2} = sum_l [ lambda_b^(l) sum_k dz_{i1;a1}/db_k^(l) dz_{i2;a2}/db_k^(l)
@@ -71,7 +71,7 @@ def _check_output(net, output):
 def ntk(net, params, x, *, output: int = 0) -> jax.Array:
     """Exact NTK H_{ii; a1 a2} of one finite network for output neuron i = ``output``, shape (N, N).
 
-    Uses the learning-rate tensor lambda_b^(l), lambda_W^(l)/n_{l-1} of ``net`` (THEORY.md) and the
+    Uses the learning-rate tensor lambda_b^(l), lambda_W^(l)/n_{l-1} of ``net`` (docs/theory.md) and the
     layer structure (module docstring); jitted, a few matmuls per layer.
     """
     check_net(net)

@@ -1,6 +1,6 @@
 r"""Full-batch gradient descent on ensembles of finite networks, with the PDLT learning-rate tensor.
 
-The loss is the MSE of THEORY.md's conventions on the N_D training inputs (targets y of shape (N_D, k),
+The loss is the MSE of docs/theory.md's conventions on the N_D training inputs (targets y of shape (N_D, k),
 k = n_L the output width),
 
     L(theta) = 1/2 sum_{a in D} sum_i (z_{i;a} - y_{i;a})^2,
@@ -11,7 +11,7 @@ and one step of gradient descent moves every parameter with the learning-rate te
     W^(l)_{ij} <- W^(l)_{ij} - eta (lambda_W^(l)/n_{l-1})  dL/dW^(l)_{ij}.
 
 To first order in eta the outputs then move by exactly the empirical NTK of :mod:`.tangent`
-(THEORY.md, "The network"): z_{i;x} <- z_{i;x} - eta sum_{j, b in D} H_{ij;x b} (z_{j;b} - y_{j;b}) + O(eta^2),
+(docs/theory.md, "The network"): z_{i;x} <- z_{i;x} - eta sum_{j, b in D} H_{ij;x b} (z_{j;b} - y_{j;b}) + O(eta^2),
 at every input x.  At infinite width H is frozen at its mean Theta and this linear recursion is exact
 (PDLT ch. 10); :mod:`efftheory.predict` solves it.
 

@@ -4,7 +4,7 @@ NT is an oracle and an interop target, never a core dependency: it pins jax < 0.
 TensorFlow, so it lives in its own environment (``.ci/nt_env.sh``, or ``pip install
 'efftheory[nt]'`` into a fresh virtualenv).  Importing this module without NT raises ImportError.
 
-Equivalence (THEORY.md, "The network"): the PDLT layer
+Equivalence (docs/theory.md, "The network"): the PDLT layer
 
     z^(l) = b^(l) + W^(l) sigma(z^(l-1)),   b ~ N(0, C_b),  W_ij ~ N(0, C_W / n_{l-1})
 
@@ -159,7 +159,7 @@ def _layers(net, deg: int) -> list:
 
 
 def stax_mlp(net, *, deg: int = DEFAULT_DEG):
-    """The NT network equal to ``net`` (THEORY.md, "The network"): ``(init_fn, apply_fn, kernel_fn)``.
+    """The NT network equal to ``net`` (docs/theory.md, "The network"): ``(init_fn, apply_fn, kernel_fn)``.
 
     ``stax.serial(Dense(n_1), act, Dense(n_2), act, ..., Dense(n_L))`` with
     ``Dense(n_l, W_std=sqrt(C_W^(l)), b_std=sqrt(C_b^(l)))`` in NT's "ntk" parameterization.
@@ -180,7 +180,7 @@ def kernels(net, x, *, deg: int = DEFAULT_DEG) -> NTKernels:
     """NT's per-layer NNGP and NTK of ``net`` on inputs ``x`` of shape (N, n_0).
 
     Layer l's kernels are those of the prefix network ending at its Dense layer, so
-    ``kernels(net, x).nngp[l-1]`` is K^(l) and ``.ntk[l-1]`` is Theta^(l) (THEORY.md, "Infinite
+    ``kernels(net, x).nngp[l-1]`` is K^(l) and ``.ntk[l-1]`` is Theta^(l) (docs/theory.md, "Infinite
     width").  Computed in the current jax precision (efftheory turns on float64).
 
     Returns:

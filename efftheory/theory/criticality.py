@@ -1,6 +1,6 @@
 r"""Criticality: susceptibilities, fixed points, critical initialization, universality classes.
 
-Single-input recursion K -> C_b + C_W <sigma^2>_K (THEORY.md).  Its susceptibilities are
+Single-input recursion K -> C_b + C_W <sigma^2>_K (docs/theory.md).  Its susceptibilities are
 
     chi_parallel(K) = C_W d<sigma^2>_K / dK = (C_W / K) <sigma(z) sigma'(z) z>_K     (PDLT 5.9)
     chi_perp(K)     = C_W <sigma'(z)^2>_K                                           (PDLT 5.10)

@@ -1,6 +1,6 @@
 r"""The dNTK and ddNTKs at first order in 1/n (PDLT ch. 11): P, Q, R, S, T, U for N inputs.
 
-Definitions (docs/dntk.md; lambda the learning-rate tensor of THEORY.md, every statistic of layer l
+Definitions (docs/dntk.md; lambda the learning-rate tensor of docs/theory.md, every statistic of layer l
 carries 1/n_{l-1}):
 
     dH_{i0i1i2;d0d1d2}   = sum lambda_mu lambda_nu (d_mu d_nu z_{i0;d0}) (d_mu z_{i1;d1}) (d_nu z_{i2;d2})
@@ -34,7 +34,7 @@ Dphi[a, b, g] = d_{ga} <d_1 phi> + d_{gb} <d_2 phi> = <d phi / d z_g>):
               + C_W (E11_24 sum_g P_{241g} Dg[1,3,g] + E11_13 sum_g P_{132g} Dg[2,4,g]) + C_W^2 E11_13 E11_24 T_1234]
     U'_1234 = C_W^2 Th_12 Th_13 Th_24 <s''_1 s''_2 s'_3 s'_4> + r C_W^2 E11_14 E11_23 U_1234
 
-The recursions read the NTK-variance and NTK-preactivation tensors B and F of layer l (THEORY.md,
+The recursions read the NTK-variance and NTK-preactivation tensors B and F of layer l (docs/theory.md,
 :mod:`efftheory.theory.finite`); they are carried along here from the same moments (E11, E20 and the
 patterns 1111, 1010 below), which avoids the three- and four-input machinery of finite_width:
 

@@ -1,6 +1,6 @@
 r"""First order in 1/n at initialization (PDLT ch. 4, 5, 8): G1, V, H1, A, B, D, F for N inputs.
 
-Definitions (THEORY.md; every statistic of layer l carries 1/n_{l-1}):
+Definitions (docs/theory.md; every statistic of layer l carries 1/n_{l-1}):
 
     E[z_{i1;a1} z_{i2;a2}]             = d_{i1i2} (K + G1/n)_{a1a2}
     E[z z z z]_connected               = (1/n)[d d V_{(a1a2)(a3a4)} + 2 pairings]
@@ -15,7 +15,7 @@ D[l, a1, a2, a3, a4] = D_{a1a2a3a4} (NTK inputs a1 a2, preactivation inputs a3 a
 F[l, a, b, c, d] = F_{abcd} (NTK inputs a, c; preactivation inputs b, d).  Index 0 is layer 1,
 where all corrections vanish.
 
-Operators, evaluated at K = K^(l) for every pair p = (a1, a2) (THEORY.md):
+Operators, evaluated at K = K^(l) for every pair p = (a1, a2) (docs/theory.md):
 
     R_{p,(g1g2)}  = (C_W/2) <d_g1 d_g2 (sigma_a1 sigma_a2)>        R' : the same with sigma'
     T_{p,(g1..g4)} =         <d^4 (sigma_a1 sigma_a2)>                T' : the same with sigma'
@@ -25,8 +25,8 @@ Operators, evaluated at K = K^(l) for every pair p = (a1, a2) (THEORY.md):
 all from Hermite moments in whitened coordinates (:mod:`efftheory.hermite`).  With r = n_l/n_{l-1},
 the recursions from layer l to l+1 (hyperparameters of layer l+1) are
 
-    V'  = C_W^2 cov[ss, ss] + r R V R^T                                               (THEORY.md)
-    G1' = r [R G1 + (C_W/8) T.V]                                                      (THEORY.md)
+    V'  = C_W^2 cov[ss, ss] + r R V R^T                                               (docs/theory.md)
+    G1' = r [R G1 + (C_W/8) T.V]                                                      (docs/theory.md)
     B'_{(ab)(cd)} = C_W^2 Theta_ac Theta_bd <s'_a s'_b s'_c s'_d> + r Z_ab Z_cd B_{(ab)(cd)}
     F'_{a b c d}  = C_W^2 Theta_ac <s'_a s'_c s_b s_d>
                     + r C_W^2 sum_{g h} P_{(ab),g} P_{(cd),h} F_{a g c h}

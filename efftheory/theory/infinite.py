@@ -1,4 +1,4 @@
-r"""Infinite-width kernels: the NNGP kernel K and the NTK Theta, layer by layer (THEORY.md).
+r"""Infinite-width kernels: the NNGP kernel K and the NTK Theta, layer by layer (docs/theory.md).
 
     K^(1)_{a b}     = C_b^(1) + C_W^(1) (1/n_0) sum_j x_{j;a} x_{j;b}
     K^(l+1)         = C_b^(l+1) + C_W^(l+1) <sigma_a sigma_b>_{K^(l)}
@@ -161,7 +161,7 @@ def _folded_first_layer(N: int, G, C_W, C_b, lam_W, lam_b):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _closed_form_step(kernel, C, C_W, C_b, lam_W, lam_b):
-    """Layer l+1 from layer l for a closed-form activation (THEORY.md, "Infinite width"), folded.
+    """Layer l+1 from layer l for a closed-form activation (docs/theory.md, "Infinite width"), folded.
 
     ``C`` = Z_K + i Z_Theta of layer l; ``kernel`` is the activation's
     :class:`efftheory._fastmath.PairKernel`, its per-input quantities (rows and columns) and the
