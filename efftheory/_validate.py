@@ -162,6 +162,19 @@ def memory(name: str, nbytes: float, what: str) -> None:
                          f"{_bytes(total)} of memory")
 
 
+def available_memory() -> int | None:
+    """Bytes of memory the machine can give now without swapping (Linux: MemAvailable), else its
+    physical memory; None where neither can be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return _physical_memory()
+
+
 def _physical_memory() -> int | None:
     try:
         return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))

@@ -130,7 +130,7 @@ def valid():
         "Activation": (et.Activation, dict(name="f", fn=jnp.tanh, nngp=None, dnngp=None, smooth=True)),
         "get_activation": (et.get_activation, dict(activation="tanh", name="activation")),
         "infinite_width": (et.infinite_width, dict(net=net, x=X)),
-        "finite_width": (et.finite_width, dict(net=net, x=X[:1])),
+        "finite_width": (et.finite_width, dict(net=net, x=X[:1], memory=None, store=None)),
         "finite_width_diagonal": (et.finite_width_diagonal, dict(net=net, x=X[:1])),
         "critical_init": (et.critical_init, dict(activation="tanh")),
         "chi_parallel": (et.chi_parallel, dict(activation="tanh", K=0.5, C_W=1.0)),

@@ -47,6 +47,8 @@ gives G1 and H1.  (cov[f, g] is the single-neuron covariance <f g> - <f><g> over
 from __future__ import annotations
 
 import functools
+import hashlib
+import math
 import threading
 
 import jax
@@ -311,24 +313,33 @@ _FLOOR = 64 << 20       # quadrature tables and buffers that do not grow with N
 _MIN_BLOCK = 64         # fewest sets per quadrature block a memory budget may force
 
 
-def _plan_memory(N: int, L: int, memory, on_disk: bool) -> int:
-    """Sets per quadrature block within ``memory`` bytes (None: the default block); raises if the
-    held tensors and one layer step alone exceed it."""
-    if memory is None:
-        return SET_BLOCK
+def _plan_memory(N: int, L: int, memory, on_disk: bool, available: int | None = None) -> int:
+    """Sets per quadrature block within ``memory`` bytes, or, when ``memory`` is None, within the
+    memory the machine has available now (``available``; default: :func:`_validate.available_memory`);
+    raises ValueError, with the numbers and the remedy, if the held tensors and one layer step alone
+    exceed it."""
     from .. import _validate
 
     t4 = 8.0 * N**4
     held = 0.0 if on_disk else 6.0 * L * t4  # five (L, N,N,N,N) results and one converted copy
     fixed = held + (_STEP_TENSORS + 3 * _AHEAD) * t4 + _FLOOR
     per_set = (1 + _AHEAD) * SET_BYTES  # every source computation in flight holds a block
-    block = int(min(SET_BLOCK, (memory - fixed) // per_set)) if memory > fixed else 0
+    budget = memory if memory is not None else (_validate.available_memory() if available is None else available)
+    if budget is None:
+        return SET_BLOCK
+    block = int(min(SET_BLOCK, (budget - fixed) // per_set)) if budget > fixed else 0
     if block < _MIN_BLOCK:
         need = fixed + _MIN_BLOCK * per_set
         hint = "" if on_disk else (f"; {_validate._bytes(held)} of it holds the returned tensors: "
                                    "give store=<directory> to keep them on disk")
-        raise ValueError(f"memory: {_validate._bytes(memory)} is below the {_validate._bytes(need)} that N = {N}, "
-                         f"depth {L} needs ({_validate._bytes(_STEP_TENSORS * t4)} for one layer step{hint})")
+        if memory is not None:
+            raise ValueError(f"memory: {_validate._bytes(memory)} is below the {_validate._bytes(need)} that "
+                             f"N = {N}, depth {L} needs ({_validate._bytes(_STEP_TENSORS * t4)} for one layer step"
+                             f"{hint})")
+        raise ValueError(f"x: N = {N} inputs at depth {L} need {_validate._bytes(need)} of memory "
+                         f"({_validate._bytes(_STEP_TENSORS * t4)} for one layer step{hint}), more than the "
+                         f"{_validate._bytes(budget)} this machine has available; fewer inputs"
+                         f"{'' if on_disk else ', store=<directory>'} or a machine with more memory would fit")
     return block
 
 
@@ -365,15 +376,73 @@ class _Ahead:
         return value
 
 
-def _config(net: MLP, x: np.ndarray, tol: float) -> dict:
-    """What a store's results depend on (:mod:`._store`): sigma by its values, not its name."""
-    import hashlib
+def _code_fingerprint(fn) -> str:
+    """What a Python function's definition says: its code (nested code objects included), constants,
+    defaults and the values its closure captured, without memory addresses, so that two lambdas
+    that differ only in a constant (``clip(z, -6, 6)`` and ``clip(z, -8, 8)``) never collide.  A
+    callable without Python code (a ufunc, a ``functools.partial``, an instance) gives its type and
+    the fingerprints of what it wraps, as far as they can be read."""
 
+    def code(c) -> str:
+        consts = [code(k) if hasattr(k, "co_code") else repr(k) for k in c.co_consts]
+        return repr((c.co_name, c.co_code.hex(), consts, c.co_names))
+
+    def value(v, depth=0) -> str:
+        if depth > 3:
+            return type(v).__qualname__
+        if hasattr(v, "__code__"):
+            cells = [value(cell.cell_contents, depth + 1) for cell in (v.__closure__ or ())
+                     if _cell_filled(cell)]
+            return repr((getattr(v, "__module__", None), v.__qualname__, code(v.__code__),
+                         [value(d, depth + 1) for d in (v.__defaults__ or ())], cells))
+        if isinstance(v, functools.partial):
+            return repr(("partial", value(v.func, depth + 1), [value(a, depth + 1) for a in v.args],
+                         sorted((k, value(a, depth + 1)) for k, a in v.keywords.items())))
+        if isinstance(v, (int, float, complex, str, bytes, bool, type(None))):
+            return repr(v)
+        if isinstance(v, (tuple, list)):
+            return repr([value(a, depth + 1) for a in v])
+        if isinstance(v, (np.ndarray, jax.Array)):
+            a = np.asarray(v)
+            return repr((a.dtype.str, a.shape, hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()))
+        name = f"{type(v).__module__}.{type(v).__qualname__}"
+        if callable(v) and hasattr(v, "__name__"):  # a module-level function, a ufunc, a jnp function
+            return repr((name, getattr(v, "__module__", None), v.__name__))
+        return name
+
+    return hashlib.sha256(value(fn).encode()).hexdigest()
+
+
+def _cell_filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty closure cell
+        return False
+    return True
+
+
+def _config(net: MLP, x: np.ndarray, tol: float, K_max: float | None = None) -> dict:
+    """What a store's results depend on (:mod:`._store`): sigma by its definition and its values.
+
+    sigma is sampled on 4001 points spanning 20 standard deviations of the widest kernel the
+    computation meets (``K_max``, the largest diagonal of K over the layers; no rule of the
+    integrals reaches that far) and on points out to |z| = 1e4, and its code is fingerprinted
+    (:func:`_code_fingerprint`): two callables of one name that differ anywhere the integrals look,
+    or in their definition, give different stores.
+    """
+    if K_max is None:
+        K_max = float(np.max(np.diagonal(np.asarray(infinite_width(net, x).K), axis1=1, axis2=2)))
+    reach = max(8.0, 20.0 * math.sqrt(max(K_max, 0.0)))
+    tails = np.logspace(-6.0, 4.0, 81)
+    probe = np.concatenate([np.linspace(-reach, reach, 4001), tails, -tails])
+    fn = np.asarray(net.sigma.fn(jnp.asarray(probe, jnp.float64)), dtype=np.float64)
+    if fn.shape != probe.shape:
+        raise ValueError(f"net: the activation returned shape {fn.shape} for {probe.shape} inputs; "
+                         "expected an elementwise function")
     from .. import __version__
 
-    probe = np.linspace(-6.0, 6.0, 25)
-    fn = np.asarray(net.sigma.fn(jnp.asarray(probe)), dtype=np.float64)
     return {"net": repr(net), "sigma": hashlib.sha256(fn.tobytes()).hexdigest(),
+            "sigma_code": _code_fingerprint(net.sigma.fn), "smooth": net.sigma.smooth,
             "x": hashlib.sha256(np.ascontiguousarray(x, np.float64).tobytes()).hexdigest() + str(x.shape),
             "tol": tol, "efftheory": __version__}
 
@@ -420,7 +489,8 @@ def finite_width(net: MLP, x, *, tol: float = 1e-9, progress: bool = False, memo
     z2, z4 = np.zeros((N, N)), np.zeros((N,) * 4)
     zero = (z2, z4, z2, z4, z4, z4, z4)
     if store is not None:
-        disk = LayerStore(store, _config(net, np.asarray(x, np.float64), tol), L, N)
+        K_max = float(np.max(np.diagonal(Ks, axis1=1, axis2=2)))
+        disk = LayerStore(store, _config(net, np.asarray(x, np.float64), tol, K_max), L, N)
         if disk.done == 0:
             disk.write(0, zero)
         first = disk.done
@@ -438,7 +508,7 @@ def finite_width(net: MLP, x, *, tol: float = 1e-9, progress: bool = False, memo
     ratios = net.width_ratios()
     layers = range(first, L)
     if progress:
-        from tqdm.auto import tqdm
+        from .._progress import tqdm
 
         layers = tqdm(layers, desc=f"finite_width N={N}", unit="layer", initial=first - 1, total=L - 1)
     ahead = {}  # layer -> its sources, computing in a thread (_Ahead)
