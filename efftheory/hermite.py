@@ -13,7 +13,7 @@ recursions need,
     <sum_ab M_ab d_a d_b f>  and  <sum_abcd V_abcd d_a d_b d_c d_d f>,   f = g1(z_1) g2(z_2),
 
 is the contraction of the *Hermite moments* H_mn = <g1(z_1) g2(z_2) He_m(u) He_n(v)> with
-M or V transformed by L^+ (docs/theory.md: "use Gaussian integration by parts on the 2x2 marginal").
+M or V transformed by L^+ (docs/theory.md, "Gaussian integration by parts").
 When Sigma is singular (identical or collinear inputs, a zero input) the pseudo-inverse drops
 the missing direction, along which F does not vary, so the moments there vanish: this is the
 integration by parts on the lower-dimensional marginal, with no jitter.
