@@ -299,12 +299,42 @@ class Report:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     def save(self, out_dir) -> dict:
-        """Write ``report.json`` and ``table.txt`` into ``out_dir``; returns {name: path}."""
+        """Write ``report.json``, ``table.txt`` and ``report.npz`` into ``out_dir``; returns {name: path}.
+
+        ``report.npz`` holds the whole report (arrays in the npz, everything else as JSON inside it,
+        no pickle: :mod:`efftheory._io`), which :meth:`load` reads back.
+        """
+        from . import _io
+
         os.makedirs(out_dir, exist_ok=True)
-        paths = {"report": os.path.join(out_dir, "report.json"), "table": os.path.join(out_dir, "table.txt")}
+        paths = {"report": os.path.join(out_dir, "report.json"), "table": os.path.join(out_dir, "table.txt"),
+                 "data": os.path.join(out_dir, "report.npz")}
         _atomic_write(paths["report"], self.to_json() + "\n")
         _atomic_write(paths["table"], self.header() + "\n\n" + self.table() + "\n\n" + self.fit_table() + "\n")
+        _io.save(self, paths["data"])
         return paths
+
+    @classmethod
+    def load(cls, path) -> "Report":
+        """Read a report written by :meth:`save`: ``path`` is its directory or its ``report.npz``.
+
+        Arrays come back bitwise, rows and fits as saved, ``theory`` as a :class:`efftheory.FiniteWidth`.
+        """
+        from . import _io
+
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "report.npz")
+        return _io.load(path, cls)
+
+    def __repr__(self) -> str:
+        c = self.config
+        net = c.get("network", {})
+        stats = ", ".join(f"{k}: {len(v.rows)} rows, {len(v.fits)} fits" for k, v in self.comparisons.items())
+        x = np.asarray(self.x)
+        return (f"Report({net.get('activation')} MLP depth {net.get('depth')}, N={x.shape[0]}, x={x.shape}, "
+                f"widths={c.get('widths')}, n_networks={c.get('n_networks')}, seed={c.get('seed')}; {stats}; "
+                f"theory={type(self.theory).__name__})")
 
 
 # ------------------------------------------------------------------------------------------ helpers

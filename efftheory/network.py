@@ -15,6 +15,7 @@ property of the data, not of the network.
 from __future__ import annotations
 
 import dataclasses
+import pickle
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -41,6 +42,13 @@ class MLP:
 
     Attributes (normalised): ``hidden_widths`` (L-1 ints), ``C_Ws``, ``C_bs``, ``lambda_Ws``,
     ``lambda_bs`` (L floats each), ``sigma`` (the resolved Activation).
+
+    Two MLPs are equal when their widths and hyperparameters are and their activations are the same
+    registry activation (``leaky_relu(a)``: the same slope a) or the same Activation object.
+    ``to_dict``/``from_dict`` convert to and from a JSON-ready dict, and an MLP pickles with its
+    activation stored by registry name; a user activation pickles by reference when its function is
+    importable by name (a module-level ``def``) and raises :class:`pickle.PicklingError` otherwise
+    (a lambda, a local function).
     """
 
     depth: int
@@ -133,6 +141,80 @@ class MLP:
         args.update(changes)
         return MLP(**args)
 
+    # ------------------------------------------------------------------ identity, dict and pickle
+    def _key(self) -> tuple:
+        key = self.__dict__.get("_cached_key")
+        if key is None:  # hashed on every jit dispatch that carries this MLP as static metadata
+            act = activation_name(self.sigma)
+            key = (self.depth, self.hidden_widths, self.sigma if act is None else act, self.C_Ws, self.C_bs,
+                   self.lambda_Ws, self.lambda_bs, self.output_width)
+            object.__setattr__(self, "_cached_key", key)
+        return key
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, MLP):
+            return NotImplemented
+        return self is other or self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def to_dict(self) -> dict:
+        """The constructor arguments as a JSON-ready dict (floats exact through ``json``), e.g.
+
+            {"depth": 3, "width": 64, "activation": "relu", "C_W": 2.0, "C_b": 0.0,
+             "lambda_W": 2.0, "lambda_b": 0.0, "output_width": 1}
+
+        Per-layer values are one number when uniform, else a list of L; ``width`` is one int when
+        every hidden layer has it, else the list of L-1 hidden widths.  Raises ValueError for an
+        activation that is not in the registry (a user callable has no name to write down).
+        """
+        act = activation_name(self.sigma)
+        if act is None:
+            raise ValueError(f"activation: {self.sigma.name!r} is a user callable, not a registry activation "
+                             "(efftheory.activations.registered()); it cannot be written by name")
+
+        def short(t, cast):
+            return cast(t[0]) if len(set(t)) == 1 else [cast(v) for v in t]
+
+        ws = self.hidden_widths
+        return {"depth": self.depth, "width": short(ws, int) if ws else 1, "activation": act,
+                "C_W": short(self.C_Ws, float), "C_b": short(self.C_bs, float),
+                "lambda_W": short(self.lambda_Ws, float), "lambda_b": short(self.lambda_bs, float),
+                "output_width": self.output_width}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MLP":
+        """The MLP of a :meth:`to_dict` dict (missing keys take the constructor's defaults)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"d: expected a dict of MLP arguments, got {type(d).__name__}")
+        known = ("depth", "width", "activation", "C_W", "C_b", "lambda_W", "lambda_b", "output_width")
+        extra = sorted(set(d) - set(known))
+        if extra:
+            raise ValueError(f"d: unknown MLP arguments {extra}; expected some of {list(known)}")
+        return cls(**d)
+
+    def __reduce__(self):
+        if activation_name(self.sigma) is not None:
+            return (MLP.from_dict, (self.to_dict(),))
+        try:
+            pickle.dumps(self.sigma.fn)
+        except Exception as e:  # noqa: BLE001 - lambdas, local functions, closures over unpicklable state
+            raise pickle.PicklingError(
+                f"MLP: cannot pickle the activation {self.sigma.name!r}: it is neither a registry activation "
+                f"(efftheory.activations.registered()) nor a function importable by name ({e}); use a "
+                "registry name, or define sigma with a module-level def") from None
+        args = dict(depth=self.depth, width=list(self.hidden_widths) if self.hidden_widths else 1,
+                    activation=self.sigma, C_W=self.C_Ws, C_b=self.C_bs, lambda_W=self.lambda_Ws,
+                    lambda_b=self.lambda_bs, output_width=self.output_width)
+        return (_build, (args,))
+
+    def __copy__(self) -> "MLP":
+        return self  # immutable
+
+    def __deepcopy__(self, memo) -> "MLP":
+        return self
+
     def __repr__(self) -> str:
         def short(t):
             return t[0] if len(set(t)) == 1 else t
@@ -140,3 +222,25 @@ class MLP:
         return (f"MLP(depth={self.depth}, width={w}, activation={self.sigma.name!r}, "
                 f"C_W={short(self.C_Ws)}, C_b={short(self.C_bs)}, lambda_W={short(self.lambda_Ws)}, "
                 f"lambda_b={short(self.lambda_bs)}, output_width={self.output_width})")
+
+
+def _build(args: dict) -> MLP:
+    return MLP(**args)
+
+
+def activation_name(sigma: Activation) -> str | None:
+    """The registry name that resolves to exactly ``sigma`` (``"leaky_relu(a)"`` with the slope written
+    exactly), or None for a user activation."""
+    from . import activations
+
+    if activations._REGISTRY.get(sigma.name) is sigma:
+        return sigma.name
+    fn = sigma.fn
+    if (getattr(fn, "__module__", None) == activations.__name__
+            and getattr(fn, "__qualname__", "") == "leaky_relu.<locals>.<lambda>"
+            and fn.__code__.co_freevars == ("a",)):
+        a = fn.__closure__[0].cell_contents
+        name = f"leaky_relu({float(a)!r})"
+        if sigma.name == f"leaky_relu({a:g})":
+            return name
+    return None

@@ -27,6 +27,10 @@ def test_notebook_executes(path, monkeypatch):
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(ROOT / "notebooks")}})
     client.execute()  # raises CellExecutionError (with the cell and traceback) if any cell fails
+    warned = [f"cell {i}: {o.get('text', '').strip()}" for i, c in enumerate(nb.cells) if c.cell_type == "code"
+              for o in c.get("outputs", [])
+              if o.get("output_type") == "stream" and o.get("name") == "stderr" and "Warning" in o.get("text", "")]
+    assert not warned, "the notebook printed warnings:\n" + "\n".join(warned)
     images = sum(1 for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
                  if "image/png" in o.get("data", {}))
     assert images >= 1, "each notebook shows at least one figure"

@@ -68,7 +68,8 @@ __all__ = ["FiniteWidth", "FiniteWidthDiagonal", "Prediction", "finite_width", "
 
 @result
 class Prediction:
-    """Statistics predicted at a finite width, to first order in 1/n.
+    """Statistics predicted at a finite width, to first order in 1/n (:meth:`FiniteWidth.at_width`):
+    already divided by the width, unlike FiniteWidth's coefficients.  All float64.
 
     Attributes (index 0 = layer 1; ``n`` holds n_{l-1} for each layer l, inf for l = 1):
       metric: (L, N, N) E[z_a z_b] = K + G1/n.
@@ -87,9 +88,32 @@ class Prediction:
     n: jax.Array
 
 
-@result(meta=("net",))
+@result(meta=("net", "tol"))
 class FiniteWidth:
-    """First-order finite-width statistics of every layer (see module docstring for shapes)."""
+    """First-order finite-width statistics of every layer of ``net`` on N inputs (docs/theory.md,
+    "Normalisation of returned tensors").
+
+    Index 0 is layer 1 (l = 1..L, L = ``net.depth``).  K and Theta are the infinite-width values;
+    G1, V, H1, A, B, D, F are the *coefficients* of 1/n_{l-1}, not yet divided by a width (zero at
+    layer 1): the statistics of a network at width n are K + G1/n, V/n, ... -- :meth:`at_width`
+    returns them (:class:`Prediction`).  All float64 (V, A, B, D, F are read-only memory maps when
+    :func:`finite_width` was given ``store``).
+
+    Attributes:
+      K: (L, N, N) NNGP kernel, E[z_a z_b] at infinite width.
+      Theta: (L, N, N) frozen NTK at infinite width.
+      G1: (L, N, N) metric correction, E[z_{i;a} z_{i;b}] = K + G1/n.
+      V: (L, N, N, N, N) four-point vertex, V[l, a1, a2, a3, a4] = V_{(a1a2)(a3a4)}.
+      H1: (L, N, N) NTK mean correction, E[H_{ii;ab}] = Theta + H1/n.
+      A, B: (L, N, N, N, N) NTK covariance tensors, B[l, a, b, c, d] = B_{(ab)(cd)}.
+      D, F: (L, N, N, N, N) NTK-preactivation cross-correlations: D_{a1a2a3a4} (NTK inputs a1 a2),
+        F[l, a, b, c, d] = F_{abcd} (NTK inputs a, c).
+      net: the :class:`~efftheory.MLP` (its hidden widths give the ratios r_l = n_l/n_{l-1}).
+      tol: the integration tolerance ``finite_width`` ran with (None when not recorded).
+
+    ``save(path)`` / ``FiniteWidth.load(path)`` write and read one .npz without pickle
+    (:mod:`efftheory._io`); the activation must be a registry one.
+    """
 
     K: jax.Array
     Theta: jax.Array
@@ -101,6 +125,24 @@ class FiniteWidth:
     D: jax.Array
     F: jax.Array
     net: MLP
+    tol: float | None = None
+
+    @property
+    def n_inputs(self) -> int:
+        return int(self.K.shape[1])
+
+    def save(self, path) -> str:
+        """Write to ``path`` (.npz: arrays, and the net, tol and efftheory version as JSON); returns it."""
+        from .. import _io
+
+        return _io.save(self, path)
+
+    @classmethod
+    def load(cls, path) -> "FiniteWidth":
+        """Read a :meth:`save` file: arrays bitwise as saved (K, Theta, ... as jax arrays)."""
+        from .. import _io
+
+        return _io.load(path, cls)
 
     def at_width(self, n=None) -> Prediction:
         """Predictions at the network's own widths (n=None) or with hidden widths rescaled so
@@ -529,6 +571,8 @@ def finite_width(net: MLP, x, *, tol: float = 1e-9, progress: bool = False, memo
     finally:  # interrupted (or failed): stop the sources still computing before leaving
         for a in ahead.values():
             a.cancel()
+        if store is not None:
+            disk.close()
     if store is not None:
         out = disk.arrays()
         out["G1"], out["H1"] = jnp.asarray(out["G1"]), jnp.asarray(out["H1"])
@@ -536,13 +580,16 @@ def finite_width(net: MLP, x, *, tol: float = 1e-9, progress: bool = False, memo
         out = {}
         for name in STATE:  # one kind at a time: one extra copy at most
             out[name] = jnp.asarray(held.pop(0))
-    return FiniteWidth(K=inf.K, Theta=inf.Theta, net=net, **out)
+    return FiniteWidth(K=inf.K, Theta=inf.Theta, net=net, tol=tol, **out)
 
 
 @result(meta=("net",))
 class FiniteWidthDiagonal:
-    """Single-input statistics of each input separately: every field is (L, N), entry [l, a] the
-    (a, a, ..., a) component of the corresponding tensor of :class:`FiniteWidth`."""
+    """Single-input statistics of each input separately: every array field is (L, N) float64, entry
+    [l, a] the (a, a, ..., a) component of the corresponding tensor of :class:`FiniteWidth` (index 0
+    = layer 1).  K, Theta are infinite-width values; G1, V, H1, A, B, D, F are coefficients of
+    1/n_{l-1}, not divided by a width (see :class:`FiniteWidth`).  ``save``/``load`` as there.
+    """
 
     K: jax.Array
     Theta: jax.Array
@@ -554,6 +601,18 @@ class FiniteWidthDiagonal:
     D: jax.Array
     F: jax.Array
     net: MLP
+
+    def save(self, path) -> str:
+        """Write to ``path`` (.npz with JSON metadata, no pickle); returns it."""
+        from .. import _io
+
+        return _io.save(self, path)
+
+    @classmethod
+    def load(cls, path) -> "FiniteWidthDiagonal":
+        from .. import _io
+
+        return _io.load(path, cls)
 
 
 def finite_width_diagonal(net: MLP, x) -> FiniteWidthDiagonal:

@@ -35,12 +35,28 @@ class InfiniteWidth:
       Theta: (L', N, N) frozen NTK of the same layers' preactivations.
       net: the MLP they describe.
       layers: the layer numbers l (1..L) kept, increasing; None means all of them.
+
+    Both float64, leading order (no 1/n terms).  ``save(path)`` / ``InfiniteWidth.load(path)``
+    write and read one .npz without pickle (:mod:`efftheory._io`).
     """
 
     K: jax.Array
     Theta: jax.Array
     net: MLP
     layers: tuple | None = None
+
+    def save(self, path) -> str:
+        """Write to ``path`` (.npz: K, Theta; the net, layers and efftheory version as JSON); returns it."""
+        from .. import _io
+
+        return _io.save(self, path)
+
+    @classmethod
+    def load(cls, path) -> "InfiniteWidth":
+        """Read a :meth:`save` file: arrays bitwise as saved."""
+        from .. import _io
+
+        return _io.load(path, cls)
 
     @property
     def depth(self) -> int:
