@@ -94,6 +94,26 @@ class Activation:
         return _is_homogeneous(self.fn)
 
     @property
+    def kinked(self) -> bool:
+        """True when sigma or sigma' jumps: ``smooth=False``, or found numerically for a callable.
+
+        A callable is assumed smooth when it is built (``smooth=True``), but ``jnp.maximum(z, 0)``,
+        ``jnp.clip`` or ``jnp.where`` make kinks that automatic differentiation does not see (the
+        derivative of a step is zero almost everywhere).  :func:`_has_kink` compares, on 96001 points of
+        [-12, 12], each step of sigma and of sigma' with the trapezoid integral of its autodiff
+        derivative; a jump larger than 1e-3 of the function's scale is a kink.  Smooth but sharp
+        functions (softplus(beta z)/beta) count as smooth up to beta ~ 10^3.
+        """
+        return not self.smooth or _has_kink(self.fn)
+
+    @property
+    def strip(self) -> float:
+        """Half-width d0 of the strip |Im z| < d0 in which sigma is taken to be analytic, for the rules
+        whose step follows from it: pi/2 (tanh's, the narrowest of the built-ins) unless sigma is
+        much sharper (:func:`_strip`; softplus(beta z)/beta: about 0.8 pi/beta)."""
+        return _strip(self.fn) if self.smooth else math.pi / 2
+
+    @property
     def symmetric(self) -> bool:
         """True when sigma is odd or even (tanh, erf, sin, abs, ...).
 
@@ -118,6 +138,93 @@ def _has_parity(fn) -> bool:
         return False
     scale = 1e-14 * np.maximum(1.0, np.abs(a))
     return bool(np.all(np.abs(a + b) <= scale) or np.all(np.abs(a - b) <= scale))
+
+
+def _check_real(fn, name: str) -> None:
+    """sigma must map real arrays to real, finite arrays of the same shape: probed on [-20, 20]."""
+    import numpy as np
+
+    with jax.enable_x64(True):
+        z = jnp.linspace(-20.0, 20.0, 401, dtype=jnp.float64)
+        try:
+            out = fn(z)
+        except Exception as e:  # noqa: BLE001 - any failure of the user's callable is reported as such
+            raise ValueError(f"{name}: calling sigma on an array failed ({type(e).__name__}: {e}); expected a "
+                             "JAX-traceable elementwise function of a real array") from None
+        dtype = getattr(out, "dtype", None)
+        if dtype is not None and jnp.issubdtype(dtype, jnp.complexfloating):
+            raise ValueError(f"{name}: sigma returned complex values (dtype {dtype}); expected a real-valued "
+                             "function")
+        out = np.asarray(out)
+    if out.shape != z.shape:
+        raise ValueError(f"{name}: sigma returned shape {out.shape} for an input of shape {z.shape}; expected "
+                         "an elementwise function")
+    if out.dtype.kind not in "biuf":
+        raise ValueError(f"{name}: sigma returned dtype {out.dtype}; expected real numbers")
+    bad = ~np.isfinite(out.astype(np.float64))
+    if bad.any():
+        z0 = float(np.asarray(z)[np.argmax(bad)])
+        raise ValueError(f"{name}: sigma returned {out[np.argmax(bad)]} at z = {z0:g}; expected a function finite "
+                         "on the real line")
+
+
+@functools.lru_cache(maxsize=256)
+def _has_kink(fn) -> bool:
+    """A jump of sigma or sigma' on [-12, 12] that autodiff's derivative does not integrate to
+    (:attr:`Activation.kinked`)."""
+    import numpy as np
+
+    from .gaussian import derivative
+
+    d1 = derivative(fn)
+    d2 = derivative(d1)
+    with jax.enable_x64(True):
+        z = jnp.linspace(-12.0, 12.0, 96001, dtype=jnp.float64)
+        try:
+            vals = [np.asarray(f(z), dtype=np.float64) for f in (fn, d1, d2)]
+        except Exception:  # noqa: BLE001 - not differentiable by JAX at all: treat as kinked
+            return True
+    h = 24.0 / 96000
+    for f, df in ((vals[0], vals[1]), (vals[1], vals[2])):
+        if not (np.all(np.isfinite(f)) and np.all(np.isfinite(df))):
+            return True
+        step = np.diff(f) - 0.5 * h * (df[1:] + df[:-1])
+        if np.max(np.abs(step)) > 1e-3 * max(1.0, float(np.max(np.abs(f)))):
+            return True
+    return False
+
+
+@functools.lru_cache(maxsize=256)
+def _strip(fn) -> float:
+    """An estimate of sigma's strip of analyticity, calibrated on tanh (whose strip is pi/2).
+
+    For sigma analytic in |Im z| < d, sup |sigma^(k+1)| / sup |sigma^(k)| grows like (k + 1)/d; the
+    ratio at k = 3 and at k = 5 (sup over [-12, 12]), relative to tanh's, gives two estimates, and the
+    smaller is taken (exact for tanh(a z), the logistic function and their integrals up to a few
+    percent, below the true strip for softplus(beta z)/beta: 0.82 pi/beta at k = 3).  Activations whose
+    estimate is above 0.8 pi/2 (every built-in smooth one: gelu 1.55, erf, silu, sin, exp above pi/2)
+    keep pi/2, so the rules of the built-ins do not depend on this estimate.
+    """
+    import numpy as np
+
+    from .gaussian import derivative
+
+    def sups(f):
+        ds = [f]
+        for _ in range(6):
+            ds.append(derivative(ds[-1]))
+        with jax.enable_x64(True):
+            z = jnp.linspace(-12.0, 12.0, 24001, dtype=jnp.float64)
+            return [float(np.max(np.abs(np.asarray(d(z), dtype=np.float64)))) for d in ds]
+
+    try:
+        m, t = sups(fn), sups(jnp.tanh)
+    except Exception:  # noqa: BLE001 - not differentiable six times by JAX: keep the default
+        return math.pi / 2
+    est = [(math.pi / 2) * (m[k] / m[k + 1]) / (t[k] / t[k + 1]) for k in (3, 5)
+           if m[k + 1] > 0 and math.isfinite(m[k + 1]) and math.isfinite(m[k])]
+    d = min(est) if est else math.inf
+    return d if d < 0.8 * math.pi / 2 else math.pi / 2
 
 
 @functools.lru_cache(maxsize=256)
@@ -250,5 +357,6 @@ def get_activation(activation, name: str = "activation") -> Activation:
         )
     if callable(activation):
         label = getattr(activation, "__name__", None)
+        _check_real(activation, name)
         return Activation(label if isinstance(label, str) else type(activation).__name__, activation, smooth=True)
     raise ValueError(f"{name}: expected an activation name or a callable, got {activation!r}")

@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from tqdm.auto import tqdm
+from .._progress import tqdm
 
 from .. import _validate
 from .._sharding import shard_map
@@ -331,6 +331,7 @@ def _run(net, x, n_networks, seed, fold, statistics, method, chunk, dtype_name, 
     finally:
         bar.close()
     stats = {k: np.concatenate([done[s][k] for s in starts]) for k in names}
+    _check_finite(stats, net, dtype_name)
     return Ensemble(stats=stats, x=np.asarray(x, np.float64), net=net, seed=seed, fold=tuple(fold),
                     statistics=statistics, method=method, dtype=dtype_name)
 
@@ -384,6 +385,22 @@ def sample_ensemble(net: MLP, x, n_networks: int, seed: int, *, statistics=("met
     return _run(net, x, M, seed, (), statistics, method, _device_chunk(chunk, net, x, M, mesh, statistics, method,
                                                                           dtype_name),
                 dtype_name, progress, cache_dir, mesh)
+
+
+def _check_finite(stats, net, dtype_name) -> None:
+    """Refuse statistics that are not finite numbers (sigma returned NaN or inf, or the network's
+    values overflowed ``dtype``): an estimator would otherwise average NaN into every result."""
+    bad = None
+    for k, v in stats.items():
+        per_net = ~np.all(np.isfinite(v.reshape(v.shape[0], -1)), axis=1)
+        if per_net.any():
+            bad = (k, int(per_net.sum()), int(np.argmax(per_net)), v.shape[0])
+            break
+    if bad is not None:
+        k, count, first, M = bad
+        raise ValueError(f"net: {count} of {M} sampled networks (first: network {first}) give non-finite "
+                         f"statistics ({k!r}): sigma {net.sigma.name!r} returned NaN or inf, or the preactivations "
+                         f"overflowed {dtype_name}; check the activation, or use dtype=float64 or smaller C_W")
 
 
 def _device_chunk(chunk, net, x, M, mesh, statistics, method, dtype_name) -> int:

@@ -102,12 +102,14 @@ def _derivatives(fn):
     return jax.jit(lambda z: (fn(z), d1(z), d2(z), d3(z)))
 
 
-def _nodes(scale: float, tol: float) -> int:
+def _nodes(scale: float, tol: float, strip: float = np.pi / 2) -> int:
     """Midpoint nodes on [-_TAIL, _TAIL] for a direction u along which z moves by at most ``scale`` per
-    unit of u: the strip bound of gaussian.nodes_for (poles of tanh at distance pi/(2 scale) in u), with
-    +30 instead of +8 in the logarithm: products like tanh''^2 tanh'^2 (poles of order 12) were measured
-    to lose 4e-5 relative at the +8 step (K = 0.7, 38 nodes); +30 reaches 1e-11 there."""
-    h = min(0.5, np.pi**2 / (max(scale, 1e-300) * (np.log(2.0 / tol) + 30.0)))
+    unit of u: the strip bound of gaussian.nodes_for (poles of sigma at distance ``strip`` in z, so
+    strip/scale in u: pi/2 for tanh, :attr:`efftheory.activations.Activation.strip` for sharper
+    callables), with +30 instead of +8 in the logarithm: products like tanh''^2 tanh'^2 (poles of
+    order 12) were measured to lose 4e-5 relative at the +8 step (K = 0.7, 38 nodes); +30 reaches
+    1e-11 there."""
+    h = min(0.5, 2.0 * np.pi * strip / (max(scale, 1e-300) * (np.log(2.0 / tol) + 30.0)))
     return 2 * int(np.ceil(_TAIL / h))
 
 
@@ -118,7 +120,7 @@ def _rule(m: int):
     return u, w / w.sum()
 
 
-def gaussian_moments(fn, K, *, tol: float = 1e-9):
+def gaussian_moments(fn, K, *, tol: float = 1e-9, strip: float = np.pi / 2):
     """Four-input and two-input moments of sigma and its first three derivatives at z ~ N(0, K).
 
     Returns (M4, E2): M4[p] (N, N, N, N) = <s^(k0)_a s^(k1)_b s^(k2)_c s^(k3)_d> for each pattern
@@ -136,7 +138,7 @@ def gaussian_moments(fn, K, *, tol: float = 1e-9):
         L = range_factor(K[np.ix_(S, S)])
         L = L[:, np.any(L != 0, axis=0)]
         # per direction of the range, the step its own strip allows (small eigen-directions need few nodes)
-        rules = sorted((_rule(_nodes(float(np.max(np.abs(L[:, i]))), tol)) + (i,) for i in range(L.shape[1])),
+        rules = sorted((_rule(_nodes(float(np.max(np.abs(L[:, i]))), tol, strip)) + (i,) for i in range(L.shape[1])),
                        key=lambda t: len(t[0]))
         L = L[:, [t[2] for t in rules]]  # directions by increasing node count
         r = L.shape[1]
@@ -235,9 +237,10 @@ def dntk_statistics(net: MLP, x, *, tol: float = 1e-9) -> DNTKStatistics:
     tol = _validate.real("tol", tol, positive=True)
     if not tol < 1e-2:
         raise ValueError(f"tol: expected a target accuracy below 1e-2, got {tol}")
-    if not net.sigma.smooth:
+    if net.sigma.kinked:
+        why = "smooth=False" if not net.sigma.smooth else "sigma or sigma' jumps, which autodiff does not see"
         raise ValueError(f"net: the dNTK/ddNTK recursions need a smooth activation (they integrate sigma''' "
-                         f"as a function); {net.sigma.name!r} has a kink (smooth=False). Use e.g. tanh, gelu, "
+                         f"as a function); {net.sigma.name!r} has a kink ({why}). Use e.g. tanh, gelu, "
                          f"erf, silu, softplus")
     inf = infinite_width(net, x)
     Ks, Ts = np.asarray(inf.K, np.float64), np.asarray(inf.Theta, np.float64)
@@ -248,7 +251,7 @@ def dntk_statistics(net: MLP, x, *, tol: float = 1e-9) -> DNTKStatistics:
     out = [state]
     ratios = net.width_ratios()
     for l in range(1, L):
-        M4, E2 = gaussian_moments(net.sigma.fn, Ks[l - 1], tol=tol)
+        M4, E2 = gaussian_moments(net.sigma.fn, Ks[l - 1], tol=tol, strip=net.sigma.strip)
         C_W, r = net.C_Ws[l], ratios[l - 1]
         state = dntk_step(C_W, net.lambda_Ws[l], r, Ks[l - 1], Ts[l - 1], B, F, *state, M4, E2)
         B, F = bf_step(C_W, r, Ts[l - 1], B, F, M4, E2)
