@@ -37,11 +37,19 @@ Rules
   over x first.  A set whose outer grid is large against its table (:mod:`efftheory._tables`:
   the conditional moments h_e(mu) tabulated on [-R, R], local degree-5 interpolation with an
   error bound inside tol / e) looks them up instead of summing nk nodes at every outer node.
-* k = 3, 4, kinked sigma (relu and its step derivative, abs, user callables with
-  ``smooth=False``): an isotropic tensor trapezoid rule in the same eigenbasis (96^3 and 32^4
-  nodes); it converges like h^2 across the kinks (~1e-5 and 1e-4 relative).  Sets of rank <= 2
-  (duplicate or collinear inputs) with positively homogeneous sigma use the exact polar rule,
-  so that repeating an input reproduces the smaller computation to rounding.
+* k = 3, 4, kinked positively homogeneous sigma (relu, leaky_relu, abs, callables with
+  :attr:`Activation.homogeneous`, whatever their ``smooth`` flag): exact
+  (:func:`_homogeneous_sets`, :mod:`efftheory._orthant`): sigma = c+ z / c- z on each sign orthant,
+  so every pattern is a sum of orthant moments E[y^m 1{y > 0}], reduced by Gaussian integration by
+  parts to orthant probabilities (closed forms up to three inputs, one Plackett integral with an
+  error estimate for four).  Sets of rank <= 2 (duplicate or collinear inputs) use the exact polar
+  rule; zero-variance and exactly collinear members are merged first, so that repeating an input
+  reproduces the smaller computation.  Error estimates above ``tol``: :class:`AccuracyWarning`.
+* k = 3, 4, other kinked sigma (user callables with ``smooth=False`` that are not homogeneous, e.g.
+  clip): an isotropic tensor trapezoid rule in the same eigenbasis (96^3 and 32^4 nodes), not split
+  at the kinks; it converges like h^2 (~1e-5 and 1e-4 relative, worse for nearly collinear inputs).
+  Its error is estimated from the same rule with ~2/3 of the nodes and reported by an
+  :class:`AccuracyWarning` when it exceeds ``tol``.
 """
 
 from __future__ import annotations
@@ -61,7 +69,7 @@ from ._tables import (INNER_BLOCK, TABLE_CHUNK, inner_blocks, monomial, over_ite
 from .gaussian import derivative, normal_rule
 from .hermite import _polar_monomials, _trapezoid_monomials, whiten2
 
-__all__ = ["source_moments", "SOURCE_KINDS", "rule_for_scale"]
+__all__ = ["source_moments", "SOURCE_KINDS", "rule_for_scale", "AccuracyWarning"]
 
 SOURCE_KINDS = {"ss": (0, 0, 0, 0), "ds": (1, 1, 0, 0), "dd": (1, 1, 1, 1)}
 D0 = np.pi / 2          # strip half-width of tanh in z: the nearest singularity of the built-ins
@@ -71,7 +79,8 @@ _MARGIN = 8.0           # log-margin of the Gauss-Hermite bound (as gaussian.nod
 _POLE_ORDER = 8         # highest pole order of a product of four sigma' = sech^2 factors
 _TRAP_LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256)
 _GH_LADDER = (1, 4, 8)
-_KINKED_ORDER = {3: 96, 4: 32}  # isotropic trapezoid for kinked sigma
+_KINKED_ORDER = {3: 96, 4: 32}  # isotropic trapezoid for kinked sigma that is not homogeneous
+_KINKED_COARSE = {3: 64, 4: 22}  # its error estimate: the same rule with ~2/3 of the nodes
 _KINKED_TAIL = 7.5
 _GRID_BUDGET = 1 << 21  # nodes x sets evaluated at once (memory ~ 20 arrays of this size)
 _GRID_CHUNK = 1 << 16   # nodes per loop step of the tensor-grid kernel
@@ -306,25 +315,146 @@ def _eigen_factor(S):
 
 def _moments_kd(act, sig, dsig, K, sets, patterns, tol, setup):
     """(C, P) pattern moments over sets of k >= 3 distinct inputs (``setup``: :func:`_smooth_setup`
-    of all the sets of this size, for smooth sigma)."""
+    of all the sets of this size, for smooth sigma).  Kinked sigma: every set whose error estimate
+    exceeds ``tol`` is reported by an :class:`AccuracyWarning` (:func:`_check_tol`)."""
     C, k = sets.shape
     S = K[sets[:, :, None], sets[:, None, :]]
+    if _exact_kinked(act):
+        L, scale = _eigen_factor(S)
+        vals = np.empty((C, len(patterns)))
+        err = np.zeros((C, len(patterns)))
+        # rank <= 2 (duplicate or collinear inputs in the set): the exact polar rule
+        low = np.count_nonzero(scale > 0, axis=1) <= 2
+        if np.any(low):
+            vals[low] = _polar_sets(sig, dsig, L[low, :, :2], patterns)
+        if not np.all(low):
+            vals[~low], err[~low] = _homogeneous_sets(sig, dsig, S[~low], patterns)
+        _check_tol(act, sets, err, tol, "exact orthant reduction (Plackett quadrature for P4)")
+        return vals
     if act.smooth:
         return _smooth_sets(sig, S, patterns, tol, half=act.symmetric, setup=setup)
-    L, scale = _eigen_factor(S)
-    n = _KINKED_ORDER[k]
-    rules = [(("kink", n),) * k] * C
-    if act.homogeneous:
-        # rank <= 2 (duplicate or collinear inputs in the set): the exact polar rule
-        low = np.nonzero(np.count_nonzero(scale > 0, axis=1) <= 2)[0]
-        if len(low):
-            high = np.setdiff1d(np.arange(C), low)
-            vals = np.empty((C, len(patterns)))
-            vals[low] = _polar_sets(sig, dsig, L[low, :, :2], patterns)
-            if len(high):
-                vals[high] = _eval_sets(sig, patterns, L[high], [rules[0]] * len(high))
-            return vals
-    return _eval_sets(sig, patterns, L, rules)
+    L, _ = _eigen_factor(S)
+    vals = _eval_sets(sig, patterns, L, [(("kink", _KINKED_ORDER[k]),) * k] * C)
+    # kinks off the coordinate planes of the rule: it converges like h^2, so the difference from the
+    # rule with 2/3 of the nodes, times h^2 / (h_coarse^2 - h^2) = 0.8, estimates its error
+    coarse = _eval_sets(sig, patterns, L, [(("kink", _KINKED_COARSE[k]),) * k] * C)
+    _check_tol(act, sets, 0.8 * np.abs(vals - coarse), tol, f"isotropic trapezoid {_KINKED_ORDER[k]}^{k} "
+               "(not split at the kinks; error estimated from a coarser rule)")
+    return vals
+
+
+class AccuracyWarning(UserWarning):
+    """Some Gaussian integrals of :func:`source_moments` could not be computed to the requested tol."""
+
+
+def _check_tol(act, sets, err, tol, route: str) -> None:
+    """Warn (:class:`AccuracyWarning`) naming the sets of inputs whose estimated error exceeds tol."""
+    bad = np.max(err, axis=1) > tol
+    if not np.any(bad):
+        return
+    import warnings
+
+    worst = int(np.argmax(np.max(err, axis=1)))
+    warnings.warn(
+        f"tol: {int(bad.sum())} of {len(sets)} sets of {sets.shape[1]} inputs of {act.name} miss tol = {tol:.1e} "
+        f"({route}): estimated error up to {float(np.max(err)):.2e}, "
+        f"worst at inputs {tuple(int(i) for i in sets[worst])}",
+        AccuracyWarning, stacklevel=4)
+
+
+def _exact_kinked(act) -> bool:
+    """sigma is positively homogeneous of degree one with a kink (c+ != c-): the exact route."""
+    if not act.homogeneous:
+        return False
+    cp, cm = _slopes(act.fn)
+    return cp != cm
+
+
+@functools.lru_cache(maxsize=256)
+def _slopes(fn):
+    """c+ = sigma(1) and c- = -sigma(-1) of a positively homogeneous sigma (sigma = c+ z / c- z)."""
+    with jax.enable_x64(True):  # whatever the caller's mode: c- = 0.2 must not be float32's 0.2000000030
+        v = np.asarray(fn(jnp.asarray([1.0, -1.0], dtype=jnp.float64)), dtype=np.float64)
+    return float(v[0]), float(-v[1])
+
+
+_ORTHANT_ROWS = 1 << 13  # (set, orthant) rows reduced at once: ~20 MB of conditional covariances
+_COLLINEAR = 1e-13  # 1 - |rho| below this: z_j = alpha z_i exactly (rounding-level, as _eigen_factor)
+
+
+def _homogeneous_sets(sig, dsig, S, patterns):
+    """Pattern moments (C, P) and their error estimates for degree-1 positively homogeneous sigma over
+    sets of rank >= 3 with covariances S (C, k, k): the sign-orthant expansion of :mod:`efftheory._orthant`.
+
+    Members of zero variance contribute sigma(0)^e0 sigma'(0)^e1 (sigma(0) = 0), and exactly collinear
+    members z_j = alpha z_i are merged into z_i (sigma(alpha z) = c_{sign(alpha z)} alpha z on each
+    orthant), so the orthant moments see only distinct, non-collinear inputs."""
+    from ._orthant import truncated_moments
+
+    C, k, _ = S.shape
+    cp, cm = _slopes(sig)
+    with jax.enable_x64(True):
+        d0 = float(np.asarray(dsig(jnp.asarray(0.0, dtype=jnp.float64))))
+    var = np.diagonal(S, axis1=1, axis2=2)
+    zero = var <= 1e-13 * np.max(var, axis=1, keepdims=True)
+    sd = np.sqrt(np.where(zero, 1.0, var))
+    rho = S / sd[:, :, None] / sd[:, None, :]
+    rep = np.tile(np.arange(k), (C, 1))
+    alpha = np.ones((C, k))
+    for j in range(k):
+        for i in range(j - 1, -1, -1):  # the first (lowest) collinear member represents j
+            hit = ~zero[:, j] & ~zero[:, i] & (rep[:, i] == i) & (1.0 - np.abs(rho[:, i, j]) <= _COLLINEAR)
+            rep[:, j] = np.where(hit, i, rep[:, j])
+            alpha[:, j] = np.where(hit, S[:, i, j] / np.where(zero[:, i], 1.0, var[:, i]), alpha[:, j])
+    rep = np.where(zero, -1, rep)
+    key = np.concatenate([rep, np.sign(alpha).astype(np.int64)], 1)
+    uniq, inv = np.unique(key, axis=0, return_inverse=True)
+    inv = inv.reshape(-1)
+    vals = np.zeros((C, len(patterns)))
+    errs = np.zeros((C, len(patterns)))
+    for g, row in enumerate(uniq):
+        rows = np.nonzero(inv == g)[0]
+        reps = [j for j in range(k) if row[j] == j]
+        kk = len(reps)
+        Sg = S[rows][:, reps][:, :, reps]
+        al = alpha[rows]
+        orthants = [s for s in itertools.product((1, -1), repeat=kk) if s[0] == 1]  # M(s) = M(-s)
+        terms = []  # (pattern, orthant id, multi-index, coefficient (rows,))
+        for p, pat in enumerate(patterns):
+            if any(row[j] == -1 and pat[j][0] > 0 for j in range(k)):
+                continue  # sigma(0) = 0
+            base = np.full(rows.size, d0 ** sum(int(pat[j][1]) for j in range(k) if row[j] == -1))
+            m = tuple(int(sum(pat[j][0] for j in range(k) if row[j] == reps[i])) for i in range(kk))
+            for o, s in enumerate(orthants):
+                coef = np.zeros(rows.size)
+                for sgn in (1, -1):
+                    c = base.copy()
+                    for i, r in enumerate(reps):
+                        si = sgn * s[i]
+                        c = c * si ** m[i]
+                        for j in range(k):
+                            if row[j] != r:
+                                continue
+                            e0, e1 = int(pat[j][0]), int(pat[j][1])
+                            slope = cp if si * np.sign(al[:, j][0]) > 0 else cm
+                            c = c * slope ** (e0 + e1) * al[:, j] ** e0
+                    coef = coef + c
+                if np.any(coef != 0.0):
+                    terms.append((p, o, m, coef))
+        if not terms:
+            continue
+        used = sorted({o for _, o, _, _ in terms})
+        ms = sorted({m for _, _, m, _ in terms})
+        D = np.array([orthants[o] for o in used], dtype=np.float64)  # (U, kk)
+        Sf = (Sg[None] * D[:, None, :, None] * D[:, None, None, :]).reshape(-1, kk, kk)
+        parts = [truncated_moments(Sf[i:i + _ORTHANT_ROWS], ms) for i in range(0, Sf.shape[0], _ORTHANT_ROWS)]
+        mv, me = np.concatenate([v for v, _ in parts]), np.concatenate([e for _, e in parts])
+        mv, me = mv.reshape(len(used), rows.size, -1), me.reshape(len(used), rows.size, -1)
+        for p, o, m, coef in terms:
+            u, c = used.index(o), ms.index(m)
+            vals[rows, p] += coef * mv[u, :, c]
+            errs[rows, p] += np.abs(coef) * me[u, :, c]
+    return vals, errs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -846,7 +976,9 @@ def source_moments(act, K, *, tol: float = TOL, order2: int | None = None, block
     Args:
       act: an :class:`efftheory.activations.Activation`.
       K: (N, N) covariance of the preactivations.
-      tol: target accuracy of the 3- and 4-input rules for smooth sigma.
+      tol: target accuracy of the 3- and 4-input rules.  Smooth sigma: the rules are chosen for it;
+        kinked sigma: the exact route meets it unless rounding cannot, other kinked sigma rarely; sets
+        whose error estimate exceeds it are named in an :class:`AccuracyWarning`.
       order2: nodes per direction of the 2-input trapezoid rule (smooth, non-homogeneous sigma);
         default :func:`efftheory.gaussian.rule_size` at max diag K.
       block: sets of three or four inputs processed at once.  Memory beyond the three outputs grows
@@ -865,7 +997,8 @@ def source_moments(act, K, *, tol: float = TOL, order2: int | None = None, block
     for k in range(1, min(N, 4) + 1):
         sets = _sets(N, k)
         patterns, plan = _pattern_table(k)
-        setup = _smooth_setup(sig, k, np.diag(K), patterns, tol) if k >= 3 and act.smooth else None
+        setup = (_smooth_setup(sig, k, np.diag(K), patterns, tol)
+                 if k >= 3 and act.smooth and not _exact_kinked(act) else None)
         step = block if k >= 3 else len(sets)  # one- and two-input sets: N^2 at most, in one go
         for lo in range(0, len(sets), step):
             check_stop()
