@@ -130,8 +130,9 @@ def _has_parity(fn) -> bool:
 
     z = np.random.default_rng(1).normal(size=64) * 4.0
     try:
-        a = np.asarray(fn(jnp.asarray(z)), dtype=np.float64)
-        b = np.asarray(fn(jnp.asarray(-z)), dtype=np.float64)
+        with jax.enable_x64(True):  # cached per function: decided in float64 whatever the caller's mode
+            a = np.asarray(fn(jnp.asarray(z, jnp.float64)), dtype=np.float64)
+            b = np.asarray(fn(jnp.asarray(-z, jnp.float64)), dtype=np.float64)
     except Exception:  # noqa: BLE001 - treat an unusual callable as having no parity
         return False
     if a.shape != z.shape or not np.all(np.isfinite(a)) or not np.all(np.isfinite(b)):
@@ -231,10 +232,11 @@ def _strip(fn) -> float:
 def _is_homogeneous(fn) -> bool:
     import numpy as np
 
-    z = jnp.asarray(np.random.default_rng(0).normal(size=64) * 3)
     try:
-        base = fn(z)
-        return all(bool(jnp.allclose(fn(lam * z), lam * base, rtol=1e-12, atol=1e-12)) for lam in (0.37, 2.9))
+        with jax.enable_x64(True):  # cached per function: decided in float64 whatever the caller's mode
+            z = jnp.asarray(np.random.default_rng(0).normal(size=64) * 3, jnp.float64)
+            base = fn(z)
+            return all(bool(jnp.allclose(fn(lam * z), lam * base, rtol=1e-12, atol=1e-12)) for lam in (0.37, 2.9))
     except Exception:  # noqa: BLE001 - a callable that cannot take arrays is simply not homogeneous
         return False
 
