@@ -475,7 +475,7 @@ def _cmd_criticality(args) -> int:
     import numpy as np
 
     from .activations import get_activation
-    from .theory.criticality import chi_parallel, chi_perp, critical_init
+    from .theory.criticality import chi_parallel, chi_perp, critical_init, fixed_point
 
     act = get_activation(args.activation, "--activation")
     if args.C_b is not None and args.C_b < 0:
@@ -484,7 +484,7 @@ def _cmd_criticality(args) -> int:
     crit = critical_init(act)
     print(f"{act.name}: universality class {crit.universality_class!r}")
     if math.isfinite(crit.C_W):
-        ks = "every K (scale invariant)" if crit.K_star is None else f"{crit.K_star:.6g}"
+        ks = "every K (a marginal line of fixed points)" if crit.marginal_line else f"{crit.K_star:.6g}"
         print(f"critical initialization: C_b = {crit.C_b:.6g}, C_W = {crit.C_W:.6g}, fixed point K* = {ks}")
         K_ref = 1.0 if crit.K_star is None else crit.K_star
         print(f"at K = {K_ref:.6g}: chi_parallel = {float(chi_parallel(act, K_ref, crit.C_W)):.6g}, "
@@ -496,17 +496,15 @@ def _cmd_criticality(args) -> int:
     C_b = args.C_b if args.C_b is not None else (crit.C_b if math.isfinite(crit.C_W) else 0.0)
     base = crit.C_W if math.isfinite(crit.C_W) else 1.0
     C_Ws = base * np.array([0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5])
-    Ks = plotting._fixed_points(act, C_Ws, C_b)
+    Ks = [fixed_point(act, cw, C_b, K0=1.0) for cw in C_Ws]
     print(f"\nfixed point reached from K = 1 and susceptibilities there, C_b = {C_b:.6g}:")
-    print(f"{'C_W':>10}  {'K*':>12}  {'chi_par':>10}  {'chi_perp':>10}")
+    print(f"{'C_W':>10}  {'K*':>12}  {'chi_par':>10}  {'chi_perp':>10}  kind")
     for cw, k in zip(C_Ws, Ks):
-        if math.isfinite(k) or act.homogeneous:
-            kk = k if math.isfinite(k) else 1.0
-            cp = float(chi_parallel(act, kk, cw))
-            cq = float(chi_perp(act, kk, cw))
-            print(f"{cw:10.5g}  {k:12.5g}  {cp:10.5g}  {cq:10.5g}")
+        kind = k.kind + (" (every K is a fixed point)" if k.marginal_line else "")
+        if math.isfinite(k.chi_parallel):
+            print(f"{cw:10.5g}  {k:12.5g}  {k.chi_parallel:10.5g}  {k.chi_perp:10.5g}  {kind}")
         else:
-            print(f"{cw:10.5g}  {k:12.5g}  {'—':>10}  {'—':>10}")
+            print(f"{cw:10.5g}  {k:12.5g}  {'—':>10}  {'—':>10}  {kind}")
     if out is not None:
         from .compare import versions
 
@@ -515,7 +513,8 @@ def _cmd_criticality(args) -> int:
         p2 = _save(plotting.plot_universality(names), os.path.join(out, "universality.png"))
         data = {"activation": act.name, "universality_class": crit.universality_class,
                 "C_b": _num(crit.C_b), "C_W": _num(crit.C_W), "K_star": _num(crit.K_star),
-                "scan": {"C_b": C_b, "C_W": C_Ws.tolist(), "K_star": [_num(k) for k in Ks]},
+                "scan": {"C_b": C_b, "C_W": C_Ws.tolist(), "K_star": [_num(float(k)) for k in Ks],
+                         "kind": [k.kind for k in Ks]},
                 "versions": versions()}
         path = os.path.join(out, "criticality.json")
         with open(path, "w") as fh:

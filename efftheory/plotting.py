@@ -93,18 +93,28 @@ def _short(vals):
 
 
 def _sig2_grid(act, K):
-    """<sigma^2>_K on an array of variances (one quadrature rule for the whole grid)."""
+    """<sigma^2>_K on an array of variances (one quadrature rule for the whole grid), in float64."""
+    import jax
     import jax.numpy as jnp
 
     from .gaussian import expect1, rule_size
 
-    order = rule_size(act, float(np.max(K)))
-    return np.asarray(expect1(lambda z: act.fn(z) ** 2, jnp.asarray(K, jnp.float64), order=order))
+    with jax.enable_x64(True):
+        order = rule_size(act, float(np.max(K)))
+        return np.asarray(expect1(lambda z: act.fn(z) ** 2, jnp.asarray(K, jnp.float64), order=order))
 
 
 def _fixed_points(act, C_Ws, C_b, K0=1.0):
-    """K* reached from K0 for each C_W (0 when the flow decays, inf when it grows without bound),
-    from a dense logarithmic grid of g(K) = C_b + C_W <sigma^2>_K - K (interpolated in log K)."""
+    """K* reached from K0 for each C_W (0 when the flow decays, inf when it grows without bound).
+
+    Scale-invariant activations: :func:`efftheory.fixed_point` (closed form; on the critical line every
+    K is a fixed point and K0 is returned).  Others: a dense logarithmic grid of
+    g(K) = C_b + C_W <sigma^2>_K - K (interpolated in log K; within ~1e-4 of ``fixed_point``).
+    """
+    if act.homogeneous:
+        from .theory.criticality import fixed_point
+
+        return np.asarray([float(fixed_point(act, C_W, C_b, K0=K0)) for C_W in C_Ws])
     grid = np.geomspace(1e-8, 1e5, 1200)
     s = _sig2_grid(act, grid)
     s0 = float(_sig2_grid(act, np.asarray([K0]))[0])
@@ -133,6 +143,24 @@ def _fixed_points(act, C_Ws, C_b, K0=1.0):
     return np.asarray(out)
 
 
+def _criticality_curves(act, C_W, C_b, K0=1.0):
+    """(chi_parallel, chi_perp, K*) at the fixed point reached from K0, for each C_W (what
+    :func:`plot_criticality` draws).  chi at K* = inf is NaN except for the scale-invariant class,
+    whose chi = C_W (c+^2 + c-^2)/2 does not depend on K (relu: C_W/2 for every C_W, 1 at C_W = 2)."""
+    from .theory.criticality import chi_parallel, chi_perp
+
+    C_W = np.asarray(C_W, np.float64).reshape(-1)
+    Ks = _fixed_points(act, C_W, C_b, K0)
+    finite = np.isfinite(Ks)
+    K_eval = np.where(finite, Ks, 1.0)
+    chi_par = np.asarray(chi_parallel(act, K_eval, 1.0)) * C_W
+    chi_per = np.asarray(chi_perp(act, K_eval, 1.0)) * C_W
+    if not act.homogeneous:  # chi at K* = inf is meaningless except for scale-invariant activations
+        chi_par = np.where(finite, chi_par, np.nan)
+        chi_per = np.where(finite, chi_per, np.nan)
+    return chi_par, chi_per, Ks
+
+
 def plot_criticality(activation, C_b: float | None = None, C_W=None, *, K0: float = 1.0) -> Figure:
     r"""chi_parallel and chi_perp at the fixed point, and the fixed point K*, against C_W (PDLT ch. 5).
 
@@ -144,7 +172,7 @@ def plot_criticality(activation, C_b: float | None = None, C_W=None, *, K0: floa
         (0: decays to zero, inf: grows without bound).
     """
     from .activations import get_activation
-    from .theory.criticality import chi_parallel, chi_perp, critical_init
+    from .theory.criticality import critical_init
 
     act = get_activation(activation)
     crit = critical_init(act)
@@ -158,14 +186,8 @@ def plot_criticality(activation, C_b: float | None = None, C_W=None, *, K0: floa
     C_W = np.asarray(C_W, np.float64).reshape(-1)
     if C_W.size == 0 or np.any(~np.isfinite(C_W)) or np.any(C_W <= 0):
         raise ValueError("C_W: expected positive finite values")
-    Ks = _fixed_points(act, C_W, C_b, K0)
+    chi_par, chi_per, Ks = _criticality_curves(act, C_W, C_b, K0)
     finite = np.isfinite(Ks)
-    K_eval = np.where(finite, Ks, 1.0)
-    chi_par = np.asarray(chi_parallel(act, K_eval, 1.0)) * C_W
-    chi_per = np.asarray(chi_perp(act, K_eval, 1.0)) * C_W
-    if not act.homogeneous:  # chi at K* = inf is meaningless except for scale-invariant activations
-        chi_par = np.where(finite, chi_par, np.nan)
-        chi_per = np.where(finite, chi_per, np.nan)
 
     fig, ax = _figure(2)
     ax[0].plot(C_W, chi_par, "-", color="C0", label=r"$\chi_\parallel(K^\star)$")
@@ -188,6 +210,8 @@ def plot_criticality(activation, C_b: float | None = None, C_W=None, *, K0: floa
         ax[0].plot([crit.C_W], [1.0], "k*", ms=9, label=r"criticality: $\chi_\parallel=\chi_\perp=1$")
         if crit.K_star is not None:
             ax[1].plot([crit.C_W], [crit.K_star], "k*", ms=9, label=f"critical K* = {crit.K_star:.3g}")
+        elif crit.marginal_line:  # scale-invariant: on the critical line every K is a fixed point
+            ax[1].axvline(crit.C_W, color="C2", lw=3, alpha=0.5, label="every K is a fixed point")
     for a_ in ax:
         if has_crit and abs(C_b - crit.C_b) < 1e-12:
             a_.axvline(crit.C_W, color="k", ls=":", lw=1, label=f"critical C_W = {crit.C_W:.4g}")
