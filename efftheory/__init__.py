@@ -75,6 +75,7 @@ from .theory.dntk import DNTKStatistics, dntk_statistics  # noqa: E402
 from . import bayes, datasets, predict, predict_finite  # noqa: E402
 from .bayes import FiniteWidthPosterior, PosteriorAtWidth, posterior_from_statistics  # noqa: E402
 from .predict_finite import TrainedMeanFirstOrder, trained_mean_first_order  # noqa: E402
+from .theory.distribution import OutputDistribution, output_distribution  # noqa: E402  (issue #26)
 from .predict import (  # noqa: E402
     GPPosterior,
     GradientDescentPrediction,
@@ -121,4 +122,5 @@ __all__ = [
     "predict_finite",
     "TrainedMeanFirstOrder",
     "trained_mean_first_order",
+    "output_distribution",
 ]
