@@ -55,7 +55,8 @@ def sampling_cost(net, x, fw, n_networks: int):
     sample()                                                           # compile
     ens, t = timed(sample)
     # the last hidden layer (the output layer has one neuron: no cross-neuron pairs to estimate V from)
-    se = np.asarray(empirical.four_point(ens).stderr)[-2]
+    # four_point is the statistic at width n (V/n): times n_{L-2} for the standard error of V itself
+    se = float(ens.fan_in[-2]) * np.asarray(empirical.four_point(ens).stderr)[-2]
     scale = float(np.max(np.abs(np.asarray(fw.V)[-2])))
     worst = float(np.nanmax(se))
     out = {"networks": n_networks, "time_s": t, "V_scale": scale, "stderr_max": worst}

@@ -357,10 +357,8 @@ def _cmd_compare(args) -> int:
         paths["four_point_depth"] = _save(plotting.plot_four_point_depth(report),
                                           os.path.join(out, "four_point_depth.png"))
     t_plots = time.perf_counter() - t0
-    n_fit = len(report.fits)
-    n_ok = sum(f.agrees for f in report.fits)
     print()
-    print(f"{n_ok} of {n_fit} width-sweep fits agree with the theory (all entries and layers, report.json)")
+    print(cmp.verdict_summary(report.fits) + " (all entries and layers, report.json)")
     print("wrote " + ", ".join(paths[k] for k in ("report", "table", "width_sweep", "four_point_depth") if k in paths))
     tm = report.timings
     _log(f"time: theory {tm['theory']:.1f} s, sampling {tm['sampling']:.1f} s, estimates and fits "

@@ -65,6 +65,9 @@ __all__ = [
     "compare_ntk_depth",
     "default_inputs",
     "versions",
+    "verdict_counts",
+    "verdict_summary",
+    "VERDICT_RULE",
 ]
 
 #: statistic name -> (short label for tables, axis label for plots, description)
@@ -82,6 +85,12 @@ STATISTICS = {
 }
 
 _SAMPLED = ("metric", "four_point", "ntk", "ntk_variance")
+
+#: the verdict rule in words (report.json, table titles); the rule itself is efftheory.empirical.verdict
+VERDICT_RULE = ("agrees: |a - a_pred| <= 3 se and |c1 - c1_pred| <= 3 se, resolved residual slope within "
+                "-2 +- (0.3 + 2 se), and c1 resolved: se(c1) <= |c1_pred|/2 (for |c1_pred| below 0.05 x the "
+                "tensor's c1 scale: se(c1) <= 0.025 x that scale); consistent, unresolved: within those error "
+                "bars but c1 not resolved; disagrees: outside them")
 MAX_INPUTS = 8
 
 
@@ -119,8 +128,11 @@ class Row:
 class Fit:
     """The width-sweep fit m(n) = a + c1/n [+ c2/n^2] of one entry, against the predictions.
 
-    ``agrees`` is docs/theory.md's verdict (:func:`efftheory.empirical.agrees`): a and c1 within 3 standard
-    errors and, where the residual after the first-order correction is resolved, slope -2 +- 0.3.
+    ``verdict`` is one of docs/theory.md's three verdicts (:func:`efftheory.empirical.verdict`):
+    "agrees" (a and c1 within 3 standard errors, a resolved residual slope within -2 +- (0.3 + 2 its
+    stderr), and c1 resolved: its standard error at most half of |predicted c1|, or of the floor
+    0.05 x the tensor's c1 scale for a small or zero predicted c1), "consistent, unresolved" (within
+    the error bars, c1 not resolved) or "disagrees".  ``agrees`` is ``verdict == "agrees"``.
     """
 
     statistic: str
@@ -141,12 +153,16 @@ class Fit:
     slope: float
     slope_stderr: float
     slope_resolved: bool
-    agrees: bool
+    verdict: str
     shown: bool = False
 
     @property
     def label(self) -> str:
         return entry_label(self.entry)
+
+    @property
+    def agrees(self) -> bool:
+        return self.verdict == "agrees"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -285,9 +301,10 @@ class Report:
                 "measured": "ensemble mean over networks at this width, stderr over networks",
                 "predicted_infinite": "a: the infinite-width value",
                 "predicted_first_order": "a + c1/n with the first-order (1/n) coefficient c1 of efftheory.finite_width",
-                "fit": "weighted least squares m(n) = a + c1/n + c2/n^2 over the widths (docs/theory.md protocol); "
-                       "agrees: |a - a_pred| <= 3 se, |c1 - c1_pred| <= 3 se, residual slope -2 +- 0.3 where resolved",
+                "fit": "weighted least squares m(n) = a + c1/n + c2/n^2 over the widths (docs/theory.md protocol)",
+                "verdict": VERDICT_RULE,
             },
+            "verdict_counts": verdict_counts(self.fits),
             "rows": [_row_dict(r) for r in self.rows],
             "fits": [_fit_dict(f) for f in self.fits],
             "depth_profile": self.depth_profile.to_dict(),
@@ -345,6 +362,25 @@ def versions() -> dict:
 
     return {"efftheory": __version__, "jax": jax.__version__, "numpy": np.__version__,
             "python": platform.python_version()}
+
+
+def verdict_counts(fits) -> dict:
+    """{"agrees": k, "consistent, unresolved": k, "disagrees": k} over fits (:class:`Fit`)."""
+    from .empirical import count_verdicts
+
+    if isinstance(fits, (str, bytes)) or not hasattr(fits, "__iter__"):
+        raise ValueError(f"fits: expected an iterable of efftheory.compare.Fit, got {_validate._short(fits)}")
+    fits = list(fits)
+    if not all(isinstance(f, Fit) for f in fits):
+        raise ValueError("fits: expected an iterable of efftheory.compare.Fit")
+    return count_verdicts([f.verdict for f in fits])
+
+
+def verdict_summary(fits, what: str = "width-sweep fits") -> str:
+    """One line: "N width-sweep fits: a agree, u consistent but unresolved, d disagree"."""
+    c = verdict_counts(fits)
+    return (f"{sum(c.values())} {what}: {c['agrees']} agree (c1 resolved), {c['consistent, unresolved']} "
+            f"consistent but unresolved, {c['disagrees']} disagree")
 
 
 def entry_label(entry) -> str:
@@ -465,6 +501,7 @@ def _build(statistic, widths, layers, measured, stderr, a, c1, *, L, N, deepest_
     from . import empirical as em
 
     for li, layer in enumerate(layers):
+        scale = em.c1_scale(a[li], c1[li], widths.min()) if W else 0.0
         for e in _entries(ndim, N):
             idx = (li,) + e
             shown = _shown(statistic, layer, e, L, deepest_v, N)
@@ -478,11 +515,11 @@ def _build(statistic, widths, layers, measured, stderr, a, c1, *, L, N, deepest_
             if W < 2 or not np.all(ok) or not np.all(np.isfinite(s) & (s > 0)):
                 continue
             fit = em.width_sweep_fit(widths, m, s, infinite=av, first_order=cv, order=order)
-            agree = em.agrees(fit, av, cv)
+            v = em.verdict(fit, av, cv, scale=scale)
             fits.append(Fit(statistic, int(layer), e, order, float(fit.a), float(fit.a_stderr), float(fit.c1),
                             float(fit.c1_stderr), float(fit.c2), float(fit.c2_stderr), av, cv, float(fit.a_pull),
                             float(fit.c1_pull), float(fit.chi2_dof), float(fit.slope), float(fit.slope_stderr),
-                            bool(fit.slope_resolved), bool(agree), shown))
+                            bool(fit.slope_resolved), str(v), shown))
     return StatisticComparison(statistic, widths, tuple(int(v) for v in layers), measured, stderr, np.asarray(a),
                                np.asarray(c1), tuple(rows), tuple(fits))
 
@@ -513,17 +550,17 @@ def metric_comparison(sweep, theory) -> StatisticComparison:
 def four_point_comparison(sweep, theory) -> StatisticComparison:
     """Connected cross-neuron four-point function at every layer against 0 + V/n.
 
-    The empirical estimator returns n_{l-1} x (connected); it is divided back by n_{l-1} here so that
-    the fit's c1 is V itself.  Layers with a single neuron (the output layer when n_L = 1) are NaN.
+    The empirical estimator returns the connected function at the sampled width (the normalisation of
+    ``at_width(n).four_point``), so the fit's c1 is V itself.  Layers with a single neuron (the output
+    layer when n_L = 1) are NaN.
     """
     from . import empirical as em
 
     L = _check_theory(theory, sweep)
     th = _theory_arrays(theory, L)
     est = sweep.estimate(em.four_point)
-    fan = np.asarray([e.fan_in for e in sweep.ensembles], np.float64)[:, :, None, None, None, None]
     N = th["K"].shape[1]
-    return _build("four_point", sweep.widths, range(1, L + 1), est.value / fan, est.stderr / fan,
+    return _build("four_point", sweep.widths, range(1, L + 1), est.value, est.stderr,
                   np.zeros_like(th["V"]), th["V"], L=L, N=N, deepest_v=_deepest_four_point(sweep))
 
 
@@ -545,12 +582,11 @@ def ntk_variance_comparison(sweep, theory) -> StatisticComparison:
 
     L = _check_theory(theory, sweep)
     th = _theory_arrays(theory, L)
-    est = sweep.estimate(em.ntk_variance).combined
-    fan = np.asarray([e.fan_in[-1] for e in sweep.ensembles], np.float64)[:, None, None, None, None]
+    est = sweep.estimate(em.ntk_variance).cov
     A, B = th["A"][-1], th["B"][-1]
     c1 = A + B.transpose(0, 2, 1, 3) + B.transpose(0, 2, 3, 1)
     N = th["K"].shape[1]
-    return _build("ntk_variance", sweep.widths, (L,), (est.value / fan)[:, None], (est.stderr / fan)[:, None],
+    return _build("ntk_variance", sweep.widths, (L,), est.value[:, None], est.stderr[:, None],
                   np.zeros_like(c1)[None], c1[None], L=L, N=N, deepest_v=_deepest_four_point(sweep))
 
 
@@ -895,7 +931,7 @@ def format_fits(fits, widths=None) -> str:
             slope = "unresolved"
         body.append((f.statistic, str(f.layer), f.label, _pm(f.a, f.a_stderr), _num(f.predicted_a, f.a_stderr),
                      f"{f.a_pull:+.1f}", _pm(f.c1, f.c1_stderr), _num(f.predicted_c1, f.c1_stderr),
-                     f"{f.c1_pull:+.1f}", slope, "agrees" if f.agrees else "DISAGREES"))
+                     f"{f.c1_pull:+.1f}", slope, _VERDICT_SHORT[f.verdict]))
     if not body:
         return "(no width-sweep fits: they need at least two widths)"
     orders = {f.order for f in fits}
@@ -903,8 +939,14 @@ def format_fits(fits, widths=None) -> str:
     title = f"width-sweep fits m(n) = {model} (weighted least squares"
     if widths is not None:
         title += f" over widths {', '.join(map(str, widths))}"
-    title += "; verdict: |pulls| <= 3 and residual slope -2 ± 0.3 where resolved)"
+    title += ("; verdict: agrees = |pulls| <= 3, residual slope -2 ± (0.3 + 2 se) where resolved, and c1 resolved "
+              "(se(c1) <= |theory c1|/2, floor 0.05 x the tensor's c1 scale); unresolved = within the error bars "
+              "but c1 not resolved)")
     return title + "\n" + _render(head, body, right=(1, 3, 4, 5, 6, 7, 8))
+
+
+_VERDICT_SHORT = {"agrees": "agrees", "consistent, unresolved": "consistent, unresolved",
+                  "disagrees": "DISAGREES"}
 
 
 def _render(head, body, right=()) -> str:

@@ -151,6 +151,48 @@ class TrainingReport:
         v = self.theory.variance[-1]
         return np.repeat(v[:, None], self.theory.mean.shape[-1], axis=1)
 
+    @property
+    def mean_verdict(self):
+        """(N_T, k) verdicts of the mean's extrapolation a against n = inf (:func:`efftheory.empirical.verdict`
+        without a first-order prediction: disagrees beyond 3 standard errors; agrees when a is also
+        resolved, a_stderr <= 0.025 x the largest |theory mean|; else consistent, unresolved); None with
+        one width."""
+        if self.mean_fit is None:
+            return None
+        from .empirical import verdict
+
+        return verdict(self.mean_fit, self.theory_mean)
+
+    @property
+    def variance_verdict(self):
+        """(N_T, k) verdicts of the variance's extrapolation (as :attr:`mean_verdict`); None with one width."""
+        if self.variance_fit is None:
+            return None
+        from .empirical import verdict
+
+        return verdict(self.variance_fit, self.theory_variance)
+
+    def verdict_counts(self) -> dict:
+        """{"mean": {verdict: count}, "variance": {...}} over every test entry; {} with one width."""
+        from .empirical import count_verdicts
+
+        if self.mean_fit is None:
+            return {}
+        return {"mean": count_verdicts(self.mean_verdict), "variance": count_verdicts(self.variance_verdict)}
+
+    def verdict_summary(self) -> str:
+        """One line with the three verdict counts for the mean and the variance."""
+        c = self.verdict_counts()
+        if not c:
+            return "no width-sweep verdicts: they need at least two widths"
+
+        def one(d):
+            return (f"{d['agrees']} agree (resolved), {d['consistent, unresolved']} consistent but unresolved, "
+                    f"{d['disagrees']} disagree")
+
+        return (f"{sum(c['mean'].values())} test entries, n = inf extrapolation against the frozen-NTK ensemble: "
+                f"mean {one(c['mean'])}; variance {one(c['variance'])}")
+
     def header(self) -> str:
         c = self.config
         net = c["network"]
@@ -201,21 +243,25 @@ class TrainingReport:
     def fit_table(self, max_inputs: int = 8) -> str:
         if self.mean_fit is None:
             return "(no width-sweep fits: they need at least two widths)"
-        head = ("input", "output", "fit a (mean)", "theory", "pull", "fit a (variance)", "theory", "pull")
+        head = ("input", "output", "fit a (mean)", "theory", "pull", "verdict", "fit a (variance)", "theory", "pull",
+                "verdict")
         body = []
         tm, tv = self.theory_mean, self.theory_variance
         fm, fv = self.mean_fit, self.variance_fit
+        vm, vv = self.mean_verdict, self.variance_verdict
+        short = {"agrees": "agrees", "consistent, unresolved": "consistent, unresolved", "disagrees": "DISAGREES"}
         for a in self._shown(max_inputs):
             for j in range(tm.shape[1]):
                 body.append((str(a), str(j), _pm(fm.a[a, j], fm.a_stderr[a, j]), _num(tm[a, j], fm.a_stderr[a, j]),
-                             f"{fm.a_pull[a, j]:+.1f}", _pm(fv.a[a, j], fv.a_stderr[a, j]),
-                             _num(tv[a, j], fv.a_stderr[a, j]), f"{fv.a_pull[a, j]:+.1f}"))
+                             f"{fm.a_pull[a, j]:+.1f}", short[str(vm[a, j])], _pm(fv.a[a, j], fv.a_stderr[a, j]),
+                             _num(tv[a, j], fv.a_stderr[a, j]), f"{fv.a_pull[a, j]:+.1f}", short[str(vv[a, j])]))
         model = "a + c1/n + c2/n^2" if fm.order == 2 else "a + c1/n"
         pm, pv = np.abs(fm.a_pull), np.abs(fv.a_pull)
         title = (f"width-sweep fits m(n) = {model} over widths {', '.join(str(int(w)) for w in self.widths)}: "
                  f"extrapolated a against n = inf (largest |pull| over all {pm.size} test entries: mean "
-                 f"{np.max(pm):.1f}, variance {np.max(pv):.1f})")
-        return title + "\n" + _render(head, body, right=(0, 1, 2, 3, 4, 5, 6, 7))
+                 f"{np.max(pm):.1f}, variance {np.max(pv):.1f}); verdict: |pull| <= 3, and agrees only where a is "
+                 f"resolved (stderr <= 0.025 x the largest |theory|)")
+        return (title + "\n" + _render(head, body, right=(0, 1, 2, 3, 4, 6, 7, 8)) + "\n" + self.verdict_summary())
 
     def _shown(self, max_inputs: int):
         N = self.mean.shape[1]
@@ -231,6 +277,9 @@ class TrainingReport:
                     "c2": _clean(f.c2), "c2_stderr": _clean(f.c2_stderr), "a_pull": _clean(f.a_pull),
                     "chi2_dof": _clean(f.chi2_dof), "order": f.order}
 
+        verdicts = {} if self.mean_fit is None else {"mean": np.asarray(self.mean_verdict).tolist(),
+                                                      "variance": np.asarray(self.variance_verdict).tolist()}
+
         th = self.theory
         return {
             "config": self.config,
@@ -242,7 +291,12 @@ class TrainingReport:
                 "ntk_change": "mean over networks of ||H_T - H_0||_F / ||H_0||_F on training and test inputs",
                 "ntk_mean_change": "||E H_T - E H_0||_F / ||E H_0||_F (jackknife)",
                 "fits": "weighted least squares m(n) = a + c1/n + c2/n^2 per entry; a_pull = (a - theory)/stderr",
+                "verdicts": "efftheory.empirical.verdict without a first-order prediction: disagrees when |a_pull| > 3; "
+                            "agrees when also a_stderr <= 0.025 x the largest |theory| of that statistic; else "
+                            "consistent, unresolved",
             },
+            "verdicts": verdicts,
+            "verdict_counts": self.verdict_counts(),
             "widths": _clean(self.widths), "steps": _clean(self.steps),
             "theory": {"steps": _clean(th.steps), "mean": _clean(th.mean), "variance": _clean(th.variance),
                        "loss": _clean(th.loss), "train_mean": _clean(th.train_mean),

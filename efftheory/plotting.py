@@ -338,6 +338,9 @@ def plot_width_sweep(report, panels=None, *, ncols: int | None = None) -> Figure
             c2 = fit.c2 if math.isfinite(fit.c2) else 0.0
             axk.plot(xs, fit.a + fit.c1 * xs + c2 * xs**2, color="0.5", ls=":", lw=1.2,
                      label="fit " + (r"$a + c_1/n + c_2/n^2$" if fit.order == 2 else r"$a + c_1/n$"))
+            axk.text(0.97, 0.03, f"verdict: {fit.verdict}\n" + fr"$c_1$ = {fit.c1:.3g} ± {fit.c1_stderr:.2g} "
+                     fr"(theory {_small0(fit.predicted_c1, fit.c1_stderr)})", transform=axk.transAxes, ha="right", va="bottom",
+                     fontsize=7, color=_VERDICT_COLOR.get(fit.verdict, "k"))
         axk.set_xlim(0, xs[-1])
         axk.set_xlabel(r"$1/n$")
         axk.set_ylabel(STATISTICS[stat][1])
@@ -352,10 +355,23 @@ def plot_width_sweep(report, panels=None, *, ncols: int | None = None) -> Figure
         ax[k].set_visible(False)
     cfg = getattr(report, "config", None)
     if cfg:
+        from .compare import verdict_counts
+
         net = cfg["network"]
+        c = verdict_counts(report.fits)
         fig.suptitle(f"{net['activation']}, depth {net['depth']}, C_W = {_fmt(net['C_W'])}, C_b = {_fmt(net['C_b'])}: "
-                     f"{cfg['n_networks']} networks per width ({cfg['dtype']})")
+                     f"{cfg['n_networks']} networks per width ({cfg['dtype']})\nall {sum(c.values())} fits: "
+                     f"{c['agrees']} agree, {c['consistent, unresolved']} consistent but unresolved, "
+                     f"{c['disagrees']} disagree")
     return fig
+
+
+_VERDICT_COLOR = {"agrees": "C2", "consistent, unresolved": "0.35", "disagrees": "C3"}
+
+
+def _small0(v, ref) -> str:
+    """v to 3 significant digits, or 0 when it is rounding noise next to ``ref`` (a zero prediction)."""
+    return "0" if abs(v) <= 1e-9 * abs(ref) else f"{v:.3g}"
 
 
 def _fmt(v):

@@ -147,6 +147,10 @@ def plot_deviation(report) -> Figure:
         a.axhline(0, color="k", lw=0.8)
         lim = max(3.5, float(np.nanmax(np.abs(np.r_[pm, pv]))) * 1.15)
         a.set_ylim(-lim, lim)
+        c = rep.verdict_counts()
+        a.text(0.02, 0.03, "\n".join(f"{k}: {d['agrees']} agree, {d['consistent, unresolved']} consistent but unresolved, "
+                                     f"{d['disagrees']} disagree" for k, d in c.items()),
+               transform=a.transAxes, fontsize=7, va="bottom")
     else:
         a.text(0.5, 0.5, "one width: no extrapolation", ha="center", va="center", transform=a.transAxes)
     a.set_xlabel("test entry (input, output)")

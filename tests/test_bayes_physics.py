@@ -135,7 +135,7 @@ def test_posterior_width_sweep(sweep, estimator):
               f"({'resolved' if fit.slope_resolved[i] else 'unresolved'})")
     assert np.all(np.abs(fit.a_pull) <= 3), fit.a_pull
     assert np.all(np.abs(fit.c1_pull) <= 3), fit.c1_pull
-    ok = ~fit.slope_resolved | (np.abs(fit.slope + 2) <= 0.3 + 2 * fit.slope_stderr)
+    ok = em.slope_consistent(fit.slope, fit.slope_stderr, fit.slope_resolved)
     assert np.all(ok), (fit.slope, fit.slope_stderr)
     if estimator == "rb":
         # the first-order coefficients are resolved: at least 8 standard errors from zero

@@ -65,19 +65,18 @@ def test_measured_values_are_the_empirical_estimates(report, sweep):
     metric = sweep.estimate(em.metric)
     fp = sweep.estimate(em.four_point)
     nm = sweep.estimate(em.ntk_mean)
-    nv = sweep.estimate(em.ntk_variance).combined
-    for r in report.rows:
+    nv = sweep.estimate(em.ntk_variance).cov
+    for r in report.rows:  # same normalisation as at_width(n): the estimates go into the report unscaled
         w = WIDTHS.index(r.width)
-        fan = np.asarray(sweep[r.width].fan_in, float)
         if r.statistic == "metric":
             ref, se = metric.value[(w, r.layer - 1) + r.entry], metric.stderr[(w, r.layer - 1) + r.entry]
         elif r.statistic == "four_point":
             idx = (w, r.layer - 1) + r.entry
-            ref, se = fp.value[idx] / fan[r.layer - 1], fp.stderr[idx] / fan[r.layer - 1]
+            ref, se = fp.value[idx], fp.stderr[idx]
         elif r.statistic == "ntk_mean":
             ref, se = nm.value[(w,) + r.entry], nm.stderr[(w,) + r.entry]
         else:
-            ref, se = nv.value[(w,) + r.entry] / fan[-1], nv.stderr[(w,) + r.entry] / fan[-1]
+            ref, se = nv.value[(w,) + r.entry], nv.stderr[(w,) + r.entry]
         assert r.measured == pytest.approx(float(ref), rel=1e-12, abs=1e-15)
         assert r.stderr == pytest.approx(float(se), rel=1e-12, abs=1e-15)
 
@@ -108,7 +107,8 @@ def test_fits_follow_the_width_sweep_protocol(report):
     assert f.order == 2
     assert f.a == pytest.approx(float(ref.a)) and f.c1 == pytest.approx(float(ref.c1))
     assert f.predicted_c1 == pytest.approx(c1) and f.predicted_a == 0.0
-    assert isinstance(f.agrees, bool)
+    assert isinstance(f.agrees, bool) and f.verdict in em.VERDICTS and f.agrees == (f.verdict == "agrees")
+    assert f.verdict == em.verdict(ref, a, c1, scale=em.c1_scale(0.0, comp.first_order[0], WIDTHS[0]))
     # layer 1 has no 1/n correction
     assert all(g.predicted_c1 == 0.0 for g in report.comparisons["four_point"].fits if g.layer == 1)
 
@@ -130,6 +130,13 @@ def test_json_has_every_number_and_is_strict(report):
         assert d["measured"] == r.measured and d["predicted_first_order"] == r.predicted_first_order
     assert np.asarray(data["theory"]["V"]).shape == (3, 2, 2, 2, 2)
     assert data["depth_profile"]["measured"][0][-1] is None  # NaN -> null
+    # three verdicts, counted separately
+    counts = data["verdict_counts"]
+    assert list(counts) == ["agrees", "consistent, unresolved", "disagrees"]
+    assert sum(counts.values()) == len(report.fits)
+    for k, v in counts.items():
+        assert v == sum(f["verdict"] == k for f in data["fits"]) == sum(f.verdict == k for f in report.fits)
+    assert "resolved" in data["columns"]["verdict"]
 
 
 def test_table_text(report):
@@ -138,6 +145,13 @@ def test_table_text(report):
     for name in ("metric", "four_point", "ntk_mean", "ntk_variance"):
         assert name in table
     assert "±" in report.fit_table() and "verdict" in report.fit_table()
+    c = cmp.verdict_counts(report.fits)
+    assert cmp.verdict_summary(report.fits) == (
+        f"{len(report.fits)} width-sweep fits: {c['agrees']} agree (c1 resolved), {c['consistent, unresolved']} "
+        f"consistent but unresolved, {c['disagrees']} disagree")
+    body = report.fit_table(all_rows=True).splitlines()[3:]
+    assert sum(line.endswith("consistent, unresolved") for line in body) == c["consistent, unresolved"]
+    assert sum(line.endswith("DISAGREES") for line in body) == c["disagrees"]
     assert len(report.table(all_rows=True).splitlines()) > len(table.splitlines())
 
 

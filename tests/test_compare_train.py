@@ -60,6 +60,13 @@ def test_cli_writes_report_table_and_plots(run_dir, capsys):
     assert data["fits"]["mean"]["order"] == 1
     table = (run_dir / "table.txt").read_text()
     assert "rms dev mean" in table and "NTK change/net" in table and "width-sweep fits" in table
+    # three verdicts per test entry, counted separately in the table, the JSON and the printed summary
+    counts = data["verdict_counts"]
+    for stat in ("mean", "variance"):
+        assert list(counts[stat]) == ["agrees", "consistent, unresolved", "disagrees"]
+        flat = [v for row in data["verdicts"][stat] for v in row]
+        assert len(flat) == 5 and all(counts[stat][k] == flat.count(k) for k in counts[stat])
+    assert "test entries, n = inf extrapolation" in table and "consistent but unresolved" in table
 
 
 def test_rerun_and_interrupted_run_give_the_identical_report(run_dir, capsys):
@@ -83,6 +90,12 @@ def test_report_through_the_api_matches_the_cli(report, run_dir):
     assert report.ntk_change.shape == (2,) and np.all(report.ntk_change > 0)
     assert report.mean_fit.a.shape == (5, 1) and report.variance_fit.order == 1
     assert report.to_json() == report.to_json()
+    # verdicts: efftheory.empirical.verdict on the extrapolated a, without a first-order prediction
+    assert report.mean_verdict.tolist() == E.verdict(report.mean_fit, report.theory_mean).tolist()
+    scale = np.max(np.abs(report.theory_variance))
+    for v, a, se, pull in zip(report.variance_verdict.ravel(), report.variance_fit.a.ravel(),
+                              report.variance_fit.a_stderr.ravel(), report.variance_fit.a_pull.ravel()):
+        assert v == ("disagrees" if abs(pull) > 3 else "agrees" if se <= 0.025 * scale else "consistent, unresolved")
     # the theory is predict.gradient_descent at the recorded steps with the report's learning rate
     kern = predict.train_test_kernels(et.MLP(2, 8, "erf", C_W=2.0, C_b=0.3), report.x_train, report.x_test)
     eta = report.config["learning_rate"]

@@ -62,14 +62,14 @@ def test_deep_linear_fourth_moment_is_exact_at_any_width(linear_sweep):
 
 
 def test_deep_linear_four_point_is_exact_at_any_width(linear_sweep):
-    """Cross-neuron: given layer l-1 the z_i are i.i.d., so E[z_i^2 z_j^2] = E[z^4]/3 and
-    V_hat = n K^2 ((1 + 2/n)^(l-1) - 1) exactly, K = C_W^(l-1) K^(1); same neuron gives 3 V_hat."""
+    """Cross-neuron: given layer l-1 the z_i are i.i.d., so E[z_i^2 z_j^2] = E[z^4]/3 and the connected
+    function at width n is K^2 ((1 + 2/n)^(l-1) - 1) exactly, K = C_W^(l-1) K^(1) (the estimator returns
+    the statistic at the sampled width, no factor n); same neuron gives 3 times that."""
     net, x, sweep = linear_sweep
     K1 = 1.5 * float((x @ x.T)[0, 0]) / 3
     for n in sweep.widths:
         K = np.array([1.5 ** l * K1 for l in range(net.depth)])
-        fan_in = np.array([3, n, n, n])
-        exact = fan_in * K**2 * (np.array([(1 + 2 / n) ** l for l in range(net.depth)]) - 1)
+        exact = K**2 * (np.array([(1 + 2 / n) ** l for l in range(net.depth)]) - 1)
         V = E.four_point(sweep[n])
         assert V.value.shape == (4, 1, 1, 1, 1)
         assert np.isnan(V.value[3]).all()  # output layer has one neuron: no distinct pairs
@@ -93,7 +93,7 @@ def test_ntk_estimators_shapes_and_exact_identities(ntk_ensemble):
     s = ens.stats
     assert E.ntk_mean(ens).value.shape == (2, 2)
     var, df = E.ntk_variance(ens), E.ntk_preactivation(ens)
-    for est in (var.A, var.B, var.combined, df.D, df.F, df.combined):
+    for est in (var.cross_cov, var.offdiag, var.cov, df.cross_cov, df.offdiag, df.cov):
         assert est.value.shape == est.stderr.shape == (2, 2, 2, 2)
         assert np.all(np.isfinite(est.stderr)) and np.all(est.stderr > 0)
     # Rotation invariance of the output layer: same-neuron = cross-diagonal + two off-diagonal pairings,
@@ -103,21 +103,31 @@ def test_ntk_estimators_shapes_and_exact_identities(ntk_ensemble):
     res = s["Hzz"] - s["H_zz"] - s["Hoff_zz"] - s["Hoff_zz"].transpose(0, 1, 2, 4, 3)
     assert np.max(np.abs(E.mean_and_stderr(res).pull(0.0))) < 4
     # the same identities in the documented index conventions
-    B, F = var.B.value, df.F.value
-    # combined_{a1a2a3a4} = A_{(a1a2)(a3a4)} + B_{(a1a3)(a2a4)} + B_{(a1a4)(a2a3)}, B_{(a1a3)(a2a4)} = B[a1, a3, a2, a4]
-    np.testing.assert_allclose(var.combined.value, var.A.value + np.einsum("acbd->abcd", B) + np.einsum("adbc->abcd", B),
-                               atol=6 * np.max(var.combined.stderr))
-    np.testing.assert_allclose(df.combined.value, df.D.value + np.einsum("acbd->abcd", F) + np.einsum("adbc->abcd", F),
-                               atol=6 * np.max(df.combined.stderr))
+    B, F = var.offdiag.value, df.offdiag.value
+    # cov_{a1a2a3a4} = cross_cov_{a1a2a3a4} + offdiag[a1, a3, a2, a4] + offdiag[a1, a4, a2, a3]
+    np.testing.assert_allclose(var.cov.value, var.cross_cov.value + np.einsum("acbd->abcd", B) + np.einsum("adbc->abcd", B),
+                               atol=6 * np.max(var.cov.stderr))
+    np.testing.assert_allclose(df.cov.value, df.cross_cov.value + np.einsum("acbd->abcd", F) + np.einsum("adbc->abcd", F),
+                               atol=6 * np.max(df.cov.stderr))
+    # no factor n: the per-network second moments minus products of means, directly
+    n = 12.0
+    hh, h = s["HH"].mean(0), s["H"].mean(0)
+    plug_in = hh - np.einsum("ab,cd->abcd", h, h)
+    np.testing.assert_allclose(var.cov.value, plug_in, atol=3 * np.max(var.cov.stderr))
+    assert not np.allclose(var.cov.value, n * plug_in, atol=3 * np.max(var.cov.stderr))
+    np.testing.assert_allclose(var.offdiag.value, s["HoffHoff"].mean(0).transpose(0, 2, 1, 3), rtol=1e-12)
+    sc = var.cov.scaled(n)
+    np.testing.assert_allclose(sc.value, n * var.cov.value)
+    np.testing.assert_allclose(sc.stderr, n * var.cov.stderr)
 
 
-def test_single_output_gives_combined_tensors_only():
+def test_single_output_gives_cov_only():
     net = efftheory.MLP(2, 8, "relu", C_W=2.0)
     ens = E.sample_ensemble(net, np.eye(2, 3), 50, seed=0, statistics=("ntk_variance", "ntk_preactivation"),
                             progress=False)
     var, df = E.ntk_variance(ens), E.ntk_preactivation(ens)
-    assert var.A is None and var.B is None and df.D is None and df.F is None
-    assert np.all(np.isfinite(var.combined.value)) and np.all(np.isfinite(df.combined.value))
+    assert var.cross_cov is None and var.offdiag is None and df.cross_cov is None and df.offdiag is None
+    assert np.all(np.isfinite(var.cov.value)) and np.all(np.isfinite(df.cov.value))
     with pytest.raises(ValueError, match="^ensemble: .*'four_point'"):
         E.four_point(ens)
     with pytest.raises(ValueError, match="^ensemble: "):

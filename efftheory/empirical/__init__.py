@@ -5,7 +5,7 @@
 * :mod:`.moments`    per-network sufficient statistics (averages over one network's neurons)
 * :mod:`.ensemble`   sample, sample_ensemble: M networks per width, chunked, reproducible, resumable
 * :mod:`.statistics` estimators with standard errors over networks: metric, four_point, ntk_mean, ...
-* :mod:`.sweep`      width_sweep_fit, agrees: the a + c1/n + c2/n^2 protocol
+* :mod:`.sweep`      width_sweep_fit, verdict, slope_consistent: the a + c1/n + c2/n^2 protocol
 * :mod:`.training`   train: full-batch gradient descent on ensembles (learning-rate tensor, NTK at start and end)
 * :mod:`.trained_parts` trained_mean_estimators: per-network frozen-NTK / NTK-motion parts of the trained mean
 * :mod:`.dntk`       network_dntk, dntk_estimates: the dNTK and ddNTK of finite networks (jvp/vjp), P..U estimates
@@ -31,7 +31,19 @@ from .statistics import (
     ntk_preactivation,
     ntk_variance,
 )
-from .sweep import WidthFit, agrees, residual_scaling, width_sweep_fit
+from .sweep import (
+    SLOPE_NSIGMA,
+    SLOPE_TOLERANCE,
+    VERDICTS,
+    WidthFit,
+    agrees,
+    c1_scale,
+    count_verdicts,
+    residual_scaling,
+    slope_consistent,
+    verdict,
+    width_sweep_fit,
+)
 from .training import Training, default_train_chunk, train
 from .trained_parts import frozen_ntk_estimator, trained_mean_estimators
 
@@ -45,13 +57,18 @@ __all__ = [
     "Estimate",
     "NTKPreactivation",
     "NTKVariance",
+    "SLOPE_NSIGMA",
+    "SLOPE_TOLERANCE",
     "STATISTICS",
     "Sweep",
     "Training",
+    "VERDICTS",
     "WidthFit",
     "agrees",
     "apply",
     "apply_all",
+    "c1_scale",
+    "count_verdicts",
     "default_chunk",
     "default_train_chunk",
     "fourth_moment_ratio",

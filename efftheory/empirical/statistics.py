@@ -8,27 +8,38 @@ entry, already averaged over that network's neurons) and never treats neurons as
   the delete-one jackknife over networks (:func:`jackknife`).  Its value is bias-corrected, which
   removes the O(1/M) bias of the plug-in estimate: for a product of two means it is exactly the
   unbiased U-statistic (1/(M(M-1))) sum_{m != m'} u_m v_m'.  Without the correction the plug-in
-  V_hat would be low by n Cov(zz_m)/M = O(1/M).
+  connected four-point function would be low by Cov(zz_m)/M = O(1/M).
 
-Index conventions (docs/theory.md, first order; layer l at index l-1; n = n_{l-1}, the fan-in):
+Normalisation (docs/theory.md, "Normalisation of returned tensors"): every estimator returns the
+statistic *at the sampled width* -- no factor of n applied -- which is what
+``efftheory.finite_width(net, x).at_width(n)`` (:class:`efftheory.theory.finite.Prediction`) predicts
+under the same name.  A measured ``four_point(ens).value`` is compared with ``at_width(n).four_point``
+and ``ntk_variance(ens).cov.value`` with ``at_width(n).ntk_cov`` entry by entry, with no factor written
+by hand; the 1/n *coefficients* V, A, B, D, F of ``FiniteWidth`` are (statistic) x n_{l-1} and are
+what a width-sweep fit returns as c1.
 
-* metric:      E[z_{i;a1} z_{i;a2}]                                            -> [l, a1, a2]
-* four_point:  V_{(a1a2)(a3a4)} ~ n (E[z_{i;a1} z_{i;a2} z_{j;a3} z_{j;a4}] - E[zz]_{a1a2} E[zz]_{a3a4}), i != j
-                                                                                -> [l, a1, a2, a3, a4]
-* four_point_same_neuron:  n (E[z_{i;a1} z_{i;a2} z_{i;a3} z_{i;a4}] - E[zz]_{a1a2}E[zz]_{a3a4} - 2 pairings)
-                          = V_{(a1a2)(a3a4)} + V_{(a1a3)(a2a4)} + V_{(a1a4)(a2a3)} + O(1/n)
-* output-layer NTK (n = n_{L-1}; H = H^(L); i != j output neurons):
-    ntk_mean:  E[H_{ii;a1a2}]                                                  -> [a1, a2]
-    A_{(a1a2)(a3a4)} = n Cov(H_{ii;a1a2}, H_{jj;a3a4})                         -> A[a1, a2, a3, a4]
-    B_{(a1a3)(a2a4)} = n E[H_{ij;a1a2} H_{ij;a3a4}]                            -> B[a1, a3, a2, a4]
-    combined         = n Cov(H_{ii;a1a2}, H_{ii;a3a4}) = A_{(a1a2)(a3a4)} + B_{(a1a3)(a2a4)} + B_{(a1a4)(a2a3)}
-    D_{a1a2a3a4}     = n (E[H_{ii;a1a2} z_{j;a3} z_{j;a4}] - E[H_{ii;a1a2}] E[z_{j;a3} z_{j;a4}])  -> D[a1, a2, a3, a4]
-    F_{a1a3a2a4}     = n E[H_{ij;a1a2} z_{i;a3} z_{j;a4}]                      -> F[a1, a3, a2, a4]
-    combined         = n (E[H_{ii;a1a2} z_{i;a3} z_{i;a4}] - E[H] E[zz]) = D_{a1a2a3a4} + F_{a1a3a2a4} + F_{a1a4a2a3}
+Index conventions (layer l at index l-1; n = n_{l-1}, the fan-in):
+
+* metric:      E[z_{i;a1} z_{i;a2}] = K + G1/n                                        -> [l, a1, a2]
+* four_point:  E[z_{i;a1} z_{i;a2} z_{j;a3} z_{j;a4}] - E[zz]_{a1a2} E[zz]_{a3a4}, i != j
+               = V_{(a1a2)(a3a4)}/n + O(1/n^2)                                        -> [l, a1, a2, a3, a4]
+* four_point_same_neuron:  E[z_{i;a1} z_{i;a2} z_{i;a3} z_{i;a4}] - E[zz]_{a1a2}E[zz]_{a3a4} - 2 pairings
+                          = (V_{(a1a2)(a3a4)} + V_{(a1a3)(a2a4)} + V_{(a1a4)(a2a3)})/n + O(1/n^2)
+* output-layer NTK (n = n_{L-1}; H = H^(L); i != j output neurons), :class:`NTKVariance`:
+    ntk_mean:   E[H_{ii;a1a2}] = Theta + H1/n                                        -> [a1, a2]
+    cov       = Cov(H_{ii;a1a2}, H_{ii;a3a4}) = (A_{(a1a2)(a3a4)} + B_{(a1a3)(a2a4)} + B_{(a1a4)(a2a3)})/n
+                (= at_width(n).ntk_cov)
+    cross_cov = Cov(H_{ii;a1a2}, H_{jj;a3a4}) = A_{(a1a2)(a3a4)}/n  (= at_width(n).ntk_cross_cov)
+                                                                                      -> [a1, a2, a3, a4]
+    offdiag   = E[H_{ij;a1a2} H_{ij;a3a4}] = B_{(a1a3)(a2a4)}/n                       -> [a1, a3, a2, a4]
+  and :class:`NTKPreactivation`:
+    cov       = E[H_{ii;a1a2} z_{i;a3} z_{i;a4}] - E[H] E[zz] = (D_{a1a2a3a4} + F_{a1a3a2a4} + F_{a1a4a2a3})/n
+    cross_cov = E[H_{ii;a1a2} z_{j;a3} z_{j;a4}] - E[H] E[zz] = D_{a1a2a3a4}/n        -> [a1, a2, a3, a4]
+    offdiag   = E[H_{ij;a1a2} z_{i;a3} z_{j;a4}] = F_{a1a3a2a4}/n                     -> [a1, a3, a2, a4]
 
 The output layer's law is invariant under rotations of its n_L neurons, so E[H_{ij}] = 0 for i != j
-and the two "combined" identities hold exactly in expectation at any width, while A, B, D, F read
-this way carry the O(1/n) corrections of the theory's first-order tensors.
+and cov = cross_cov + offdiag + offdiag (with the index orders above) holds exactly in expectation at
+any width, while cross_cov and offdiag carry the O(1/n^2) corrections of the first-order tensors.
 """
 
 from __future__ import annotations
@@ -62,23 +73,40 @@ class Estimate:
         """|value - prediction| <= nsigma * stderr, elementwise."""
         return np.abs(self.pull(prediction)) <= nsigma
 
+    def scaled(self, factor) -> "Estimate":
+        """value x factor with stderr x |factor| (factor broadcast against value): e.g. ``scaled(n)`` turns
+        a statistic measured at width n into an estimate of its 1/n coefficient."""
+        f = np.asarray(factor, np.float64)
+        return Estimate(value=np.asarray(self.value) * f, stderr=np.asarray(self.stderr) * np.abs(f))
+
 
 @result
 class NTKVariance:
-    """Output-layer NTK fluctuations (module docstring): A, B (None when n_L = 1) and A + B + B (always)."""
+    """Output-layer NTK fluctuations at the sampled width (module docstring), n = n_{L-1}:
 
-    A: Estimate | None
-    B: Estimate | None
-    combined: Estimate
+    cov:       Cov(H_{ii;a1a2}, H_{ii;a3a4}), (N, N, N, N), the quantity of ``at_width(n).ntk_cov``
+               = (A_(12)(34) + B_(13)(24) + B_(14)(23))/n; always present.
+    cross_cov: Cov(H_{ii;a1a2}, H_{jj;a3a4}), i != j, = A/n (``at_width(n).ntk_cross_cov``); None when n_L = 1.
+    offdiag:   E[H_{ij;a1a2} H_{ij;a3a4}], i != j, stored as [a1, a3, a2, a4] = B_{(a1a3)(a2a4)}/n; None when n_L = 1.
+    """
+
+    cov: Estimate
+    cross_cov: Estimate | None
+    offdiag: Estimate | None
 
 
 @result
 class NTKPreactivation:
-    """Output-layer NTK-preactivation cross-correlations: D, F (None when n_L = 1) and D + F + F (always)."""
+    """Output-layer NTK-preactivation cross-correlations at the sampled width (module docstring):
 
-    D: Estimate | None
-    F: Estimate | None
-    combined: Estimate
+    cov:       E[H_{ii;a1a2} z_{i;a3} z_{i;a4}] - E[H] E[zz] = (D + F + F)/n; always present.
+    cross_cov: the same with z_j, i != j, = D/n; None when n_L = 1.
+    offdiag:   E[H_{ij;a1a2} z_{i;a3} z_{j;a4}], stored as [a1, a3, a2, a4] = F/n; None when n_L = 1.
+    """
+
+    cov: Estimate
+    cross_cov: Estimate | None
+    offdiag: Estimate | None
 
 
 def _per_network(values, name: str) -> np.ndarray:
@@ -154,19 +182,16 @@ def metric(ensemble: Ensemble) -> Estimate:
     return mean_and_stderr(ensemble.stats["zz"])
 
 
-def _fan_in(ensemble: Ensemble, ndim: int):
-    return np.asarray(ensemble.fan_in, np.float64).reshape((-1,) + (1,) * ndim)
-
-
 def four_point(ensemble: Ensemble) -> Estimate:
-    """V_hat_{(a1a2)(a3a4)} = n_{l-1} (cross-neuron E[z_i z_i z_j z_j] - E[zz] E[zz]): value (L, N, N, N, N).
+    """Connected cross-neuron E[z_{i;a1} z_{i;a2} z_{j;a3} z_{j;a4}] - E[zz] E[zz] (i != j) at the sampled
+    width: value (L, N, N, N, N).
 
-    Estimates V^(l) of docs/theory.md up to O(1/n) (a 1/n^2 connected term over the 1/n prefactor); use a
-    width sweep for V itself.  Layers with n_l = 1 have no distinct neuron pairs: NaN there.
+    The quantity of ``finite_width(net, x).at_width(n).four_point``: V^(l)/n_{l-1} + O(1/n^2) (no factor n
+    applied; multiply by n_{l-1} for an estimate of the coefficient V, or use a width sweep, whose c1 is V).
+    Layers with n_l = 1 have no distinct neuron pairs: NaN there.
     """
     _require(ensemble, "four_point")
-    n = _fan_in(ensemble, 4)
-    return jackknife(lambda cross, zz: n * (cross - _outer(zz, zz)), ensemble.stats["zz_zz"], ensemble.stats["zz"])
+    return jackknife(lambda cross, zz: cross - _outer(zz, zz), ensemble.stats["zz_zz"], ensemble.stats["zz"])
 
 
 def _pairings(zz):
@@ -174,13 +199,13 @@ def _pairings(zz):
 
 
 def four_point_same_neuron(ensemble: Ensemble) -> Estimate:
-    """n_{l-1} (E[z_{i;a1} z_{i;a2} z_{i;a3} z_{i;a4}] - three pairings of E[zz]): value (L, N, N, N, N).
+    """E[z_{i;a1} z_{i;a2} z_{i;a3} z_{i;a4}] - three pairings of E[zz] at the sampled width: value (L, N, N, N, N).
 
-    = V_{(a1a2)(a3a4)} + V_{(a1a3)(a2a4)} + V_{(a1a4)(a2a3)} + O(1/n); defined for every layer.
+    = (V_{(a1a2)(a3a4)} + V_{(a1a3)(a2a4)} + V_{(a1a4)(a2a3)})/n_{l-1} + O(1/n^2) (no factor n applied);
+    defined for every layer.
     """
     _require(ensemble, "four_point")
-    n = _fan_in(ensemble, 4)
-    return jackknife(lambda q, zz: n * (q - _pairings(zz)), ensemble.stats["zzzz"], ensemble.stats["zz"])
+    return jackknife(lambda q, zz: q - _pairings(zz), ensemble.stats["zzzz"], ensemble.stats["zz"])
 
 
 def fourth_moment_ratio(ensemble: Ensemble) -> Estimate:
@@ -204,25 +229,27 @@ def ntk_mean(ensemble: Ensemble) -> Estimate:
 
 
 def ntk_variance(ensemble: Ensemble) -> NTKVariance:
-    """Output-layer NTK variance tensors A, B and A + B + B (module docstring for the index order)."""
+    """Output-layer NTK covariances at the sampled width: cov (= ``at_width(n).ntk_cov``), cross_cov
+    (= ``at_width(n).ntk_cross_cov``) and offdiag (:class:`NTKVariance`; no factor n applied)."""
     _require(ensemble, "ntk_variance")
-    s, n = ensemble.stats, float(ensemble.fan_in[-1])
-    combined = jackknife(lambda hh, h: n * (hh - _outer(h, h)), s["HH"], s["H"])
+    s = ensemble.stats
+    cov = jackknife(lambda hh, h: hh - _outer(h, h), s["HH"], s["H"])
     if ensemble.net.widths[-1] < 2:
-        return NTKVariance(A=None, B=None, combined=combined)
-    A = jackknife(lambda hh, h: n * (hh - _outer(h, h)), s["H_H"], s["H"])
-    B = mean_and_stderr(n * s["HoffHoff"].transpose(0, 1, 3, 2, 4))
-    return NTKVariance(A=A, B=B, combined=combined)
+        return NTKVariance(cov=cov, cross_cov=None, offdiag=None)
+    cross = jackknife(lambda hh, h: hh - _outer(h, h), s["H_H"], s["H"])
+    off = mean_and_stderr(s["HoffHoff"].transpose(0, 1, 3, 2, 4))
+    return NTKVariance(cov=cov, cross_cov=cross, offdiag=off)
 
 
 def ntk_preactivation(ensemble: Ensemble) -> NTKPreactivation:
-    """Output-layer cross-correlations D, F of the NTK with z^(L) and D + F + F (module docstring)."""
+    """Output-layer cross-correlations of the NTK with z^(L) at the sampled width: cov (D + F + F)/n,
+    cross_cov D/n, offdiag F/n (:class:`NTKPreactivation`; no factor n applied)."""
     _require(ensemble, "ntk_preactivation")
-    s, n = ensemble.stats, float(ensemble.fan_in[-1])
+    s = ensemble.stats
     zzL = s["zz"][:, -1]
-    combined = jackknife(lambda hzz, h, zz: n * (hzz - _outer(h, zz)), s["Hzz"], s["H"], zzL)
+    cov = jackknife(lambda hzz, h, zz: hzz - _outer(h, zz), s["Hzz"], s["H"], zzL)
     if ensemble.net.widths[-1] < 2:
-        return NTKPreactivation(D=None, F=None, combined=combined)
-    D = jackknife(lambda hzz, h, zz: n * (hzz - _outer(h, zz)), s["H_zz"], s["H"], zzL)
-    F = mean_and_stderr(n * s["Hoff_zz"].transpose(0, 1, 3, 2, 4))
-    return NTKPreactivation(D=D, F=F, combined=combined)
+        return NTKPreactivation(cov=cov, cross_cov=None, offdiag=None)
+    cross = jackknife(lambda hzz, h, zz: hzz - _outer(h, zz), s["H_zz"], s["H"], zzL)
+    off = mean_and_stderr(s["Hoff_zz"].transpose(0, 1, 3, 2, 4))
+    return NTKPreactivation(cov=cov, cross_cov=cross, offdiag=off)

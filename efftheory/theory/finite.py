@@ -71,6 +71,13 @@ class Prediction:
     """Statistics predicted at a finite width, to first order in 1/n (:meth:`FiniteWidth.at_width`):
     already divided by the width, unlike FiniteWidth's coefficients.  All float64.
 
+    Same name, same quantity: the empirical estimators of :mod:`efftheory.empirical` return these
+    statistics in this normalisation (no factor n), so ``empirical.metric(ens).value``,
+    ``four_point(ens).value``, ``ntk_mean(ens).value``, ``ntk_variance(ens).cov.value`` and
+    ``ntk_variance(ens).cross_cov.value`` compare entry by entry with ``metric``, ``four_point``
+    (layers 2..L), ``ntk_mean[-1]``, ``ntk_cov[-1]`` and ``ntk_cross_cov[-1]`` of ``at_width(n)``
+    (docs/theory.md, "Normalisation of returned tensors").
+
     Attributes (index 0 = layer 1; ``n`` holds n_{l-1} for each layer l, inf for l = 1):
       metric: (L, N, N) E[z_a z_b] = K + G1/n.
       four_point: (L, N, N, N, N) connected E[z_i z_i z_j z_j] for i != j: V/n.
@@ -501,7 +508,7 @@ def finite_width(net: MLP, x, *, tol: float = 1e-9, progress: bool = False, memo
       tol: target absolute accuracy of the three- and four-input Gaussian integrals (the sources
         of V, A, B, D, F) for smooth activations; see :mod:`efftheory.products`.  Their cost
         grows like log(1/tol)^(number of wide directions); one- and two-input integrals are
-        always at ~1e-13.  Kinked activations use fixed rules (~1e-4 relative in four dimensions).
+        always at ~1e-13.  Kinked homogeneous activations (relu, leaky_relu, abs) are exact; other kinked ones use fixed rules (~1e-4 relative in four dimensions); sets that miss tol are named in a products.AccuracyWarning.
       progress: show a progress bar over layers (tqdm).
       memory: a budget in bytes for the arrays this call allocates (None: no limit).  The Gaussian
         integrals then run in blocks of sets small enough for it; a budget below what the returned
