@@ -154,6 +154,12 @@ def _parser() -> argparse.ArgumentParser:
                         "Results agree across chunk sizes up to rounding; a resumed run reuses the cache only "
                         "with the same --chunk, and is then bit-identical")
     c.add_argument("--no-plots", action="store_true", help="write report.json and table.txt only")
+    c.add_argument("--distribution", action="store_true",
+                   help="also compare the output layer's distribution (first two inputs) with the Gaussians and the "
+                        "first-order density: KS and TV distances per width into report.json, histograms "
+                        "(docs/distribution.md)")
+    c.add_argument("--distribution-networks", type=_int_at_least(2, "--distribution-networks", MAX_NETWORKS),
+                   default=20000, metavar="M", help="networks per width for --distribution (default 20000)")
     c.add_argument("--all-rows", action="store_true", help="print every entry and layer, not a representative set")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.set_defaults(func=_cmd_compare)
@@ -348,8 +354,19 @@ def _cmd_compare(args) -> int:
     print(report.table(all_rows=args.all_rows))
     print()
     print(report.fit_table(all_rows=args.all_rows))
+    dist = None
+    if args.distribution:
+        from .empirical.distribution import compare_distribution
+
+        dist = compare_distribution(net, x, widths, args.distribution_networks, args.seed, out,
+                                    plots=not args.no_plots, log=_log)
+        report.config["distribution"] = dist["report"]  # in report.json beside the moments
+        print()
+        print(dist["table"])
     t0 = time.perf_counter()
     paths = report.save(out)
+    if dist is not None:
+        paths.update(dist["paths"])
     if not args.no_plots:
         from . import plotting
 
@@ -360,6 +377,8 @@ def _cmd_compare(args) -> int:
     print()
     print(cmp.verdict_summary(report.fits) + " (all entries and layers, report.json)")
     print("wrote " + ", ".join(paths[k] for k in ("report", "table", "width_sweep", "four_point_depth") if k in paths))
+    if dist is not None:
+        print("wrote " + ", ".join(v for k, v in dist["paths"].items()))
     tm = report.timings
     _log(f"time: theory {tm['theory']:.1f} s, sampling {tm['sampling']:.1f} s, estimates and fits "
          f"{tm['estimates']:.1f} s, plots {t_plots:.1f} s, total {time.perf_counter() - t_start:.1f} s")
@@ -424,6 +443,8 @@ def _argv_for_report(args) -> list[str]:
         out += ["--inputs", str(args.inputs)]
     if args.inputs_file is not None:
         out += ["--inputs-file", os.path.basename(args.inputs_file)]
+    if args.distribution:
+        out += ["--distribution", "--distribution-networks", str(args.distribution_networks)]
     return out
 
 
