@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import stat
 import sys
 import tempfile
 import time
@@ -242,6 +243,14 @@ def _out_dir(path: str, option: str = "--out") -> str:
         os.remove(tmp)
     except OSError as e:
         raise UsageError(f"{option}: cannot write to {path!r} ({e.strerror or e})") from None
+    now = time.time()
+    for e in os.scandir(path):  # leftovers of killed runs' atomic writes (a live write lasts seconds)
+        try:
+            if e.name.startswith(".tmp-") and e.is_file(follow_symlinks=False) and \
+                    now - e.stat(follow_symlinks=False).st_mtime > 600:
+                os.remove(e.path)
+        except OSError:
+            pass
     return path
 
 
@@ -280,6 +289,12 @@ def _inputs(args):
 
     if args.inputs_file is not None:
         path = args.inputs_file
+        try:
+            regular = stat.S_ISREG(os.stat(path).st_mode)
+        except OSError as e:
+            raise UsageError(f"--inputs-file: cannot read {path!r} ({e.strerror or e})") from None
+        if not regular:  # a FIFO would block np.load forever
+            raise UsageError(f"--inputs-file: {path!r} is not a regular file (a .npy array is expected)")
         try:
             arr = np.load(path, allow_pickle=False)
         except (OSError, ValueError, EOFError) as e:
@@ -418,10 +433,9 @@ def _check_cache(cache: str, fp: dict) -> None:
                                    "use another --out or --cache, or delete that cache folder")
         return
     os.makedirs(cache, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(fp, fh, indent=1)
-    os.replace(tmp, path)
+    from .compare import _atomic_write
+
+    _atomic_write(path, json.dumps(fp, indent=1))  # unique temporary name: concurrent starts do not collide
 
 
 class CacheConfigError(Exception):
@@ -484,8 +498,9 @@ def _cmd_kernels(args) -> int:
                            "inputs": {**input_desc, "x": x.tolist()}},
                 "versions": versions(), "K": K.tolist(), "Theta": Th.tolist()}
         path = os.path.join(out, "kernels.json")
-        with open(path, "w") as fh:
-            json.dump(data, fh, indent=1)
+        from .compare import _atomic_write
+
+        _atomic_write(path, json.dumps(data, indent=1))
         print(f"wrote {path}, {png}")
     return 0
 
@@ -536,8 +551,9 @@ def _cmd_criticality(args) -> int:
                          "kind": [k.kind for k in Ks]},
                 "versions": versions()}
         path = os.path.join(out, "criticality.json")
-        with open(path, "w") as fh:
-            json.dump(data, fh, indent=1)
+        from .compare import _atomic_write
+
+        _atomic_write(path, json.dumps(data, indent=1))
         print(f"\nwrote {path}, {p1}, {p2}")
     return 0
 

@@ -155,6 +155,7 @@ class Fit:
     slope_resolved: bool
     verdict: str
     shown: bool = False
+    note: str = ""  # why the fit is unavailable (empirical.WidthFit.UNAVAILABLE), else empty
 
     @property
     def label(self) -> str:
@@ -519,7 +520,8 @@ def _build(statistic, widths, layers, measured, stderr, a, c1, *, L, N, deepest_
             fits.append(Fit(statistic, int(layer), e, order, float(fit.a), float(fit.a_stderr), float(fit.c1),
                             float(fit.c1_stderr), float(fit.c2), float(fit.c2_stderr), av, cv, float(fit.a_pull),
                             float(fit.c1_pull), float(fit.chi2_dof), float(fit.slope), float(fit.slope_stderr),
-                            bool(fit.slope_resolved), str(v), shown))
+                            bool(fit.slope_resolved), str(v), shown,
+                            fit.UNAVAILABLE if bool(fit.unavailable) else ""))
     return StatisticComparison(statistic, widths, tuple(int(v) for v in layers), measured, stderr, np.asarray(a),
                                np.asarray(c1), tuple(rows), tuple(fits))
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
 import tempfile
 import zipfile
@@ -110,6 +111,9 @@ def load_chunk(path: str, digest: str, start: int, stop: int, expected: dict) ->
     """
     if not os.path.lexists(path):
         return None
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block or stream forever
+        raise CacheMismatchError(f"cache_dir: {path} is not a regular file (a chunk's name is taken by something "
+                                 "else); move it away")
     try:
         with np.load(path, allow_pickle=False) as data:
             if not isinstance(data, np.lib.npyio.NpzFile):

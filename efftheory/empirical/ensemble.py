@@ -44,6 +44,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
+import shutil
+import tempfile
+import time
 from collections.abc import Sequence
 
 import jax
@@ -336,6 +340,62 @@ def _run(net, x, n_networks, seed, fold, statistics, method, chunk, dtype_name, 
                     statistics=statistics, method=method, dtype=dtype_name)
 
 
+def _kept_bytes(net: MLP, N: int, statistics) -> int:
+    """Bytes of per-network statistics an ensemble keeps for one network (float64 on the host)."""
+    L = net.depth
+    per = {"zz": L * N * N, "zzzz": L * N**4, "zz_zz": L * N**4, "H": N * N}
+    return 8 * sum(per.get(a, N**4) for a in moments.arrays_for(statistics))
+
+
+def _check_resources(nets, N: int, M: int, statistics, cache_dir) -> None:
+    """Refuse, before anything is sampled, a run whose kept statistics cannot fit in the memory the
+    machine has available (all widths of a sweep are kept at once), or whose chunk files cannot fit
+    on the disk of ``cache_dir``; the error gives the numbers.  Chunks already cached count as written."""
+    need = sum(_kept_bytes(net, N, statistics) for net in nets) * M
+    avail = _validate.available_memory()
+    if avail is not None and 2 * need > avail:  # the chunks and their concatenation coexist briefly
+        raise ValueError(f"n_networks: {M} networks keep {_validate._bytes(need)} of per-network statistics "
+                         f"({_validate._bytes(need / M)} each; twice that while they are joined), more than the "
+                         f"{_validate._bytes(avail)} of memory this machine has available; use fewer networks or "
+                         "ask for fewer statistic groups")
+    if cache_dir is not None:
+        try:
+            free = shutil.disk_usage(cache_dir).free
+        except OSError:
+            return
+        cached = sum(e.stat().st_size for e in os.scandir(cache_dir) if e.is_file() and e.name.endswith(".npz"))
+        if need - cached > free:
+            raise ValueError(f"cache_dir: {M} networks write about {_validate._bytes(need)} of chunks to "
+                             f"{cache_dir!r}, which has {_validate._bytes(free)} free; use fewer networks, another "
+                             "cache_dir or none")
+
+
+_STALE_TMP_SECONDS = 600.0  # a temporary file this old is a killed run's leftover (a write takes seconds)
+
+
+def _check_cache_dir(cache_dir: str) -> str:
+    """Make ``cache_dir`` and check, before any sampling, that it is a writable folder; remove the
+    ``.tmp-*`` leftovers of killed runs (older than ten minutes: a live run's temporary file is not)."""
+    if os.path.lexists(cache_dir) and not os.path.isdir(cache_dir):
+        raise ValueError(f"cache_dir: {cache_dir!r} exists and is not a directory")
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-write-test-")
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as e:
+        raise ValueError(f"cache_dir: cannot write to {cache_dir!r} ({e.strerror or e})") from None
+    now = time.time()
+    for e in os.scandir(cache_dir):
+        try:
+            if e.name.startswith(".tmp-") and e.is_file(follow_symlinks=False) and \
+                    now - e.stat(follow_symlinks=False).st_mtime > _STALE_TMP_SECONDS:
+                os.remove(e.path)
+        except OSError:  # another run removed it first
+            pass
+    return cache_dir
+
+
 def _prepare(net, x, n_networks, seed, statistics, method, chunk, dtype, cache_dir, progress):
     check_net(net)
     x = check_x(x)
@@ -348,6 +408,8 @@ def _prepare(net, x, n_networks, seed, statistics, method, chunk, dtype, cache_d
         chunk = _validate.positive_int("chunk", chunk)
     cache_dir = _validate.optional_path("cache_dir", cache_dir)
     _validate.flag("progress", progress)
+    if cache_dir is not None:
+        _check_cache_dir(cache_dir)
     return x, M, seed, statistics, method, chunk, dtype_name, cache_dir
 
 
@@ -381,6 +443,7 @@ def sample_ensemble(net: MLP, x, n_networks: int, seed: int, *, statistics=("met
     x, M, seed, statistics, method, chunk, dtype_name, cache_dir = _prepare(
         net, x, n_networks, seed, statistics, method, chunk, dtype, cache_dir, progress)
     _check_memory(net, x, method, dtype_name)
+    _check_resources([net], x.shape[0], M, statistics, cache_dir)
     mesh = network_mesh(devices)
     return _run(net, x, M, seed, (), statistics, method, _device_chunk(chunk, net, x, M, mesh, statistics, method,
                                                                           dtype_name),
@@ -434,6 +497,7 @@ def sample(net: MLP, x, widths: int | Sequence[int], n_networks: int, seed: int,
         net, x, n_networks, seed, statistics, method, chunk, dtype, cache_dir, progress)
     for n in ws:
         _check_memory(net.with_width(n), x, method, dtype_name)
+    _check_resources([net.with_width(n) for n in ws], x.shape[0], M, statistics, cache_dir)
     mesh = network_mesh(devices)
     ensembles = []
     for n in ws:

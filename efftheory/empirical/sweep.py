@@ -51,6 +51,10 @@ class WidthFit:
       slope, slope_stderr (*S): log-log slope of |residual| over the resolved widths (NaN if unresolved).
       slope_resolved (*S): whether the slope was fitted (>= 3 resolved widths of one sign).
       order: 1 or 2.
+      unavailable (*S): True where the fit cannot be computed (:attr:`UNAVAILABLE` says why; a, c1,
+        c2, their standard errors and pulls are NaN there, and :func:`verdict` says "consistent,
+        unresolved"): the widths' standard errors span too many decades for the coefficients to be
+        determined, or the coefficients' standard errors are not representable in float64.
     """
 
     widths: np.ndarray
@@ -73,6 +77,11 @@ class WidthFit:
     slope_stderr: np.ndarray
     slope_resolved: np.ndarray
     order: int
+    unavailable: np.ndarray | None = None
+
+    #: why a fit is unavailable (``unavailable`` True), for reports
+    UNAVAILABLE = ("fit unavailable: the widths' standard errors span too many decades (or are not "
+                   "representable in float64) for a, c1, c2 to be determined")
 
     @property
     def dof(self) -> int:
@@ -113,14 +122,37 @@ def _prediction(name: str, value, shape) -> np.ndarray:
         raise ValueError(f"{name}: expected a real array broadcastable to {shape}, got shape {arr.shape}") from None
 
 
+#: a fit whose normal matrix (weights relative to the smallest stderr) is worse conditioned than this
+#: is unavailable: its widths' standard errors span so many decades that fewer than P of them count.
+_MAX_COND = 1e13
+
+
 def _wls(x: np.ndarray, y: np.ndarray, s: np.ndarray):
-    """Elementwise WLS: x (W, P) design, y and s (W, E). Returns beta (E, P), cov (E, P, P), chi2 (E,)."""
-    w = 1.0 / s**2
-    A = np.einsum("wp,we,wq->epq", x, w, x)
-    cov = np.linalg.inv(A)
-    beta = np.einsum("epq,eq->ep", cov, np.einsum("wp,we->ep", x, w * y))
-    chi2 = np.sum(w * (y - x @ beta.T) ** 2, axis=0)
-    return beta, cov, chi2
+    """Elementwise WLS: x (W, P) design, y and s (W, E).
+
+    The weights are taken relative to each entry's smallest standard error (the solution does not
+    depend on their overall scale), so standard errors of 1e-200 or 1e200 neither overflow nor make
+    the normal matrix singular.  Returns beta (E, P), cov (E, P, P), chi2 (E,), se (E, P) and
+    ``unavailable`` (E,): entries whose fit cannot be computed (their beta, cov, se are NaN), because
+    the standard errors span too many decades for P widths to carry weight, or the coefficients'
+    standard errors are not representable (below ~1e-308 or above ~1e308).
+    """
+    P = x.shape[1]
+    ref = np.min(s, axis=0)
+    with np.errstate(over="ignore", under="ignore", divide="ignore", invalid="ignore"):
+        w = (ref / s) ** 2                                   # in (0, 1]
+        A = np.einsum("wp,we,wq->epq", x, w, x)
+        bad = ~np.all(np.isfinite(A), axis=(1, 2))
+        cond = np.linalg.cond(np.where(bad[:, None, None], np.eye(P), A))
+        bad |= ~(cond < _MAX_COND)
+        cov_rel = np.linalg.inv(np.where(bad[:, None, None], np.eye(P), A))
+        beta = np.einsum("epq,eq->ep", cov_rel, np.einsum("wp,we->ep", x, w * y))
+        se = np.sqrt(np.einsum("epp->ep", cov_rel)) * ref[:, None]
+        cov = cov_rel * (ref**2)[:, None, None]
+        chi2 = np.sum(((y - x @ beta.T) / s) ** 2, axis=0)
+    bad |= ~np.all(np.isfinite(se) & (se > 0), axis=1) | ~np.all(np.isfinite(beta), axis=1)
+    beta[bad], se[bad], cov[bad], chi2[bad] = np.nan, np.nan, np.nan, np.nan
+    return beta, cov, chi2, se, bad
 
 
 def residual_scaling(widths, values, stderrs, a_pred, c1_pred):
@@ -146,7 +178,7 @@ def residual_scaling(widths, values, stderrs, a_pred, c1_pred):
         if m.sum() < 3 or len(np.unique(np.sign(rf[m, e]))) != 1:
             continue
         x = np.stack([np.ones(m.sum()), np.log(w[m])], axis=1)
-        beta, cov, _ = _wls(x, np.log(np.abs(rf[m, e]))[:, None], (sf[m, e] / np.abs(rf[m, e]))[:, None])
+        beta, cov, _, _, _ = _wls(x, np.log(np.abs(rf[m, e]))[:, None], (sf[m, e] / np.abs(rf[m, e]))[:, None])
         slope[e], slope_se[e], ok[e] = beta[0, 1], np.sqrt(cov[0, 1, 1]), True
     return r, resolved, slope.reshape(S), slope_se.reshape(S), ok.reshape(S)
 
@@ -177,14 +209,15 @@ def width_sweep_fit(widths, values, stderrs, infinite=None, first_order=None, *,
         raise ValueError("first_order: needs the infinite-width prediction `infinite` as well")
     S = y.shape[1:]
     x = np.stack([w**-p for p in range(P)], axis=1)
-    beta, cov, chi2 = _wls(x, y.reshape(len(w), -1), s.reshape(len(w), -1))
-    se = np.sqrt(np.einsum("epp->ep", cov))
+    beta, cov, chi2, se, bad = _wls(x, y.reshape(len(w), -1), s.reshape(len(w), -1))
     coef = [beta[:, p].reshape(S) for p in range(P)] + [np.full(S, np.nan)] * (3 - P)
     errs = [se[:, p].reshape(S) for p in range(P)] + [np.full(S, np.nan)] * (3 - P)
     dof = len(w) - P
     nan = np.full(S, np.nan)
-    a_pull = (coef[0] - _prediction("infinite", infinite, S)) / errs[0] if infinite is not None else nan
-    c1_pull = (coef[1] - _prediction("first_order", first_order, S)) / errs[1] if first_order is not None else nan
+    with np.errstate(over="ignore"):  # a pull past 1e308 (stderr near underflow) is inf: a disagreement
+        a_pull = (coef[0] - _prediction("infinite", infinite, S)) / errs[0] if infinite is not None else nan
+        c1_pull = (coef[1] - _prediction("first_order", first_order, S)) / errs[1] if first_order is not None \
+            else nan
     if first_order is not None:
         r, resolved, slope, slope_se, ok = residual_scaling(w, y, s, infinite, first_order)
     else:
@@ -194,7 +227,7 @@ def width_sweep_fit(widths, values, stderrs, infinite=None, first_order=None, *,
                     c1_stderr=errs[1], c2_stderr=errs[2], cov=cov.reshape(S + (P, P)), chi2=chi2.reshape(S),
                     chi2_dof=chi2.reshape(S) / dof if dof > 0 else nan, a_pull=a_pull, c1_pull=c1_pull,
                     residual=r, resolved=resolved, slope=slope, slope_stderr=slope_se, slope_resolved=ok,
-                    order=order)
+                    order=order, unavailable=bad.reshape(S))
 
 
 def slope_consistent(slope, slope_stderr, slope_resolved=True, tolerance: float = SLOPE_TOLERANCE,
@@ -277,6 +310,8 @@ def verdict(fit: WidthFit, a_pred, c1_pred=None, *, scale=None, nsigma: float = 
             within = np.abs(fit.a - a_p) <= nsigma * fit.a_stderr
             resolved = fit.a_stderr <= resolution * floor * scale
         out = np.where(~within, VERDICTS[2], np.where(resolved, VERDICTS[0], VERDICTS[1]))
+        if fit.unavailable is not None:
+            out = np.where(fit.unavailable, VERDICTS[1], out)
         return str(out) if out.ndim == 0 else out
     c1_p = _prediction("c1_pred", c1_pred, S)
     if scale is None:
@@ -290,6 +325,8 @@ def verdict(fit: WidthFit, a_pred, c1_pred=None, *, scale=None, nsigma: float = 
         within &= slope_consistent(slope, slope_se, fitted, slope_tolerance, slope_nsigma)
         resolved = fit.c1_stderr <= resolution * np.maximum(np.abs(c1_p), floor * scale)
     out = np.where(~within, VERDICTS[2], np.where(resolved, VERDICTS[0], VERDICTS[1]))
+    if fit.unavailable is not None:  # nothing can be said: not a disagreement, not a pass
+        out = np.where(fit.unavailable, VERDICTS[1], out)
     return str(out) if out.ndim == 0 else out
 
 
