@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
+jax.config.update("jax_enable_x64", True)  # a program, not the library: its float64 rows need 64-bit arrays
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 

@@ -21,9 +21,13 @@ V: V_hat at one width also carries an O(1/n) bias, which only a width sweep remo
 "Memory"); every row prints the process's peak RSS so far (it only grows from row to row).
 Devices: one CPU device unless EFFTHEORY_CPU_DEVICES=n|all is set (efftheory/__init__.py); the header
 says how many ran.  "cold" is the first call of its shape in this process: rows after the first reuse
-kernels compiled for earlier rows, so only the first row's cold time is a fresh process's.  A fresh
-process loads the kernels an earlier one compiled from efftheory's compilation cache (the header says
-where, efftheory/_compile_cache.py): run with EFFTHEORY_COMPILE_CACHE=off for a first-ever process's time.
+kernels compiled for earlier rows, so only the first row's cold time is a fresh process's.
+Time to the first result (issue #22): unless --small or --no-first-call, every row also runs its call in
+fresh child processes: "first" with an empty compilation cache (EFFTHEORY_COMPILE_CACHE=off and an
+empty XDG_CACHE_HOME), "cached" in a third process after a second one filled a cache
+(EFFTHEORY_COMPILE_CACHE=<fresh directory>; --no-cached skips both), each with the number of XLA
+programs the call compiled (JAX's backend-compile events: cache hits are not compiles).
+    python benchmarks/bench_finite.py --child ACT DEPTH N   prints {"first_s", "programs", ...} (one row)
 """
 
 from __future__ import annotations
@@ -81,7 +85,68 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
+CHILD_CODE = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import jax.monitoring as mon
+count = [0]  # programs compiled: backend compilations (the event also fires for a program loaded from a cache) less cache hits
+mon.register_event_duration_secs_listener(
+    lambda name, secs, **kw: count.__setitem__(0, count[0] + 1) if name.endswith("backend_compile_duration") else None)
+mon.register_event_listener(lambda name, **kw: count.__setitem__(0, count[0] - 1) if name.endswith("cache_hits") else None)
+import numpy as np
+import efftheory as et
+act, L, N, warm = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+x = np.random.default_rng(N).normal(size=(N, 4))  # as the parent's rows
+net = et.MLP(L, 64, act, C_W=1.0 if act == "tanh" else 2.0)
+imp = time.perf_counter() - t0
+t = time.perf_counter(); fw = et.finite_width(net, x); np.asarray(fw.V); first = time.perf_counter() - t
+out = {"import_s": imp, "first_s": first, "programs": count[0]}
+if warm:
+    c = count[0]
+    t = time.perf_counter(); fw = et.finite_width(net, x); np.asarray(fw.V); out["warm_s"] = time.perf_counter() - t
+    out["warm_programs"] = count[0] - c
+print(json.dumps(out))
+"""
+
+
+def fresh_call(act: str, L: int, N: int, cache: str | None = None, warm: bool = False) -> dict:
+    """finite_width's first call in a fresh Python process: the compilation cache off and an empty
+    XDG_CACHE_HOME (cache None), or efftheory's cache in ``cache``."""
+    import subprocess
+    import tempfile
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    with tempfile.TemporaryDirectory() as xdg:
+        env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR",)}
+        env.update(EFFTHEORY_COMPILE_CACHE=cache or "off", XDG_CACHE_HOME=xdg,
+                   PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), TF_CPP_MIN_LOG_LEVEL="3")
+        proc = subprocess.run([sys.executable, "-c", CHILD_CODE, act, str(L), str(N), "1" if warm else "0"],
+                              env=env, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"fresh process failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def first_calls(act: str, L: int, N: int, cached: bool) -> dict:
+    """{"first_s", "programs"} of a fresh process with an empty cache and, with ``cached``,
+    {"cached_s", "cached_programs"} of a fresh process after another one filled a cache."""
+    import tempfile
+
+    out = fresh_call(act, L, N)
+    res = {"first_s": out["first_s"], "programs": out["programs"], "child_import_s": out["import_s"]}
+    if cached:
+        with tempfile.TemporaryDirectory() as cache:
+            fresh_call(act, L, N, cache=cache)  # fills it
+            again = fresh_call(act, L, N, cache=cache)
+        res.update(cached_s=again["first_s"], cached_programs=again["programs"])
+    return res
+
+
 def main(argv=None):
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child":
+        act, L, N = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+        print(json.dumps(fresh_call(act, L, N, warm=True)))
+        return
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--small", action="store_true", help="CI smoke size")
     ap.add_argument("--full", action="store_true", help="include N = 16, depth 10")
@@ -96,6 +161,9 @@ def main(argv=None):
                     help="finite_width(memory=): a budget in bytes for efftheory's arrays")
     ap.add_argument("--store", default=None,
                     help="finite_width(store=): keep results on disk, in a fresh subfolder per row")
+    ap.add_argument("--no-first-call", action="store_true",
+                    help="skip the first calls in fresh processes (the default with --small)")
+    ap.add_argument("--no-cached", action="store_true", help="skip the fresh process with a filled cache")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     mach, load0, t0 = machine(), loadavg(), time.perf_counter()
@@ -104,6 +172,7 @@ def main(argv=None):
     Ns, depths = tuple(args.ns or Ns), tuple(args.depths or depths)
     print(machine_line(mach), flush=True)
     print(f"compilation cache: {jax.config.jax_compilation_cache_dir or 'off'}", flush=True)
+    first = not (args.small or args.no_first_call)
     rows = []
     for act, C_W in (("tanh", 1.0), ("relu", 2.0)):
         if act not in args.acts:
@@ -124,6 +193,12 @@ def main(argv=None):
                 row = dict(activation=act, depth=L, N=N, cold_s=cold, warm_s=warm, peak_rss_bytes=rss)
                 print(f"{act:5s} depth {L:2d} N {N:2d}: cold {cold:7.2f} s  warm {warm:7.2f} s  "
                       f"(process peak RSS so far {rss / 2**30:.2f} GiB)", flush=True)
+                if first:
+                    row.update(first_calls(act, L, N, cached=not args.no_cached))
+                    print(f"      fresh process, empty cache: first call {row['first_s']:.2f} s, "
+                          f"{row['programs']} programs compiled"
+                          + (f"; filled cache: {row['cached_s']:.2f} s, {row['cached_programs']} compiled"
+                             if "cached_s" in row else ""), flush=True)
                 if N <= args.sampling_max_n:
                     M = args.sampling_networks or (200 if args.small else 2000)
                     c = sampling_cost(net.with_width(SAMPLING_WIDTH), x, fw, M)
@@ -147,7 +222,9 @@ def main(argv=None):
                 print(f"{act} N {N}: warm time per added layer {(t1 - t0) / (l1 - l0):.3f} s (depth {l0} -> {l1})")
     load1 = loadavg()
     summary = [summary_row("bench_finite", f"all first-order tensors, {r['activation']}, depth {r['depth']}, "
-                           f"N = {r['N']}", r["warm_s"], note=f"cold {r['cold_s']:.2f} s (with compilation)"
+                           f"N = {r['N']}", r["warm_s"], note=(f"first call of a fresh process {r['first_s']:.2f} s ({r['programs']} programs compiled)"
+                                 + (f", with a filled cache {r['cached_s']:.2f} s" if "cached_s" in r else "")
+                                 + "; " if "first_s" in r else "") + f"cold {r['cold_s']:.2f} s (with compilation)"
                            + (f"; sampling width-64 networks to a 1% standard error on V: "
                               f"{r['sampling']['time_for_0.01_s']:.3g} s "
                               f"({r['sampling']['time_for_0.01_s'] / r['warm_s']:.3g}x)" if "sampling" in r else ""))

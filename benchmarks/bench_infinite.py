@@ -38,6 +38,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import efftheory  # noqa: E402
 import jax  # noqa: E402
+jax.config.update("jax_enable_x64", True)  # a program, not the library: its float64 rows need 64-bit arrays
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from _common import interleaved, loadavg, machine, machine_line, ratio, summary_row, under_load  # noqa: E402

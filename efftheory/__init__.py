@@ -1,7 +1,20 @@
 """efftheory: wide neural networks from first principles, checked against sampled networks.
 
-Theory runs in float64: importing efftheory turns on JAX's 64-bit mode (``jax_enable_x64``).
-The empirical module chooses its dtype explicitly (float32 or float64) per call.
+Precision, and no global side effects: importing efftheory changes none of JAX's settings (the
+user's ``jnp.ones(3).dtype`` and compilation-cache settings stay what they were).  The theory still
+computes in float64 whatever the user's setting: every public function (and result method) runs in
+a local ``jax.enable_x64(True)`` context and returns float64 arrays (:mod:`efftheory._precision`).
+Under the user's own ``jax.jit``/``vmap``/``grad`` the inputs are the user's tracers, so the
+transformed call needs 64-bit mode: ``jax.config.update("jax_enable_x64", True)`` or
+``with jax.enable_x64(True):`` around it; without it the theory raises a clear
+:class:`efftheory._precision.X64Error` instead of computing in float32.  The empirical module
+chooses its dtype explicitly (float32 or float64) per call; its float64 path runs in the same local
+context.
+
+JAX transformations: :func:`infinite_width`, :func:`chi_parallel`, :func:`chi_perp` and
+:func:`finite_width` on one input (two for smooth activations) are pure JAX functions of the inputs and of the MLP's
+hyperparameters (which may be traced scalars or per-layer arrays): ``jax.jit``, ``jax.vmap`` and
+``jax.grad`` go through them (README, "For neural-tangents users").
 
 CPU cores: XLA runs one computation on one core, so a CPU machine computes in parallel only across
 JAX devices, and JAX gives a CPU one device unless asked for more.  efftheory leaves that alone by
@@ -13,17 +26,17 @@ device).  Not the default because XLA:CPU's multi-device runtime is fragile: in 
 LAPACK call (``jnp.linalg.qr``, ``cholesky``, ``solve``) inside a program that runs on two CPU
 devices at once can deadlock (efftheory's own sharded code avoids LAPACK; user code may not).
 
-Compiled programs: importing efftheory turns on JAX's persistent compilation cache in
-``~/.cache/efftheory/xla`` unless JAX already has one, so a later process loads the kernels an
-earlier one compiled instead of compiling them again (``EFFTHEORY_COMPILE_CACHE=off`` or a
-directory: :mod:`efftheory._compile_cache`).
+Compiled programs: a persistent compilation cache for efftheory's kernels is opt-in:
+:func:`enable_compile_cache` (or ``EFFTHEORY_COMPILE_CACHE=on`` or a directory at import) points
+JAX's persistent cache at ``~/.cache/efftheory/xla`` (or the directory), so that a later process
+loads the finite-width kernels an earlier one compiled instead of compiling them again (most of a
+fresh process's first finite_width call at N = 32: :mod:`efftheory._compile_cache`).  JAX's cache
+settings are process-wide, which is why importing efftheory leaves them alone.
 """
 
 import os as _os
 
 import jax as _jax
-
-_jax.config.update("jax_enable_x64", True)
 
 
 def _cpu_devices() -> int | None:
@@ -51,12 +64,34 @@ if _n_cpu is not None and _n_cpu > 1:
         pass
 
 from ._compile_cache import configure as _configure_compile_cache  # noqa: E402
+from ._compile_cache import enable_compile_cache  # noqa: E402
 
-_configure_compile_cache()
+_configure_compile_cache()  # only when EFFTHEORY_COMPILE_CACHE asks for it
+
+
+def _wrap_modules() -> None:
+    """Every public function of the theory modules runs in float64 (:mod:`efftheory._precision`)."""
+    import importlib
+
+    from . import _precision
+
+    for name in ("gaussian", "mehler", "hermite", "products", "theory.infinite", "theory.finite",
+                 "theory.criticality", "theory.dntk", "theory.distribution", "bayes", "datasets", "predict",
+                 "predict_finite"):
+        try:
+            mod = importlib.import_module(f"{__name__}.{name}")
+        except ImportError:  # pragma: no cover - an optional module missing its dependency
+            continue
+        _precision.wrap_module(mod)
+    # compare, compare_train, plotting and plotting_train import matplotlib: they wrap themselves
+    # (last lines of each module) when first imported, so that `import efftheory` stays light.
+
+
+_wrap_modules()
 
 from .activations import Activation, get_activation  # noqa: E402
 from .network import MLP  # noqa: E402
-from .theory.infinite import InfiniteWidth, infinite_width  # noqa: E402
+from .theory.infinite import InfiniteWidth, infinite_width, kernel_fn  # noqa: E402
 from .theory.finite import (  # noqa: E402
     FiniteWidth,
     FiniteWidthDiagonal,
@@ -98,6 +133,7 @@ __all__ = [
     "FiniteWidthDiagonal",
     "finite_width_diagonal",
     "infinite_width",
+    "kernel_fn",
     "Criticality",
     "critical_init",
     "chi_parallel",
@@ -123,4 +159,5 @@ __all__ = [
     "TrainedMeanFirstOrder",
     "trained_mean_first_order",
     "output_distribution",
+    "enable_compile_cache",
 ]

@@ -67,7 +67,7 @@ def asin(x):
     a = jnp.abs(x)
     big = a > 0.5
     t = jnp.where(big, 0.5 * (1.0 - a), a * a)
-    y = jnp.where(big, jnp.sqrt(t), a)
+    y = jnp.where(big, jnp.sqrt(jnp.where(big, t, 1.0)), a)  # (inner select: finite reverse-mode gradients at x = 0)
     p = coef[-1]
     for c in coef[-2::-1]:
         p = p * t + c

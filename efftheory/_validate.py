@@ -32,8 +32,33 @@ def positive_int(name: str, value, *, minimum: int = 1, maximum: int | None = No
     return int(value)
 
 
+def _tracer(value) -> bool:
+    """True for a JAX tracer (a value inside jax.jit/vmap/grad): only its shape can be checked."""
+    jax = __import__("sys").modules.get("jax")
+    return jax is not None and isinstance(value, jax.core.Tracer)
+
+
+def _concrete_jax(value):
+    """A concrete (non-traced) jax.Array as a numpy array, anything else unchanged."""
+    jax = __import__("sys").modules.get("jax")
+    if jax is not None and isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer):
+        return np.asarray(value)
+    return value
+
+
 def real(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:
-    """Return ``value`` as a finite float, optionally requiring > 0 or >= 0."""
+    """Return ``value`` as a finite float, optionally requiring > 0 or >= 0.
+
+    A JAX tracer (under jax.jit, vmap or grad) is returned as it is after a shape check (a scalar):
+    its value is not known while tracing, so the value checks apply to concrete inputs only.
+    """
+    if _tracer(value):
+        if getattr(value, "ndim", None) != 0:
+            raise ValueError(f"{name}: expected a real scalar, got a traced array of shape {value.shape}")
+        if not np.issubdtype(value.dtype, np.floating) and not np.issubdtype(value.dtype, np.integer):
+            raise ValueError(f"{name}: expected a real scalar, got a traced value of dtype {value.dtype}")
+        return value
+    value = _concrete_jax(value)
     if isinstance(value, (bool, str, bytes, complex)) or (isinstance(value, np.ndarray) and value.ndim != 0):
         raise ValueError(f"{name}: expected a finite real number, got {_short(value)}")
     try:
@@ -50,12 +75,24 @@ def real(name: str, value, *, positive: bool = False, nonnegative: bool = False)
 
 
 def per_layer(name: str, value, depth: int, **kw) -> tuple[float, ...]:
-    """Broadcast a scalar or a length-``depth`` sequence to a tuple of ``depth`` checked floats."""
+    """Broadcast a scalar or a length-``depth`` sequence to a tuple of ``depth`` checked floats.
+
+    Traced values (jax.jit/vmap/grad) are kept as they are: a traced scalar, or a traced array of
+    shape (depth,) split into its entries (shape checks only)."""
+    if _tracer(value) and getattr(value, "ndim", 0) == 1:
+        if value.shape[0] != depth:
+            raise ValueError(f"{name}: expected a scalar or a sequence of {depth} per-layer values, "
+                             f"got a traced array of shape {value.shape}")
+        return tuple(real(f"{name}[{i}]", value[i], **kw) for i in range(depth))
+    value = _concrete_jax(value)
     if isinstance(value, np.ndarray) and value.ndim == 0:
         value = value.item()
     if isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, (str, bytes)):
         try:
-            vals = list(np.asarray(value, dtype=object).reshape(-1))
+            if isinstance(value, (list, tuple)) and any(_tracer(v) for v in value):
+                vals = list(value)  # per-layer values some of which are traced (checked one by one below)
+            else:
+                vals = list(np.asarray(value, dtype=object).reshape(-1))
         except ValueError:
             raise ValueError(f"{name}: expected a scalar or a sequence of {depth} per-layer values, "
                              f"got {_short(value)}") from None

@@ -29,6 +29,7 @@ import re
 from collections.abc import Callable
 
 import jax
+from ._precision import enable_x64 as _enable_x64
 import jax.numpy as jnp
 import jax.scipy.special as jsp
 
@@ -130,7 +131,7 @@ def _has_parity(fn) -> bool:
 
     z = np.random.default_rng(1).normal(size=64) * 4.0
     try:
-        with jax.enable_x64(True):  # cached per function: decided in float64 whatever the caller's mode
+        with _enable_x64(True):  # cached per function: decided in float64 whatever the caller's mode
             a = np.asarray(fn(jnp.asarray(z, jnp.float64)), dtype=np.float64)
             b = np.asarray(fn(jnp.asarray(-z, jnp.float64)), dtype=np.float64)
     except Exception:  # noqa: BLE001 - treat an unusual callable as having no parity
@@ -145,7 +146,7 @@ def _check_real(fn, name: str) -> None:
     """sigma must map real arrays to real, finite arrays of the same shape: probed on [-20, 20]."""
     import numpy as np
 
-    with jax.enable_x64(True):
+    with _enable_x64(True):
         z = jnp.linspace(-20.0, 20.0, 401, dtype=jnp.float64)
         try:
             out = fn(z)
@@ -179,7 +180,7 @@ def _has_kink(fn) -> bool:
 
     d1 = derivative(fn)
     d2 = derivative(d1)
-    with jax.enable_x64(True):
+    with _enable_x64(True):
         z = jnp.linspace(-12.0, 12.0, 96001, dtype=jnp.float64)
         try:
             vals = [np.asarray(f(z), dtype=np.float64) for f in (fn, d1, d2)]
@@ -214,7 +215,7 @@ def _strip(fn) -> float:
         ds = [f]
         for _ in range(6):
             ds.append(derivative(ds[-1]))
-        with jax.enable_x64(True):
+        with _enable_x64(True):
             z = jnp.linspace(-12.0, 12.0, 24001, dtype=jnp.float64)
             return [float(np.max(np.abs(np.asarray(d(z), dtype=np.float64)))) for d in ds]
 
@@ -233,7 +234,7 @@ def _is_homogeneous(fn) -> bool:
     import numpy as np
 
     try:
-        with jax.enable_x64(True):  # cached per function: decided in float64 whatever the caller's mode
+        with _enable_x64(True):  # cached per function: decided in float64 whatever the caller's mode
             z = jnp.asarray(np.random.default_rng(0).normal(size=64) * 3, jnp.float64)
             base = fn(z)
             return all(bool(jnp.allclose(fn(lam * z), lam * base, rtol=1e-12, atol=1e-12)) for lam in (0.37, 2.9))

@@ -652,9 +652,11 @@ def main(argv=None) -> int:
     except SystemExit as e:  # --help, --version
         return int(e.code or 0) if not isinstance(e.code, str) else 2
     from .empirical import CacheMismatchError
+    import jax
 
     try:
-        return args.func(args)
+        with jax.enable_x64(True):  # every command computes in float64 (a local context: no global setting)
+            return args.func(args)
     except (UsageError, CacheConfigError) as e:
         _err(e)
         return 2

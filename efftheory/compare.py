@@ -968,3 +968,14 @@ def _render(head, body, right=()) -> str:
         lines.append("" if r is None else line(r))
     return "\n".join(lines)
 
+
+def _wrap_precision() -> None:
+    """Every public function here runs in float64 whatever the caller's JAX setting (efftheory._precision)."""
+    import sys
+
+    from ._precision import wrap_module
+
+    wrap_module(sys.modules[__name__])
+
+
+_wrap_precision()

@@ -663,3 +663,15 @@ def _render(head, body, right=()) -> str:
     lines = [line(head), "  ".join("-" * w for w in wid)]
     lines += ["" if r is None else line(r) for r in body]
     return "\n".join(lines)
+
+
+def _wrap_precision() -> None:
+    """Every public function here runs in float64 whatever the caller's JAX setting (efftheory._precision)."""
+    import sys
+
+    from ._precision import wrap_module
+
+    wrap_module(sys.modules[__name__])
+
+
+_wrap_precision()

@@ -143,3 +143,57 @@ def hermite_moments2(g1, g2, L, *, degree: int | None = None, order: int | None 
             order = nodes_for(float(jnp.max(jnp.sum(L * L, axis=-1))))
         mono = _trapezoid_monomials(g1, g2, L, order)
     return _hermite_from_monomials(mono)
+
+
+# ---------------------------------------------------------------------------------------------
+# numpy twins for small work (no compiled program per shape; sigma is evaluated by the caller)
+
+
+def whiten2_np(k11, k22, k12, rtol: float = 1e-12):
+    """:func:`whiten2` in numpy."""
+    k11, k22, k12 = np.broadcast_arrays(np.asarray(k11, np.float64), np.asarray(k22, np.float64),
+                                        np.asarray(k12, np.float64))
+    S = np.stack([np.stack([k11, k12], -1), np.stack([k12, k22], -1)], -2)
+    lam, Q = np.linalg.eigh(S)
+    top = np.max(lam, axis=-1, keepdims=True)
+    keep = lam > rtol * np.maximum(top, 0.0)
+    root = np.where(keep, np.sqrt(np.where(keep, lam, 1.0)), 0.0)
+    inv = np.where(keep, 1.0 / np.where(keep, root, 1.0), 0.0)
+    return Q * root[..., None, :], inv[..., :, None] * np.swapaxes(Q, -1, -2)
+
+
+def polar_monomials_np(f, L, p: int, maxdeg: int = _MAXDEG):
+    """:func:`_polar_monomials` in numpy, f(z1, z2) = g1(z1) g2(z2) evaluated on whole arrays."""
+    x, wq = np.polynomial.legendre.leggauss(_ARC_ORDER)
+    br = [np.arctan2(-L[..., 0, 0], L[..., 0, 1]), np.arctan2(-L[..., 1, 0], L[..., 1, 1])]
+    br = br + [b + np.pi for b in br]
+    br = np.mod(np.stack(br, -1), 2 * np.pi)
+    zeros = np.zeros(br.shape[:-1] + (1,))
+    edges = np.sort(np.concatenate([zeros, br, zeros + 2 * np.pi], -1), axis=-1)
+    lo, hi = edges[..., :-1], edges[..., 1:]
+    half = (hi - lo) / 2
+    phi = (lo + hi)[..., None] / 2 + half[..., None] * x
+    wphi = half[..., None] * wq
+    c, s = np.cos(phi), np.sin(phi)
+    z1 = L[..., 0, 0, None, None] * c + L[..., 0, 1, None, None] * s
+    z2 = L[..., 1, 0, None, None] * c + L[..., 1, 1, None, None] * s
+    G = f(z1, z2) * wphi
+    pw = np.arange(maxdeg + 1)
+    ang = np.einsum("...aq,...aqi,...aqj->...ij", G, c[..., None] ** pw, s[..., None] ** pw)
+    rad = np.asarray([[_radial(p + i + j + 1) for j in range(maxdeg + 1)] for i in range(maxdeg + 1)])
+    return ang * rad / (2 * np.pi)
+
+
+def trapezoid_monomials_np(f, L, order: int, maxdeg: int = _MAXDEG):
+    """:func:`_trapezoid_monomials` in numpy."""
+    u, w = normal_rule(order)
+    U, V = u[:, None], u[None, :]
+    z1 = L[..., 0, 0, None, None] * U + L[..., 0, 1, None, None] * V
+    z2 = L[..., 1, 0, None, None] * U + L[..., 1, 1, None, None] * V
+    F = f(z1, z2) * np.outer(w, w)
+    up = u[:, None] ** np.arange(maxdeg + 1)
+    return np.einsum("...ab,ai,bj->...ij", F, up, up)
+
+
+def hermite_from_monomials_np(Mono):
+    return np.einsum("mi,nj,...ij->...mn", HERMITE, HERMITE, Mono)

@@ -36,7 +36,12 @@ class MLP:
       activation: a registry name (see :func:`efftheory.activations.registered`), an
         :class:`~efftheory.activations.Activation`, or any JAX-traceable callable.
       C_W, C_b: weight and bias variances, scalars or sequences of L per-layer values.
-        C_W > 0, C_b >= 0.
+        C_W > 0, C_b >= 0.  Under ``jax.jit``, ``jax.vmap`` or ``jax.grad`` they (and lambda_W,
+        lambda_b) may be traced scalars or traced arrays of shape (L,): the MLP then holds the tracers,
+        only their shapes are checked, and :func:`efftheory.infinite_width`,
+        :func:`efftheory.finite_width` (one input) differentiate and batch through them.  Such an MLP
+        is neither hashable nor comparable; results computed from it carry a copy of it with NaN in
+        place of the traced values (no tracer outlives its trace).
       lambda_W, lambda_b: learning-rate tensor; default to C_W and C_b.
       output_width: n_L, 1 by default.
 
@@ -91,7 +96,11 @@ class MLP:
         set_ = object.__setattr__
         set_(self, "depth", L)
         set_(self, "hidden_widths", widths)
-        set_(self, "sigma", get_activation(activation, "activation"))
+        import jax
+
+        with jax.ensure_compile_time_eval():  # a callable is probed on numbers, also when built inside a trace
+            sigma = get_activation(activation, "activation")
+        set_(self, "sigma", sigma)
         set_(self, "C_Ws", C_Ws)
         set_(self, "C_bs", C_bs)
         set_(self, "lambda_Ws", lW)
@@ -136,7 +145,11 @@ class MLP:
         for k in ("C_W", "C_b", "lambda_W", "lambda_b"):
             if "depth" in changes and k not in changes:
                 vals = args[k]
-                if len(set(vals)) == 1:
+                try:
+                    uniform = len(set(vals)) == 1
+                except TypeError:  # traced values (jax.jit/vmap/grad) are not hashable
+                    uniform = False
+                if uniform:
                     args[k] = vals[0]
         args.update(changes)
         return MLP(**args)
@@ -217,7 +230,10 @@ class MLP:
 
     def __repr__(self) -> str:
         def short(t):
-            return t[0] if len(set(t)) == 1 else t
+            try:
+                return t[0] if len(set(t)) == 1 else t
+            except TypeError:  # traced hyperparameters (jax.jit/vmap/grad) are not hashable
+                return t
         w = short(self.hidden_widths) if self.hidden_widths else "-"
         return (f"MLP(depth={self.depth}, width={w}, activation={self.sigma.name!r}, "
                 f"C_W={short(self.C_Ws)}, C_b={short(self.C_bs)}, lambda_W={short(self.lambda_Ws)}, "

@@ -94,12 +94,12 @@ def _short(vals):
 
 def _sig2_grid(act, K):
     """<sigma^2>_K on an array of variances (one quadrature rule for the whole grid), in float64."""
-    import jax
     import jax.numpy as jnp
 
+    from ._precision import enable_x64
     from .gaussian import expect1, rule_size
 
-    with jax.enable_x64(True):
+    with enable_x64(True):
         order = rule_size(act, float(np.max(K)))
         return np.asarray(expect1(lambda z: act.fn(z) ** 2, jnp.asarray(K, jnp.float64), order=order))
 
@@ -432,3 +432,15 @@ def plot_depth_profile(profile, *, collapse: bool = True, logy: bool = False) ->
 def plot_four_point_depth(report) -> Figure:
     """V_(aa)(aa)/(n K_aa^2) against depth from a :class:`efftheory.compare.Report` (or a DepthProfile)."""
     return plot_depth_profile(getattr(report, "depth_profile", report))
+
+
+def _wrap_precision() -> None:
+    """Every public function here runs in float64 whatever the caller's JAX setting (efftheory._precision)."""
+    import sys
+
+    from ._precision import wrap_module
+
+    wrap_module(sys.modules[__name__])
+
+
+_wrap_precision()

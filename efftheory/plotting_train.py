@@ -215,3 +215,15 @@ def plot_training_curves(report, sweep=None) -> Figure:
     ax.legend(fontsize=7)
     ax.set_title(_title(rep), fontsize=9)
     return fig
+
+
+def _wrap_precision() -> None:
+    """Every public function here runs in float64 whatever the caller's JAX setting (efftheory._precision)."""
+    import sys
+
+    from ._precision import wrap_module
+
+    wrap_module(sys.modules[__name__])
+
+
+_wrap_precision()

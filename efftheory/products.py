@@ -60,6 +60,7 @@ import itertools
 import math
 
 import jax
+from ._precision import enable_x64 as _enable_x64
 import jax.numpy as jnp
 import numpy as np
 from scipy.special import roots_hermitenorm
@@ -175,9 +176,8 @@ def _tail_for(sig, k: int, R: float, tol: float) -> float:
     That is bounded by g^4, g = max(|sigma|, |sigma'|) over |z| <= R (sigma evaluated there).  T is the
     smallest multiple of 0.05 in [5, TAIL] with 2 k phi(T) / T g^4 <= tol / e; bounded sigma
     (tanh: g = 1) at tol = 1e-9 gets T = 6.55, a growing one (gelu at K ~ 1) about TAIL."""
-    z = jnp.linspace(-R, R, 4001)
-    s, d = jax.jvp(sig, (z,), (jnp.ones_like(z),))
-    g = float(jnp.max(jnp.maximum(jnp.abs(s), jnp.abs(d))))
+    s, d = sd_values(sig, np.linspace(-R, R, 4001))  # numpy in, numpy out: one compiled evaluator per sigma
+    g = float(np.max(np.maximum(np.abs(s), np.abs(d))))
     if not math.isfinite(g):
         return TAIL
     logg = 4.0 * math.log(max(g, 1e-300))
@@ -313,7 +313,7 @@ def _eigen_factor(S):
     return L, scale
 
 
-def _moments_kd(act, sig, dsig, K, sets, patterns, tol, setup):
+def _moments_kd(act, sig, dsig, K, sets, patterns, tol, setup, host: bool = False):
     """(C, P) pattern moments over sets of k >= 3 distinct inputs (``setup``: :func:`_smooth_setup`
     of all the sets of this size, for smooth sigma).  Kinked sigma: every set whose error estimate
     exceeds ``tol`` is reported by an :class:`AccuracyWarning` (:func:`_check_tol`)."""
@@ -332,7 +332,7 @@ def _moments_kd(act, sig, dsig, K, sets, patterns, tol, setup):
         _check_tol(act, sets, err, tol, "exact orthant reduction (Plackett quadrature for P4)")
         return vals
     if act.smooth:
-        return _smooth_sets(sig, S, patterns, tol, half=act.symmetric, setup=setup)
+        return _smooth_sets(sig, S, patterns, tol, half=act.symmetric, setup=setup, host=host)
     L, _ = _eigen_factor(S)
     vals = _eval_sets(sig, patterns, L, [(("kink", _KINKED_ORDER[k]),) * k] * C)
     # kinks off the coordinate planes of the rule: it converges like h^2, so the difference from the
@@ -373,7 +373,7 @@ def _exact_kinked(act) -> bool:
 @functools.lru_cache(maxsize=256)
 def _slopes(fn):
     """c+ = sigma(1) and c- = -sigma(-1) of a positively homogeneous sigma (sigma = c+ z / c- z)."""
-    with jax.enable_x64(True):  # whatever the caller's mode: c- = 0.2 must not be float32's 0.2000000030
+    with _enable_x64(True):  # whatever the caller's mode: c- = 0.2 must not be float32's 0.2000000030
         v = np.asarray(fn(jnp.asarray([1.0, -1.0], dtype=jnp.float64)), dtype=np.float64)
     return float(v[0]), float(-v[1])
 
@@ -393,7 +393,7 @@ def _homogeneous_sets(sig, dsig, S, patterns):
 
     C, k, _ = S.shape
     cp, cm = _slopes(sig)
-    with jax.enable_x64(True):
+    with _enable_x64(True):
         d0 = float(np.asarray(dsig(jnp.asarray(0.0, dtype=jnp.float64))))
     var = np.diagonal(S, axis1=1, axis2=2)
     zero = var <= 1e-13 * np.max(var, axis=1, keepdims=True)
@@ -510,12 +510,16 @@ def _trap_need(u, tail: float, tol: float) -> np.ndarray:
     m nodes (h = 2T/m) meet the model iff -(2 pi d m / (2T) - d^2/2) - pole(d) <= log(tol) + 1 for
     some d of a grid of 199 points in (0, min(d0/u, 40)), i.e. iff m >= need =
     min_d T (d^2/2 - pole(d) - log(tol) - 1) / (pi d), pole(d) = p log(d0 - u d).  Jitted (one fused
-    pass; numpy spent ~2 s per layer on its u.size x 199 temporaries at N = 32), u padded to a power
-    of two."""
+    pass; numpy spent ~2 s per layer on its u.size x 199 temporaries at N = 32), on chunks of
+    _NEED_CHUNK scales (padded with ones): one compiled program whatever u.size."""
     n = u.size
-    size = max(64, 1 << (n - 1).bit_length())
+    size = -(-n // _NEED_CHUNK) * _NEED_CHUNK
     up = np.concatenate([u, np.ones(size - n)])
-    return np.asarray(_trap_need_kernel(jnp.asarray(up), float(tail), math.log(tol)))[:n]
+    parts = [_trap_need_kernel(up[i:i + _NEED_CHUNK], float(tail), math.log(tol)) for i in range(0, size, _NEED_CHUNK)]
+    return np.concatenate([np.asarray(p) for p in parts])[:n]
+
+
+_NEED_CHUNK = 1024
 
 
 @jax.jit
@@ -717,7 +721,7 @@ def _smooth_setup(sig, k: int, variances, patterns, tol):
     return tail, pairs, table_spacing(sig, pairs, R, variances, tol)
 
 
-def _smooth_sets(sig, S, patterns, tol, half: bool, setup):
+def _smooth_sets(sig, S, patterns, tol, half: bool, setup, host: bool = False):
     """(C, P) pattern moments of smooth sigma over sets with covariances S (C, k, k).
 
     Work items: one set at one node x1 of its widest direction, z = L'[:, 0] + L'[:, 1:] w' with
@@ -726,7 +730,7 @@ def _smooth_sets(sig, S, patterns, tol, half: bool, setup):
     ``half``: sigma is odd or even (:attr:`efftheory.Activation.symmetric`), so the widest
     direction needs only its nodes x >= 0 (:func:`_first_rule`).  Sets whose last member is
     cheaper tabulated (:mod:`efftheory._tables`) run the tabulated kernel, the others the nested
-    one.
+    one.  ``host``: numpy instead (small work, :data:`HOST_SETS`), to rounding the same values.
     """
     C, k, _ = S.shape
     tail, pairs, dx = setup
@@ -769,6 +773,15 @@ def _smooth_sets(sig, S, patterns, tol, half: bool, setup):
             own.append(np.repeat(sub, x1.size))
         Li, wi, oi = np.concatenate(Ls), np.concatenate(ws), np.concatenate(own)
         per_dev = cap * b
+        work = Li.shape[0] * W.size * ((k + 10) if tabled else (xk.size + k))
+        if host or work <= HOST_WORK:  # small work: numpy, no compiled kernel (the same sums, to rounding)
+            vals = (_host_tabled(sig, key, pairs, Li, oi, X, W, xk, wk, R, L, ntab) if tabled
+                    else _host_nested(sig, key, Li, X, W, xk, wk))
+            n = vals.shape[0]
+            res = np.zeros((D, n, P))
+            res[0] = vals
+            results.append((oi, wi, [n] + [0] * (D - 1), n, res))
+            continue
         if tabled:  # set by set: each call builds the tables of a run of sets
             o = np.argsort(oi, kind="stable")
             Li, wi, oi = Li[o], wi[o], oi[o]
@@ -793,6 +806,127 @@ def _smooth_sets(sig, S, patterns, tol, half: bool, setup):
 
 
 _IN_FLIGHT = 2  # kernel calls dispatched ahead of the one being collected
+
+# ---------------------------------------------------------------------------------------------
+# small work on the host: numpy, no compiled kernel per shape
+
+
+HOST_SETS = 70  # set sizes with at most this many sets (every size at N <= 8: C(8, 4) = 70) run in numpy
+HOST_WORK = 1 << 17  # and groups of items with at most this many node evaluations (a kernel shape's compilation costs more)
+_HOST_CHUNK = 1 << 14  # values per call of the one compiled sigma / sigma' evaluator
+_HOST_BUDGET = 1 << 17  # items x nodes (x inner nodes) per numpy step: ~1 MB arrays (tests/test_memory.py)
+
+
+@functools.lru_cache(maxsize=64)
+def _sd_kernel(sig):
+    """jitted z (_HOST_CHUNK,) -> (sigma(z), sigma'(z)): one compiled program per sigma, whatever the
+    shapes of the host path's arrays."""
+    return jax.jit(lambda z: jax.jvp(sig, (z,), (jnp.ones_like(z),)))
+
+
+def sd_values(sig, z):
+    """sigma(z), sigma'(z) as numpy float64 arrays of z's shape, through :func:`_sd_kernel` on
+    zero-padded chunks of _HOST_CHUNK values (so that no shape of z costs a compilation)."""
+    z = np.asarray(z, dtype=np.float64)
+    flat = z.reshape(-1)
+    n = flat.size
+    s, d = np.empty(n), np.empty(n)
+    fn = _sd_kernel(sig)
+    buf = np.zeros(_HOST_CHUNK)
+    for lo in range(0, n, _HOST_CHUNK):
+        hi = min(lo + _HOST_CHUNK, n)
+        buf[:hi - lo] = flat[lo:hi]
+        buf[hi - lo:] = 0.0
+        a, b = fn(buf)
+        s[lo:hi], d[lo:hi] = np.asarray(a)[:hi - lo], np.asarray(b)[:hi - lo]
+    return s.reshape(z.shape), d.reshape(z.shape)
+
+
+def _host_patterns(pattern_key, so, do, h, W):
+    """(n, P): sum over nodes of W h_{e_last} prod_i g_{e_i} for so, do (k-1, n, m), h {pair: (n, m)}."""
+    k = so.shape[0] + 1
+    cache = {}
+    out = []
+    for pat in pattern_key:
+        f = h[pat[k - 1]] * W
+        for i in range(k - 1):
+            if pat[i] != (0, 0):
+                key = (i,) + tuple(pat[i])
+                if key not in cache:
+                    cache[key] = monomial(so[i], do[i], pat[i][0], pat[i][1])
+                f = f * cache[key]
+        out.append(f.sum(axis=-1))
+    return np.stack(out, -1)
+
+
+def _host_nested(sig, pattern_key, Li, X, W, xk, wk):
+    """The nested kernel (:func:`_nested_moments`) in numpy: values (n, P) of the items Li (n, k, k)."""
+    n, k = Li.shape[0], Li.shape[1]
+    last = sorted({pat[k - 1] for pat in pattern_key})
+    step = max(1, _HOST_BUDGET // (X.shape[1] * xk.size))
+    out = np.empty((n, len(pattern_key)))
+    for lo in range(0, n, step):
+        Lb = Li[lo:lo + step]
+        zo = np.einsum("cij,jm->icm", Lb[:, :k - 1, :k - 1], X)  # (k-1, b, m)
+        mu = np.einsum("cj,jm->cm", Lb[:, k - 1, :k - 1], X)
+        zl = mu[None] + Lb[:, k - 1, k - 1][None, :, None] * xk[:, None, None]  # (nk, b, m)
+        sl, dl = sd_values(sig, zl)
+        h = {e: np.tensordot(wk, monomial(sl, dl, e[0], e[1], np.ones_like(zl)), axes=(0, 0)) for e in last}
+        so, do = sd_values(sig, zo)
+        out[lo:lo + step] = _host_patterns(pattern_key, so, do, h, W)
+    return out
+
+
+def _host_tables(sig, pairs, mu, sd, xk, wk):
+    """Lagrange coefficients (M, 6 P) of h_e at the points mu (M,) (one set's, equispaced) with
+    conditional deviation sd: :func:`efftheory._tables.build_tables` in numpy."""
+    from ._tables import _ORDER, _lagrange_to_monomial
+
+    M = mu.size
+    v = np.empty((M, len(pairs)))
+    step = max(1, _HOST_BUDGET // xk.size)
+    for lo in range(0, M, step):
+        z = mu[lo:lo + step, None] + sd * xk[None, :]
+        s, d = sd_values(sig, z)
+        v[lo:lo + step] = np.stack([monomial(s, d, e0, e1, np.ones_like(z)) @ wk for e0, e1 in pairs], -1)
+    vp = np.pad(v, ((2, _ORDER - 2), (0, 0)))
+    window = np.stack([vp[q:q + M] for q in range(_ORDER)], 0)  # (6, M, P)
+    coef = np.einsum("rq,qmp->mpr", _lagrange_to_monomial(), window)  # (M, P, 6)
+    return coef.reshape(M, _ORDER * len(pairs))
+
+
+def _host_tabled(sig, pattern_key, pairs, Li, oi, X, W, xk, wk, R, L, ntab):
+    """The tabulated kernel (:func:`efftheory._tables._tabled_moments`) in numpy: values (n, P) of the
+    items Li (n, k, k) owned by the sets oi, each set's table built once."""
+    from ._tables import _ORDER
+
+    n, k = Li.shape[0], Li.shape[1]
+    out = np.empty((n, len(pattern_key)))
+    for s in np.unique(oi):
+        rows = np.nonzero(oi == s)[0]
+        pts = int(ntab[s])
+        dx = 2.0 * R[s] / (pts - 6)
+        lo = -R[s] - 2.0 * dx
+        tab = _host_tables(sig, pairs, lo + dx * np.arange(pts), L[s, k - 1, k - 1], xk, wk)
+        step = max(1, _HOST_BUDGET // X.shape[1])
+        for a in range(0, rows.size, step):
+            Lb = Li[rows[a:a + step]]
+            zo = np.einsum("cij,jm->icm", Lb[:, :k - 1, :k - 1], X)
+            u = (np.einsum("cj,jm->cm", Lb[:, k - 1, :k - 1], X) - lo) * (1.0 / dx)
+            i = np.clip(np.floor(u), 2.0, float(pts - 5))
+            t = u - i
+            coef = tab[np.minimum(i.astype(np.int64), tab.shape[0] - 1)]  # (b, m, 6 P)
+            h = {}
+            for j, p in enumerate(pairs):
+                a_ = coef[..., _ORDER * j:_ORDER * (j + 1)]
+                hp = a_[..., _ORDER - 1]
+                for r in range(_ORDER - 2, -1, -1):
+                    hp = a_[..., r] + t * hp
+                h[p] = hp
+            so, do = sd_values(sig, zo)
+            out[rows[a:a + step]] = _host_patterns(pattern_key, so, do, h, W)
+    return out
+
 
 
 STOP = contextvars.ContextVar("efftheory_products_stop", default=None)
@@ -904,7 +1038,7 @@ def _polar_sets(sig, dsig, L2, patterns):
     wphi = (hi - lo)[..., None] / 2 * wq
     c, s_ = np.cos(phi), np.sin(phi)
     z = L2[:, :, 0, None, None] * c[:, None] + L2[:, :, 1, None, None] * s_[:, None]  # (C, k, arcs, q)
-    sv, dv = np.asarray(sig(jnp.asarray(z))), np.asarray(dsig(jnp.asarray(z)))
+    sv, dv = sd_values(sig, z)  # one compiled evaluator per sigma, whatever the shapes
     out = np.empty((C, len(patterns)))
     for pi, pat in enumerate(patterns):
         f = wphi.copy()
@@ -943,6 +1077,8 @@ def _moments_low(act, sig, dsig, K, sets, patterns, order):
     i2 = np.repeat(sets[:, -1], P)
     e1 = np.tile(patterns[:, 0], (C, 1))
     e2 = np.tile(patterns[:, 1] if k == 2 else np.zeros_like(patterns[:, 0]), (C, 1))
+    if C <= HOST_SETS:
+        return _moments_low_host(act, sig, K, sets, patterns, order)
     L = np.asarray(whiten2(K[i1, i1], K[i2, i2], K[i1, i2])[0])
     out = np.zeros(C * P)
     if act.homogeneous:
@@ -953,6 +1089,48 @@ def _moments_low(act, sig, dsig, K, sets, patterns, order):
     else:
         out[:] = _padded(lambda *a: _pair_pattern(sig, dsig, None, order, *a), L, e1, e2)
     return out.reshape(C, P)
+
+
+def _moments_low_host(act, sig, K, sets, patterns, order):
+    """:func:`_moments_low` in numpy for few sets: the same exact 2-d rules, sigma and sigma'
+    evaluated once per set (:func:`sd_values`) and every pattern formed from them."""
+    from .hermite import _ARC_ORDER, _radial, normal_rule, whiten2_np
+
+    C, k = sets.shape
+    if C > 1 and C * (order or 1) ** 2 > _HOST_BUDGET:  # sets in chunks: ~1 MB arrays
+        step = max(1, _HOST_BUDGET // max(1, (order or 1) ** 2))
+        return np.concatenate([_moments_low_host(act, sig, K, sets[i:i + step], patterns, order)
+                               for i in range(0, C, step)])
+    a, b = sets[:, 0], sets[:, -1]
+    L = whiten2_np(K[a, a], K[b, b], K[a, b])[0]  # (C, 2, 2)
+    if act.homogeneous:  # polar: Gauss-Legendre on the arcs between the zeros of z1, z2
+        x, wq = np.polynomial.legendre.leggauss(_ARC_ORDER)
+        br = [np.arctan2(-L[:, 0, 0], L[:, 0, 1]), np.arctan2(-L[:, 1, 0], L[:, 1, 1])]
+        br = np.mod(np.stack(br + [v + np.pi for v in br], -1), 2 * np.pi)
+        zeros = np.zeros((C, 1))
+        edges = np.sort(np.concatenate([zeros, br, zeros + 2 * np.pi], -1), axis=-1)
+        lo, hi = edges[:, :-1], edges[:, 1:]
+        half = (hi - lo) / 2
+        phi = (lo + hi)[..., None] / 2 + half[..., None] * x
+        W = (half[..., None] * wq).reshape(C, -1)
+        c, s_ = np.cos(phi).reshape(C, -1), np.sin(phi).reshape(C, -1)
+    else:
+        u, w = normal_rule(order)
+        c, s_ = np.repeat(u, u.size)[None], np.tile(u, u.size)[None]
+        W = np.outer(w, w).reshape(1, -1)
+    z1 = L[:, 0, 0, None] * c + L[:, 0, 1, None] * s_
+    z2 = L[:, 1, 0, None] * c + L[:, 1, 1, None] * s_
+    s1, d1 = sd_values(sig, z1)
+    s2, d2 = sd_values(sig, z2)
+    out = np.empty((C, len(patterns)))
+    for p, pat in enumerate(patterns):
+        e1 = pat[0]
+        e2 = pat[1] if k == 2 else np.zeros(2, np.int64)
+        f = W * s1 ** int(e1[0]) * d1 ** int(e1[1]) * s2 ** int(e2[0]) * d2 ** int(e2[1])
+        out[:, p] = f.sum(axis=-1)
+        if act.homogeneous:
+            out[:, p] *= _radial(int(e1[0] + e2[0]) + 1) / (2 * np.pi)
+    return out
 
 
 def _padded(fn, *arrays):
@@ -1006,7 +1184,7 @@ def source_moments(act, K, *, tol: float = TOL, order2: int | None = None, block
             if k <= 2:
                 vals = _moments_low(act, sig, dsig, K, sub, patterns, order2)
             else:
-                vals = _moments_kd(act, sig, dsig, K, sub, patterns, tol, setup)
+                vals = _moments_kd(act, sig, dsig, K, sub, patterns, tol, setup, host=len(sets) <= HOST_SETS)
             for name, m, pid in plan:
                 idx = sub[:, m]
                 out[name][idx[:, 0], idx[:, 1], idx[:, 2], idx[:, 3]] = vals[:, pid]

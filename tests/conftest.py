@@ -1,7 +1,12 @@
+import jax
 import numpy as np
 import pytest
 
-import efftheory  # noqa: F401  (turns on float64 in JAX before any test builds arrays)
+# The tests are a user process: they turn on JAX's 64-bit mode for themselves, before any test builds
+# arrays (importing efftheory no longer does; tests/test_jax_native.py checks efftheory without it).
+jax.config.update("jax_enable_x64", True)
+
+import efftheory  # noqa: E402,F401
 
 
 @pytest.fixture

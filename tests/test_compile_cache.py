@@ -1,8 +1,9 @@
-"""JAX's persistent compilation cache as efftheory sets it up at import (efftheory._compile_cache):
-the directory EFFTHEORY_COMPILE_CACHE names, one subdirectory per instruction set, a second
-process loading what the first compiled, and a cache the user gave JAX left alone.
+"""JAX's persistent compilation cache for efftheory's kernels, opt-in (efftheory._compile_cache): off
+unless asked for, the directory EFFTHEORY_COMPILE_CACHE names (or ``on``: the default one) or
+efftheory.enable_compile_cache(path) gives, one subdirectory per instruction set, a second process
+loading what the first compiled, and a cache the user gave JAX left alone.
 
-The processes that import efftheory are children: the cache is configured once, at import."""
+The processes that import efftheory are children: the environment is read once, at import."""
 
 import json
 import os
@@ -19,7 +20,9 @@ import json
 import jax, jax.numpy as jnp, jax.monitoring as mon
 hits = []
 mon.register_event_listener(lambda name, **kw: hits.append(name) if name.endswith("cache_hits") else None)
-import efftheory
+import os, efftheory
+if os.environ.get("CALL_ENABLE"):
+    efftheory.enable_compile_cache(os.environ["CALL_ENABLE"] if os.environ["CALL_ENABLE"] != "default" else None)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # cache even this small program
 y = jax.jit(lambda x: jnp.sin(x) * 3.0 + jnp.cumsum(x))(jnp.arange(7.0))
 print(json.dumps({"dir": jax.config.jax_compilation_cache_dir, "hits": len(hits), "y": float(y.sum())}))
@@ -38,11 +41,27 @@ def test_cache_dir_from_the_environment(tmp_path, monkeypatch):
     tag = _compile_cache._isa_tag()
     assert len(tag) == 12 and int(tag, 16) >= 0
     assert _compile_cache._isa_tag() == tag  # stable
-    for off in ("off", "OFF", " 0 ", "false", "no", "none"):
+    for off in ("", "off", "OFF", " 0 ", "false", "no", "none"):
         assert _compile_cache.cache_dir(off) is None
     assert _compile_cache.cache_dir(str(tmp_path)) == str(tmp_path / tag)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert _compile_cache.cache_dir("") == str(tmp_path / "xdg" / "efftheory" / "xla" / tag)
+    for on in ("on", "ON", "1", "true", "yes"):
+        assert _compile_cache.cache_dir(on) == str(tmp_path / "xdg" / "efftheory" / "xla" / tag)
+
+
+def test_off_by_default(tmp_path):
+    got = _child(XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    assert got["dir"] is None
+    assert not (tmp_path / "xdg").exists()
+
+
+def test_opt_in_by_call_and_by_on(tmp_path):
+    tag = _compile_cache._isa_tag()
+    assert _child(CALL_ENABLE=str(tmp_path / "mine"))["dir"] == str(tmp_path / "mine" / tag)
+    assert _child(CALL_ENABLE="default", XDG_CACHE_HOME=str(tmp_path / "xdg"))["dir"] == str(
+        tmp_path / "xdg" / "efftheory" / "xla" / tag)
+    assert _child(EFFTHEORY_COMPILE_CACHE="on", XDG_CACHE_HOME=str(tmp_path / "x2"))["dir"] == str(
+        tmp_path / "x2" / "efftheory" / "xla" / tag)
 
 
 def test_a_second_process_loads_what_the_first_compiled(tmp_path):

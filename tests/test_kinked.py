@@ -269,13 +269,13 @@ def test_homogeneous_callables_take_the_exact_route():
     """A user callable detected as positively homogeneous (Activation.homogeneous) is integrated like the
     registered activation, whatever its smooth flag: same values, bit for bit.  (The homogeneity probe is
     numerical and cached per callable, so it is asked in 64-bit mode, as efftheory's public functions do.)"""
-    import jax
+    from efftheory._precision import enable_x64
 
     K = KERNELS["random"]
     ref = products.source_moments(et.get_activation("leaky_relu(0.2)"), K)
     for act in (et.get_activation(lambda z: jnp.where(z > 0, z, 0.2 * z)),
                 et.Activation("mine", lambda z: jnp.maximum(z, 0.2 * z), smooth=False)):
-        with jax.enable_x64(True):
+        with enable_x64(True):
             assert act.homogeneous
         for a, b in zip(products.source_moments(act, K), ref):
             np.testing.assert_array_equal(a, b)

@@ -229,3 +229,37 @@ def test_wide_kernel_meets_tol(name):
     if name == "tanh":
         ref = _cholesky_rule(np.tanh, lambda z: 1 / np.cosh(z) ** 2, K, (0, 0, 1, 2), (1, 1, 0, 0), 160)
         assert abs(fine[1][0, 0, 1, 2] - ref) < 1e-10, (fine[1][0, 0, 1, 2], ref)
+
+
+@pytest.mark.parametrize("name", ["tanh", "gelu", "sin", "relu"])
+@pytest.mark.parametrize("N", [4, 6])
+def test_host_path_matches_compiled_kernels(name, N, monkeypatch):
+    """Small work (products.HOST_SETS) runs in numpy with sigma evaluated on fixed-size chunks: the
+    same rules as the compiled kernels, so the same moments to rounding."""
+    x = np.random.default_rng(N).normal(size=(N, 3))
+    K = x @ x.T / 3 + 0.1
+    act = et.get_activation(name)
+    monkeypatch.setattr(products, "HOST_SETS", 1 << 30)
+    host = products.source_moments(act, K)
+    monkeypatch.setattr(products, "HOST_SETS", 0)
+    kernel = products.source_moments(act, K)
+    for a, b in zip(host, kernel):
+        assert np.max(np.abs(a - b)) < 1e-13 * max(1.0, np.max(np.abs(b)))
+
+
+def test_host_layer_step_matches_compiled_kernels(monkeypatch):
+    """finite_width with the numpy path for the pair operators and the sources against the compiled
+    kernels: G1, V, H1, A, B, D, F agree to rounding."""
+    from efftheory.theory import finite
+
+    x = np.random.default_rng(1).normal(size=(5, 4))
+    net = et.MLP(4, 64, "tanh")
+    monkeypatch.setattr(products, "HOST_SETS", 1 << 30)
+    monkeypatch.setattr(finite, "HOST_SETS", 1 << 30)
+    host = et.finite_width(net, x)
+    monkeypatch.setattr(products, "HOST_SETS", 0)
+    monkeypatch.setattr(finite, "HOST_SETS", 0)
+    kernel = et.finite_width(net, x)
+    for name in ("G1", "V", "H1", "A", "B", "D", "F"):
+        a, b = np.asarray(getattr(host, name)), np.asarray(getattr(kernel, name))
+        assert np.max(np.abs(a - b)) < 1e-12 * max(1.0, np.max(np.abs(b))), name

@@ -76,7 +76,28 @@ def tables_everywhere(monkeypatch):
     monkeypatch.setattr(products, "_TABLE_COST", 0.0)
     monkeypatch.setattr(products, "_LOOKUP_COST", -1e9)
     monkeypatch.setattr(products, "_run_tabled", counting)
+    monkeypatch.setattr(products, "HOST_SETS", 0)  # the compiled kernel, not the numpy path of small work
     return calls
+
+
+@pytest.fixture
+def host_tables(monkeypatch):
+    """As tables_everywhere, on the numpy path of small work (products.HOST_SETS)."""
+    monkeypatch.setattr(products, "_TABLE_COST", 0.0)
+    monkeypatch.setattr(products, "_LOOKUP_COST", -1e9)
+    monkeypatch.setattr(products, "HOST_SETS", 1 << 30)
+
+
+@pytest.mark.parametrize("name", ["tanh", "gelu"])
+def test_host_tables_match_the_compiled_kernel(name, host_tables, monkeypatch):
+    """Tables everywhere: the numpy path of small work gives the compiled kernel's values to rounding."""
+    K = _kernel(5, 2, collinear=False)
+    act = et.get_activation(name)
+    host = products.source_moments(act, K)
+    monkeypatch.setattr(products, "HOST_SETS", 0)
+    kernel = products.source_moments(act, K)
+    for a, b in zip(host, kernel):
+        assert np.max(np.abs(a - b)) < 1e-13 * max(1.0, np.max(np.abs(b)))
 
 
 def test_sin_closed_form_with_tables(tables_everywhere):

@@ -89,7 +89,29 @@ __all__ = [
     "residual_scaling",
     "sample",
     "sample_ensemble",
+    "slope_consistent",
     "train",
     "trained_mean_estimators",
+    "verdict",
     "width_sweep_fit",
 ]
+
+
+def _wrap_precision() -> None:
+    """float64 requests honoured without JAX's global 64-bit mode (efftheory._precision): every public
+    function runs in a local x64 context, except inside a user's trace with 64-bit mode off."""
+    import importlib
+    import sys
+
+    from .. import _precision
+
+    for sub in ("cache", "distribution", "dntk", "ensemble", "joint", "moments", "networks", "statistics",
+                "sweep", "tangent", "trained_parts", "training"):
+        try:
+            _precision.wrap_module(importlib.import_module(f"{__name__}.{sub}"), lenient=True)
+        except ImportError:  # pragma: no cover
+            continue
+    _precision.wrap_module(sys.modules[__name__], lenient=True)
+
+
+_wrap_precision()

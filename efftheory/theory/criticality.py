@@ -205,16 +205,29 @@ def chi_parallel(activation, K, C_W=1.0):
     """Parallel susceptibility C_W d<sigma^2>_K/dK at variance(s) K (PDLT eq. 5.9).
 
     K = 0 gives the limit K -> 0+ (for relu, C_W/2: the value at every K > 0).
+    A JAX function of K and C_W: under jax.jit / vmap / grad (traced K or C_W) it runs the fixed
+    rule of :func:`efftheory.theory._traced.chi` (closed form for the scale-invariant class; 4096
+    trapezoid nodes otherwise, 1e-13 for smooth sigma up to K ~ 3000) and checks shapes only.
     """
-    act = get_activation(activation)
+    from . import _traced
+
+    act = _traced.activation(activation)
+    if _traced.traced(K, C_W):
+        return _traced.chi_checked("chi_parallel", act, K, C_W, "parallel")
     K = _variance("K", K)
     C_W = _validate.real("C_W", C_W, positive=True)
     return np.asarray(C_W * _dsig2_dK(act, K))
 
 
 def chi_perp(activation, K, C_W=1.0):
-    """Perpendicular susceptibility C_W <sigma'(z)^2>_K (PDLT eq. 5.10); K = 0 gives the limit K -> 0+."""
-    act = get_activation(activation)
+    """Perpendicular susceptibility C_W <sigma'(z)^2>_K (PDLT eq. 5.10); K = 0 gives the limit K -> 0+.
+
+    A JAX function of K and C_W under jax.jit / vmap / grad, as :func:`chi_parallel`."""
+    from . import _traced
+
+    act = _traced.activation(activation)
+    if _traced.traced(K, C_W):
+        return _traced.chi_checked("chi_perp", act, K, C_W, "perp")
     K = _variance("K", K)
     C_W = _validate.real("C_W", C_W, positive=True)
     return np.asarray(C_W * _moments(act, K)[2])

@@ -94,12 +94,39 @@ class DNTKStatistics:
     net: MLP
 
 
+_CHUNK = 2048  # nodes per step of the moment kernel (its working set stays in cache)
+_BLOCK = 32    # steps per call
+
+
 @functools.lru_cache(maxsize=64)
-def _derivatives(fn):
+def _moment_kernel(fn):
+    """jitted (U (_BLOCK, _CHUNK, 4) nodes in the range directions, W (_BLOCK, _CHUNK), L (4, 4)) ->
+    (acc4 (patterns, 16, 16), acc2 (pairs, 4, 4)): sum_n W_n of the products of gaussian_moments for
+    four members z = L u (unused members and directions zero).  One compiled program per sigma."""
+    ders = _derivatives_raw(fn)
+
+    def run(U, W, L):
+        def step(acc, uw):
+            Uc, Wc = uw
+            D = ders(Uc @ L.T)  # sigma and its first three derivatives at the chunk's nodes, (chunk, 4) each
+            two = {}
+            for q in {p[:2] for p in _PATTERNS} | {p[2:] for p in _PATTERNS}:
+                two[q] = (D[int(q[0])][:, :, None] * D[int(q[1])][:, None, :]).reshape(-1, 16)
+            a4 = jnp.stack([(two[p[:2]] * Wc[:, None]).T @ two[p[2:]] for p in _PATTERNS])
+            a2 = jnp.stack([(D[int(p[0])] * Wc[:, None]).T @ D[int(p[1])] for p in _PAIRS])
+            return (acc[0] + a4, acc[1] + a2), None
+
+        zero = (jnp.zeros((len(_PATTERNS), 16, 16), U.dtype), jnp.zeros((len(_PAIRS), 4, 4), U.dtype))
+        return jax.lax.scan(step, zero, (U, W))[0]
+
+    return jax.jit(run)
+
+
+def _derivatives_raw(fn):
     d1 = derivative(fn)
     d2 = derivative(d1)
     d3 = derivative(d2)
-    return jax.jit(lambda z: (fn(z), d1(z), d2(z), d3(z)))
+    return lambda z: (fn(z), d1(z), d2(z), d3(z))
 
 
 def _nodes(scale: float, tol: float, strip: float = np.pi / 2) -> int:
@@ -128,7 +155,6 @@ def gaussian_moments(fn, K, *, tol: float = 1e-9, strip: float = np.pi / 2):
     """
     K = np.asarray(K, np.float64)
     N = K.shape[0]
-    ders = _derivatives(fn)
     M4 = {p: np.zeros((N,) * 4) for p in _PATTERNS}
     E2 = {p: np.zeros((N, N)) for p in _PAIRS}
     subsets = [tuple(range(N))] if N <= 4 else list(itertools.combinations(range(N), 4))
@@ -142,30 +168,33 @@ def gaussian_moments(fn, K, *, tol: float = 1e-9, strip: float = np.pi / 2):
                        key=lambda t: len(t[0]))
         L = L[:, [t[2] for t in rules]]  # directions by increasing node count
         r = L.shape[1]
-        acc4 = {p: np.zeros((s * s, s * s)) for p in _PATTERNS}
-        acc2 = {p: np.zeros((s, s)) for p in _PAIRS}
-        # blocks: all nodes of the last (largest) min(r, 3) directions, looping over the others
-        inner = min(r, 3)
-        ins = rules[r - inner:]
-        Ui = np.stack(np.meshgrid(*[t[0] for t in ins], indexing="ij"), -1).reshape(-1, inner) if inner \
-            else np.zeros((1, 0))
-        Wi = np.prod(np.stack(np.meshgrid(*[t[1] for t in ins], indexing="ij"), -1).reshape(-1, inner), -1) \
-            if inner else np.ones(1)
-        outs = rules[:r - inner]
-        for idx in itertools.product(*[range(len(t[0])) for t in outs]):
-            uo = np.array([t[0][j] for t, j in zip(outs, idx)])
-            U = np.concatenate([np.broadcast_to(uo, (Ui.shape[0], len(idx))), Ui], axis=1)
-            Wt = Wi * np.prod([t[1][j] for t, j in zip(outs, idx)])
-            Z = U @ L.T  # (nodes, s)
-            D = [np.asarray(d) for d in ders(jnp.asarray(Z))]
-            for p in _PAIRS:
-                k, l = int(p[0]), int(p[1])
-                acc2[p] += (D[k] * Wt[:, None]).T @ D[l]
-            two = {}  # products of two slots, each formed once: (nodes, s*s)
-            for q in {p[:2] for p in _PATTERNS} | {p[2:] for p in _PATTERNS}:
-                two[q] = (D[int(q[0])][:, :, None] * D[int(q[1])][:, None, :]).reshape(-1, s * s)
-            for p in _PATTERNS:
-                acc4[p] += (two[p[:2]] * Wt[:, None]).T @ two[p[2:]]
+        # every node of the tensor grid, in blocks of _BLOCK x _CHUNK nodes through one compiled
+        # program of fixed shapes (directions and members padded to 4): no program per grid size
+        sizes = [len(t[0]) for t in rules]
+        total = int(np.prod(sizes)) if r else 1
+        Lp = np.zeros((4, 4))
+        Lp[:s, :r] = L
+        acc4 = {p: np.zeros((16, 16)) for p in _PATTERNS}
+        acc2 = {p: np.zeros((4, 4)) for p in _PAIRS}
+        kernel = _moment_kernel(fn)
+        per_call = _BLOCK * _CHUNK
+        for lo in range(0, total, per_call):
+            flat = np.arange(lo, min(lo + per_call, total))
+            U = np.zeros((per_call, 4))
+            Wt = np.zeros(per_call)
+            Wt[:flat.size] = 1.0
+            for d, idx in enumerate(np.unravel_index(flat, sizes) if r else ()):
+                U[:flat.size, d] = rules[d][0][idx]
+                Wt[:flat.size] *= rules[d][1][idx]
+            a4, a2 = kernel(U.reshape(_BLOCK, _CHUNK, 4), Wt.reshape(_BLOCK, _CHUNK), Lp)
+            a4, a2 = np.asarray(a4), np.asarray(a2)
+            for n, p in enumerate(_PATTERNS):
+                acc4[p] += a4[n]
+            for n, p in enumerate(_PAIRS):
+                acc2[p] += a2[n]
+        keep = (np.arange(4)[:, None] * 4 + np.arange(4)[None, :])[:s, :s].reshape(-1)
+        acc4 = {p: v[np.ix_(keep, keep)] for p, v in acc4.items()}
+        acc2 = {p: v[:s, :s] for p, v in acc2.items()}
         for p in _PATTERNS:
             M4[p][np.ix_(S, S, S, S)] = acc4[p].reshape(s, s, s, s)
         for p in _PAIRS:

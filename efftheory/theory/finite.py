@@ -55,10 +55,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._precision import enable_x64 as _enable_x64
 from .._pytree import result
 from ..gaussian import derivative, rule_size
 from ..hermite import hermite_moments2, whiten2
-from ..products import SET_BLOCK, SET_BYTES, STOP, source_moments
+from ..products import HOST_SETS, SET_BLOCK, SET_BYTES, STOP, source_moments
 from ..network import MLP
 from ._store import NAMES as STATE, LayerStore  # STATE: the order of layer_step's state
 from .infinite import check_net, infinite_width
@@ -205,23 +206,52 @@ def _pair_operators(sig, dsig, homogeneous, order, rtol, K):
             _fourth(Hdd, Lp), _first(Hds, Lp))
 
 
-def _second(H, Lp):
+def _pair_operators_host(sig, homogeneous, order, rtol, K):
+    """:func:`_pair_operators` in numpy (small N): the same rules, sigma through
+    :func:`efftheory.products.sd_values`, no compiled program per shape."""
+    from ..hermite import (hermite_from_monomials_np, polar_monomials_np, trapezoid_monomials_np,
+                           whiten2_np)
+    from ..products import sd_values
+
+    N = K.shape[0]
+    d = np.diagonal(K)
+    L, Lp = whiten2_np(d[:, None] + 0 * K, d[None, :] + 0 * K, K, rtol=rtol)
+    L = L.reshape(-1, 2, 2)
+    step = max(1, (1 << 17) // (120 if homogeneous else order * order))  # pairs at once: ~1 MB arrays
+
+    def moments(i1, i2, degree):  # g = sigma (0) or sigma' (1)
+        def f(z1, z2):
+            a, b = sd_values(sig, z1), sd_values(sig, z2)
+            return a[i1] * b[i2]
+
+        def mono(Lc):
+            return polar_monomials_np(f, Lc, degree) if homogeneous else trapezoid_monomials_np(f, Lc, order)
+
+        parts = [mono(L[i:i + step]) for i in range(0, L.shape[0], step)]
+        return hermite_from_monomials_np(np.concatenate(parts)).reshape(N, N, 5, 5)
+
+    Hss, Hdd, Hds = moments(0, 0, 2), moments(1, 1, 0), moments(1, 0, 1)
+    return (Hss[..., 0, 0], Hdd[..., 0, 0], _second(Hss, Lp, np), _second(Hdd, Lp, np), _fourth(Hss, Lp, np),
+            _fourth(Hdd, Lp, np), _first(Hds, Lp, np))
+
+
+def _second(H, Lp, xp=jnp):
     """C[p, a, b] = sum_ij Lp[p,i,a] Lp[p,j,b] <d_wi d_wj F>."""
-    H2 = jnp.stack([jnp.stack([H[..., 2, 0], H[..., 1, 1]], -1), jnp.stack([H[..., 1, 1], H[..., 0, 2]], -1)], -2)
-    return jnp.einsum("...ia,...jb,...ij->...ab", Lp, Lp, H2)
+    H2 = xp.stack([xp.stack([H[..., 2, 0], H[..., 1, 1]], -1), xp.stack([H[..., 1, 1], H[..., 0, 2]], -1)], -2)
+    return xp.einsum("...ia,...jb,...ij->...ab", Lp, Lp, H2)
 
 
-def _fourth(H, Lp):
+def _fourth(H, Lp, xp=jnp):
     counts = np.zeros((2, 2, 2, 2), dtype=np.int64)
     for idx in np.ndindex(2, 2, 2, 2):
         counts[idx] = sum(idx)  # number of v's
     H4 = H[..., 4 - counts, counts]  # (..., 2, 2, 2, 2)
-    return jnp.einsum("...ia,...jb,...kc,...ld,...ijkl->...abcd", Lp, Lp, Lp, Lp, H4)
+    return xp.einsum("...ia,...jb,...kc,...ld,...ijkl->...abcd", Lp, Lp, Lp, Lp, H4)
 
 
-def _first(H, Lp):
-    H1 = jnp.stack([H[..., 1, 0], H[..., 0, 1]], -1)
-    return jnp.einsum("...ia,...i->...a", Lp, H1)
+def _first(H, Lp, xp=jnp):
+    H1 = xp.stack([H[..., 1, 0], H[..., 0, 1]], -1)
+    return xp.einsum("...ia,...i->...a", Lp, H1)
 
 
 def _apply(C2, X):
@@ -293,7 +323,11 @@ def layer_step(act, C_W, lam_W, r, K, Theta, G1, V, H1, A, B, D, F, *, tol: floa
     N = K.shape[0]
     hom = act.homogeneous
     order = _pair_order(act, K)
-    ops = _pair_operators(act.fn, derivative(act.fn), hom, order, 1e-12 if act.smooth else 1e-9, jnp.asarray(K))
+    rtol = 1e-12 if act.smooth else 1e-9
+    if N * N <= HOST_SETS:  # small work: numpy, no compiled program per (N, rule)
+        ops = _pair_operators_host(act.fn, hom, order, rtol, np.asarray(K, np.float64))
+    else:
+        ops = _pair_operators(act.fn, derivative(act.fn), hom, order, rtol, jnp.asarray(K))
     S, dS, R2, Rp2, T4, Tp4, P1 = (np.asarray(o) for o in ops)
     Z = C_W * dS
     R2, Rp2 = C_W / 2 * R2, C_W / 2 * Rp2
@@ -403,13 +437,15 @@ class _Ahead:
     def __init__(self, fn):
         self._out = None
         self._stop = threading.Event()
+        self._x64 = bool(jax.config.jax_enable_x64)  # config contexts are thread-local: the caller's, in the thread
         self._thread = threading.Thread(target=self._run, args=(fn,), name="efftheory-sources")
         self._thread.start()
 
     def _run(self, fn):
         STOP.set(self._stop)  # this thread's context only
         try:
-            self._out = (True, fn())
+            with _enable_x64(self._x64):
+                self._out = (True, fn())
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread by result()
             self._out = (False, e)
 
@@ -521,13 +557,23 @@ def finite_width(net: MLP, x, *, tol: float = 1e-9, progress: bool = False, memo
         slices used.  A run interrupted for any reason resumes from its last finished layer when
         called again with the same store and arguments; a finished store is returned without
         recomputing.  A store written for another computation raises ValueError.
+
+    JAX transformations (``jax.jit``, ``jax.vmap``, ``jax.grad`` with x or the MLP's hyperparameters
+    traced): one input (x of shape (1, n_0)) runs the closed one-input recursions for any activation,
+    two inputs layer_step's recursions in jnp for smooth activations, with fixed rules
+    (:mod:`efftheory.theory._traced`; ``tol``, ``memory``, ``progress`` do not apply, ``store`` raises).
+    Three or more inputs, and two with a kinked or scale-invariant activation, raise a ValueError
+    naming the transformation: their sources choose rules and input sets on the host.
     """
     from .. import _validate
+    from . import _traced
 
     net = check_net(net)
     tol = _validate.real("tol", tol, positive=True)
     if not tol < 1e-2:
         raise ValueError(f"tol: expected a target accuracy below 1e-2, got {tol}")
+    if _traced.traced(net, x):  # jax.jit / vmap / grad: one or two inputs, traced end to end
+        return _finite_width_traced(net, x, tol, store)
     if memory is not None:
         memory = _validate.real("memory", memory, positive=True)
     store = _validate.optional_path("store", store)
@@ -590,6 +636,31 @@ def finite_width(net: MLP, x, *, tol: float = 1e-9, progress: bool = False, memo
     return FiniteWidth(K=inf.K, Theta=inf.Theta, net=net, tol=tol, **out)
 
 
+def _finite_width_traced(net: MLP, x, tol: float, store) -> FiniteWidth:
+    """finite_width under jax.jit / vmap / grad (x or hyperparameters traced): N = 1 by the closed
+    one-input recursions (:func:`efftheory.theory._traced.finite_single`), N = 2 by layer_step's
+    recursions in jnp for smooth activations (:func:`efftheory.theory._traced.finite_two`); N >= 3,
+    and N = 2 with a kinked or scale-invariant sigma, raise."""
+    from . import _traced
+
+    shape = getattr(x, "shape", None) or np.shape(x)
+    if store is not None:
+        raise ValueError(f"store: not available under {_traced.transform_name(net, x)} (a traced computation "
+                         "cannot be written to disk); call finite_width outside the transformation")
+    if len(shape) == 2 and shape[0] == 2:
+        _traced.check_two_inputs(net, x)
+        out = _traced.finite_two(net, x)
+        two = {n: out[n] for n in ("K", "Theta", "G1", "H1")}
+        four = {n: out[n] for n in ("V", "A", "B", "D", "F")}
+        return FiniteWidth(net=_traced.static_net(net), tol=tol, **two, **four)
+    if len(shape) == 2 and shape[0] != 1:
+        raise _traced.single_input_error("finite_width", shape[0], net, x)
+    out = _traced.finite_single(net, x)
+    two = {n: out[n][:, None, None] for n in ("K", "Theta", "G1", "H1")}
+    four = {n: out[n][:, None, None, None, None] for n in ("V", "A", "B", "D", "F")}
+    return FiniteWidth(net=_traced.static_net(net), tol=tol, **two, **four)
+
+
 @result(meta=("net",))
 class FiniteWidthDiagonal:
     """Single-input statistics of each input separately: every array field is (L, N) float64, entry
@@ -626,11 +697,18 @@ def finite_width_diagonal(net: MLP, x) -> FiniteWidthDiagonal:
     """Single-input first-order statistics for each row of x (N, n_0), without any N^4 tensor.
 
     Each input runs the recursions of :func:`finite_width` on its own 1x1 kernel, so memory and
-    time grow linearly in N.
+    time grow linearly in N.  Under jax.jit / vmap / grad (x or hyperparameters traced) each row
+    goes through the traced one-input recursions (:func:`efftheory.theory._traced.finite_single`).
     """
     from .infinite import input_gram  # validated x
+    from . import _traced
 
     net = check_net(net)
+    if _traced.traced(net, x):
+        _traced.input_gram(x)  # shape checks
+        per = [_traced.finite_single(net, x[a:a + 1]) for a in range(x.shape[0])]
+        return FiniteWidthDiagonal(net=_traced.static_net(net),
+                                   **{n: jnp.stack([p[n] for p in per], axis=1) for n in per[0]})
     input_gram(x)
     x = np.asarray(x, dtype=np.float64)
     per = [finite_width(net, x[a:a + 1]) for a in range(x.shape[0])]

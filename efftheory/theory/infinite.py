@@ -21,8 +21,9 @@ from .. import _validate, mehler
 from .._fastmath import pair_kernel
 from .._pytree import result
 from ..network import MLP
+from . import _traced
 
-__all__ = ["InfiniteWidth", "KernelOverflowError", "infinite_width", "input_gram", "check_net"]
+__all__ = ["InfiniteWidth", "KernelOverflowError", "infinite_width", "input_gram", "check_net", "kernel_fn"]
 
 
 @result(meta=("net", "layers"))
@@ -339,9 +340,24 @@ def infinite_width(net: MLP, x, *, layers=None) -> InfiniteWidth:
     ``layers`` keeps only some layers (1-based numbers, or "last"): the result then holds
     len(layers) N^2 numbers per kernel instead of L N^2 (all layers are still computed).
     Identical, collinear and zero inputs are legitimate (kernels stay finite).
+
+    JAX transformations: a pure function of ``x`` and of ``net``'s hyperparameters, which may be
+    tracers (``jax.jit``, ``jax.vmap``, ``jax.grad``; MLP(C_W=traced scalar or (L,) array, ...)).
+    Under a trace (any traced argument) only shapes are checked and the recursion runs as one
+    ``lax.scan`` (:mod:`efftheory.theory._traced`): closed forms exactly as here, other activations
+    with fixed trapezoid rules (``_traced.NODES_1D`` nodes on the diagonal, ``_traced.NODES_2D`` per
+    direction for pairs: 1e-13 relative for smooth sigma up to K ~ 50, degrading gradually beyond) instead of the Mehler series,
+    whose length and fallback pairs are chosen on the host.  No overflow check under a trace.
+    The result's ``net`` then holds NaN in place of traced hyperparameters (no tracer outlives the
+    trace when the whole result is returned from the transformed function).
+    The traced call needs JAX's 64-bit mode (efftheory._precision.X64Error otherwise).
     """
     net = check_net(net)
     keep = _check_layers(layers, net.depth)
+    if _traced.traced(net, x):
+        K, Theta = _traced.kernels(net, x, keep)
+        return InfiniteWidth(K=K, Theta=Theta, net=_traced.static_net(net),
+                             layers=None if len(keep) == net.depth else keep)
     G = input_gram(x)
     hp = [[float(v) for v in vs] for vs in (net.C_Ws, net.C_bs, net.lambda_Ws, net.lambda_bs)]
     if net.sigma.has_closed_form:
@@ -361,6 +377,44 @@ def infinite_width(net: MLP, x, *, layers=None) -> InfiniteWidth:
     out = InfiniteWidth(K=Ks.stacked(), Theta=Ts.stacked(), net=net,
                         layers=None if len(keep) == net.depth else keep)
     return _checked(out, K, Theta)
+
+
+def kernel_fn(net: MLP):
+    """A neural-tangents-style kernel function of ``net``'s last layer:
+
+        fn = kernel_fn(net)
+        K12, Theta12 = fn(x1, x2, ("nngp", "ntk"))     # (N1, N2) blocks, like NT's kernel_fn
+        Theta11 = fn(x1, None, "ntk")                   # x2=None: x1 against itself (N1, N1)
+
+    Computed by :func:`infinite_width` on the stacked inputs [x1; x2] (each entry of the recursion
+    needs both inputs' own variances), keeping the last layer only, and returned as the x1-by-x2
+    block.  ``get`` is "nngp", "ntk" or a tuple of them (a tuple gives a tuple).  float64, and like
+    infinite_width a JAX function: jit, vmap and grad go through it (x1, x2, and the MLP's
+    hyperparameters when the MLP is built inside the transformed function).
+    """
+    net = check_net(net)
+    from .._precision import x64
+
+    @x64
+    def fn(x1, x2=None, get=("nngp", "ntk")):
+        names = (get,) if isinstance(get, str) else tuple(get)
+        if not names or any(g not in ("nngp", "ntk") for g in names):
+            raise ValueError(f"get: expected 'nngp', 'ntk' or a tuple of them, got {get!r}")
+        n1 = int(np.shape(x1)[0]) if np.ndim(x1) == 2 else None
+        if x2 is None:
+            res = infinite_width(net, x1, layers="last")
+            blocks = {"nngp": res.K[0], "ntk": res.Theta[0]}
+        else:
+            if np.ndim(x1) != 2 or np.ndim(x2) != 2 or np.shape(x1)[1] != np.shape(x2)[1]:
+                raise ValueError(f"x2: expected an array (N2, n_0) with the n_0 of x1, got shapes {np.shape(x1)} "
+                                 f"and {np.shape(x2)}")
+            res = infinite_width(net, jnp.concatenate([jnp.asarray(x1, jnp.float64), jnp.asarray(x2, jnp.float64)]),
+                                 layers="last")
+            blocks = {"nngp": res.K[0, :n1, n1:], "ntk": res.Theta[0, :n1, n1:]}
+        out = tuple(blocks[g] for g in names)
+        return out[0] if isinstance(get, str) else out
+
+    return fn
 
 
 def _closed_form(net: MLP, G, hp, keep) -> InfiniteWidth:
