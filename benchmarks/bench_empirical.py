@@ -29,14 +29,15 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import jax  # noqa: E402
-jax.config.update("jax_enable_x64", True)  # a program, not the library: its float64 rows need 64-bit arrays
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
 
-import efftheory  # noqa: E402
-from _common import interleaved, loadavg, machine, machine_line, ratio, summary_row, under_load  # noqa: E402
-from efftheory import empirical as E  # noqa: E402
+jax.config.update("jax_enable_x64", True)  # a program, not the library: its float64 rows need 64-bit arrays
+import jax.numpy as jnp
+import numpy as np
+from _common import interleaved, loadavg, machine, machine_line, ratio, summary_row, under_load
+
+import efftheory
+from efftheory import empirical as E
 
 
 def best_time(fn, repeats: int) -> float:

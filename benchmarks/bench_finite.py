@@ -17,8 +17,8 @@ error of every entry of V_hat in the last hidden layer to reach 1% of max |V| (a
 printed is that sampling time over the theory's warm time.  It is a lower bound on the cost of measuring
 V: V_hat at one width also carries an O(1/n) bias, which only a width sweep removes.
 --no-peers is accepted for benchmarks/run_all.py's uniform command line.
---memory BYTES and --store DIR pass finite_width's memory budget and on-disk results through (docs/finite_width.md,
-"Memory"); every row prints the process's peak RSS so far (it only grows from row to row).
+--memory BYTES and --store DIR pass finite_width's memory budget and on-disk results through (docs/scaling.md,
+"Finite width: memory"); every row prints the process's peak RSS so far (it only grows from row to row).
 Devices: one CPU device unless EFFTHEORY_CPU_DEVICES=n|all is set (efftheory/__init__.py); the header
 says how many ran.  "cold" is the first call of its shape in this process: rows after the first reuse
 kernels compiled for earlier rows, so only the first row's cold time is a fresh process's.
@@ -41,12 +41,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from _common import loadavg, machine, machine_line, summary_row, under_load  # noqa: E402
+import jax
+import numpy as np
+from _common import loadavg, machine, machine_line, summary_row, under_load
 
-import efftheory as et  # noqa: E402
-from efftheory import empirical  # noqa: E402
+import efftheory as et
+from efftheory import empirical
 
 SAMPLING_WIDTH = 64
 PRECISIONS = (1e-2, 1e-9)   # relative standard error of V_hat (last hidden layer) to reach: 1% and the theory's tol
@@ -54,7 +54,7 @@ PRECISIONS = (1e-2, 1e-9)   # relative standard error of V_hat (last hidden laye
 
 def sampling_cost(net, x, fw, n_networks: int):
     """Time to sample ``n_networks`` networks and the networks/time needed per relative precision of V."""
-    sample = lambda: empirical.sample_ensemble(net, x, n_networks, seed=0, statistics=("four_point",),  # noqa: E731
+    sample = lambda: empirical.sample_ensemble(net, x, n_networks, seed=0, statistics=("four_point",),
                                                progress=False)
     sample()                                                           # compile
     ens, t = timed(sample)
@@ -89,7 +89,8 @@ CHILD_CODE = r"""
 import json, sys, time
 t0 = time.perf_counter()
 import jax.monitoring as mon
-count = [0]  # programs compiled: backend compilations (the event also fires for a program loaded from a cache) less cache hits
+# programs compiled: backend compilations (the event also fires for a program loaded from a cache) less cache hits
+count = [0]
 mon.register_event_duration_secs_listener(
     lambda name, secs, **kw: count.__setitem__(0, count[0] + 1) if name.endswith("backend_compile_duration") else None)
 mon.register_event_listener(lambda name, **kw: count.__setitem__(0, count[0] - 1) if name.endswith("cache_hits") else None)
@@ -222,7 +223,8 @@ def main(argv=None):
                 print(f"{act} N {N}: warm time per added layer {(t1 - t0) / (l1 - l0):.3f} s (depth {l0} -> {l1})")
     load1 = loadavg()
     summary = [summary_row("bench_finite", f"all first-order tensors, {r['activation']}, depth {r['depth']}, "
-                           f"N = {r['N']}", r["warm_s"], note=(f"first call of a fresh process {r['first_s']:.2f} s ({r['programs']} programs compiled)"
+                           f"N = {r['N']}", r["warm_s"],
+                           note=(f"first call of a fresh process {r['first_s']:.2f} s ({r['programs']} programs compiled)"
                                  + (f", with a filled cache {r['cached_s']:.2f} s" if "cached_s" in r else "")
                                  + "; " if "first_s" in r else "") + f"cold {r['cold_s']:.2f} s (with compilation)"
                            + (f"; sampling width-64 networks to a 1% standard error on V: "

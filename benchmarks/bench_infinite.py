@@ -8,7 +8,7 @@ the same inputs (N Gaussian inputs in n_0 = 16 dimensions, depth 10), interleave
 Cases
   relu, erf            closed forms on both sides.  Ours twice: every layer (the default, L N^2
                        numbers per kernel) and ``layers="last"`` (what NT returns).
-  tanh (callable)      a plain Python callable: efftheory's Mehler series (efftheory.mehler) against
+  tanh (callable)      a plain Python callable: efftheory's Mehler series (efftheory.gaussian._mehler) against
                        NT's ``stax.ElementwiseNumerical(fn, deg)`` (deg 25, NT's suggestion).
                        Accuracy of both against a high-order reference: the 2-d trapezoid rule of
                        efftheory.gaussian at twice its default node count, run on a subset of the inputs
@@ -36,14 +36,16 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-import efftheory  # noqa: E402
-import jax  # noqa: E402
-jax.config.update("jax_enable_x64", True)  # a program, not the library: its float64 rows need 64-bit arrays
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from _common import interleaved, loadavg, machine, machine_line, ratio, summary_row, under_load  # noqa: E402
+import jax
 
-from efftheory import gaussian, mehler  # noqa: E402
+import efftheory
+
+jax.config.update("jax_enable_x64", True)  # a program, not the library: its float64 rows need 64-bit arrays
+import jax.numpy as jnp
+import numpy as np
+from _common import interleaved, loadavg, machine, machine_line, ratio, summary_row, under_load
+
+from efftheory import gaussian
 
 
 def _tanh(z):
@@ -66,8 +68,9 @@ def load_nt(no_peers: bool):
     if no_peers:
         return None, None, "--no-peers"
     try:
-        import efftheory.interop.neural_tangents as ntm
         import neural_tangents as nt
+
+        import efftheory.interop.neural_tangents as ntm
     except ImportError as e:
         return None, None, str(e).splitlines()[0]
     return ntm, nt.__version__, None
@@ -85,7 +88,7 @@ def reference(net, x_sub):
     Ks, Ts = [K], [T]
     for l in range(1, net.depth):
         order = 2 * gaussian.rule_size(net.sigma, float(np.max(np.diag(K))))
-        S, dS = (np.asarray(v) for v in gaussian.pair_moments(net.sigma, jnp.asarray(K), order=order))
+        S, dS = (np.asarray(v) for v in gaussian.pair_moments_quadrature(net.sigma, jnp.asarray(K), order=order))
         K, T = net.C_bs[l] + net.C_Ws[l] * S, net.lambda_bs[l] + net.lambda_Ws[l] * S + net.C_Ws[l] * dS * T
         Ks.append(K)
         Ts.append(T)
@@ -115,7 +118,7 @@ def run_case(label, N, repeats, deg, ntm, n_ref=32, seed=0):
         acc["ours_vs_reference"] = max(rel(np.asarray(ours.K)[ix], Kr), rel(np.asarray(ours.Theta)[ix], Tr))
         infos = []
         for l in range(DEPTH - 1):
-            _, _, info = mehler.pair_moments(net.sigma, ours.K[l], return_info=True)
+            _, _, info = gaussian.pair_moments_mehler(net.sigma, ours.K[l], return_info=True)
             infos.append(dict(terms=info.terms, fallback_pairs=info.fallback_pairs, pairs=info.pairs))
         row["mehler_layers"] = infos
     if ntm is not None:

@@ -24,8 +24,8 @@ import numpy as np
 
 jax.config.update("jax_enable_x64", True)  # the transformed calls need 64-bit mode (efftheory._precision)
 
-import efftheory  # noqa: E402
-from efftheory import MLP  # noqa: E402
+import efftheory
+from efftheory import MLP
 
 DEPTH = 8
 CONFIGS = ("tanh:1", "gelu:1", "tanh:2", "relu:8", "erf:8")

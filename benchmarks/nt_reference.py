@@ -30,21 +30,21 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_enable_x64", True)
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax.numpy as jnp
+import numpy as np
 
 try:
-    import neural_tangents as nt  # noqa: E402
-    from neural_tangents import stax  # noqa: E402
+    import neural_tangents as nt
+    from neural_tangents import stax
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise SystemExit(
         "neural-tangents is not installed: run this in the pinned environment (.ci/nt_env.sh), "
         f"e.g. .venv-nt/bin/python {__file__} ({e})"
-    )
+    ) from None
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "tests" / "data" / "nt_reference.npz"

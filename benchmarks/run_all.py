@@ -5,7 +5,8 @@
 
 --small (the default; ``make bench``) is the CI smoke size, a few minutes on 2 cores with the
 neural-tangents peer; --full the sizes the README quotes (N = 1024: NT's numerical tanh alone takes minutes
-a call; the finite-width tensors at N = 2 and 4, depths 3 and 10).  The result goes to benchmarks/results/latest.json: the machine (CPU model, cores, jax version
+a call; the finite-width tensors at N = 2 and 4, depths 3 and 10).  The result goes to benchmarks/results/latest.json:
+the machine (CPU model, cores, jax version
 of each environment, load average), every benchmark's own JSON, and the summary table.
 
 Peers.  neural-tangents needs jax < 0.6 and lives in its own environment (.ci/nt_env.sh builds
@@ -124,7 +125,8 @@ def markdown(out: dict, spread=()) -> str:
     runs = [_speedups(out)] + [_speedups(d) for d in spread]
     if spread:
         lines += ["", f"Spread of the speedups over up to {len(runs)} runs (this one and {len(spread)} more, same "
-                  "machine, taken the same day under varying load):", "", "| what | speedup min .. max | runs |", "|---|---|---|"]
+                  "machine, taken the same day under varying load):", "", "| what | speedup min .. max | runs |",
+                  "|---|---|---|"]
         for case in _speedups(out):
             vals = [r[case] for r in runs if case in r]
             lines.append(f"| {case} | {min(vals):.1f}x .. {max(vals):.1f}x | {len(vals)} |")
@@ -162,7 +164,7 @@ def main(argv=None) -> dict:
     if args.full:  # the four-input integrals grow like N^8 in time: N = 8 at depth 10 would take an hour
         extra = {"bench_finite": ["--ns", "2", "4", "--depths", "3", "10"]}
 
-    from _common import loadavg, machine, under_load
+    from _common import machine, under_load
 
     t0 = time.perf_counter()
     peer_py = None if args.no_peers else nt_python()
@@ -186,7 +188,8 @@ def main(argv=None) -> dict:
         commit = None
     out = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "mode": "smoke" if args.smoke else size.lstrip("-"), "peers": not args.no_peers and peer_py is not None, "git_commit": commit,
+        "mode": "smoke" if args.smoke else size.lstrip("-"), "peers": not args.no_peers and peer_py is not None,
+        "git_commit": commit,
         "machine": {**machine(), "jax_by_interpreter": envs}, "under_load": loaded,
         "loadavg_range": [min(loads), max(loads)] if loads else None, "total_s": time.perf_counter() - t0,
         "table": rows, "benchmarks": results,
@@ -203,7 +206,8 @@ def main(argv=None) -> dict:
     print(f"wrote {args.json} in {out['total_s']:.0f} s")
     md_path = args.markdown or (DEFAULT_MD if args.full and not args.only else None)
     if md_path:
-        md_path.write_text(markdown(json.loads(json.dumps(out, default=str)), [json.loads(p.read_text()) for p in args.spread]))
+        spread = [json.loads(p.read_text()) for p in args.spread]
+        md_path.write_text(markdown(json.loads(json.dumps(out, default=str)), spread))
         print(f"wrote {md_path}")
     return out
 

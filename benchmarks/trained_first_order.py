@@ -4,7 +4,8 @@
     python benchmarks/trained_first_order.py --split [--scale 1] [--out results.json]    (split ensembles)
 
 Depth-3 tanh and gelu MLPs, 3 training and 2 test inputs, full-batch gradient descent at 0.5 (tanh) and 0.3 (gelu)
-of the infinite-width stability bound for 300 steps, float64 (final losses below 1e-4 on every network, below 1e-14 on nearly all: a
+of the infinite-width stability bound for 300 steps, float64 (final losses below 1e-4 on every network, below 1e-14 on
+nearly all: a
 residual of 1e-2 on one network of thousands moves the mean by far less than its standard error).
 Per network (its own initial NTK H, initial outputs z_0, final test outputs z_T) three estimators:
 
@@ -275,7 +276,8 @@ def split_main(args):
             sl = "not resolved" if r["residual_slope"] is None else \
                 f"{r['residual_slope']:+.2f} +- {r['residual_slope_stderr']:.2f}"
             print(f"  {k:9s}: c1 {r['c1']:+.4f} +- {r['c1_stderr']:.4f} theory {r['c1_theory']:+.4f} pull {r['pull']:+.2f} "
-                  f"(a = 0: {r['c1_a0']:+.4f} +- {r['c1_a0_stderr']:.4f}, pull {r['pull_a0']:+.2f}) a/se {r['a'] / r['a_stderr']:+.2f} "
+                  f"(a = 0: {r['c1_a0']:+.4f} +- {r['c1_a0_stderr']:.4f}, pull {r['pull_a0']:+.2f}) "
+                  f"a/se {r['a'] / r['a_stderr']:+.2f} "
                   f"chi2/dof {r['chi2_dof']:.2f}\n             residual/se {np.round(r['residual_sigmas'], 1).tolist()}  "
                   f"n^2 r {np.round(r['n2_residual'], 2).tolist()} +- {np.round(r['n2_residual_stderr'], 2).tolist()}  "
                   f"slope {sl}", flush=True)

@@ -63,8 +63,8 @@ if _n_cpu is not None and _n_cpu > 1:
     except RuntimeError:  # JAX already computed something: its devices are fixed for this process
         pass
 
-from ._compile_cache import configure as _configure_compile_cache  # noqa: E402
-from ._compile_cache import enable_compile_cache  # noqa: E402
+from ._compile_cache import configure as _configure_compile_cache
+from ._compile_cache import enable_compile_cache
 
 _configure_compile_cache()  # only when EFFTHEORY_COMPILE_CACHE asks for it
 
@@ -75,9 +75,10 @@ def _wrap_modules() -> None:
 
     from . import _precision
 
-    for name in ("gaussian", "mehler", "hermite", "products", "theory.infinite", "theory.finite",
-                 "theory.criticality", "theory.dntk", "theory.distribution", "bayes", "datasets", "predict",
-                 "predict_finite"):
+    for name in ("gaussian._rules", "gaussian._mehler", "gaussian._hermite", "gaussian._sources", "gaussian._derivatives",
+                 "gaussian", "theory.infinite", "theory.finite",
+                 "theory.criticality", "theory.dntk", "theory.distribution", "predict.infinite", "predict.finite",
+                 "predict.bayes", "predict", "datasets"):
         try:
             mod = importlib.import_module(f"{__name__}.{name}")
         except ImportError:  # pragma: no cover - an optional module missing its dependency
@@ -89,29 +90,11 @@ def _wrap_modules() -> None:
 
 _wrap_modules()
 
-from .activations import Activation, get_activation  # noqa: E402
-from .network import MLP  # noqa: E402
-from .theory.infinite import InfiniteWidth, infinite_width, kernel_fn  # noqa: E402
-from .theory.finite import (  # noqa: E402
-    FiniteWidth,
-    FiniteWidthDiagonal,
-    Prediction,
-    finite_width,
-    finite_width_diagonal,
-)
-from .theory.criticality import (  # noqa: E402
-    Criticality,
-    chi_parallel,
-    chi_perp,
-    critical_init,
-    fixed_point,
-)
-from .theory.dntk import DNTKStatistics, dntk_statistics  # noqa: E402
-from . import bayes, datasets, predict, predict_finite  # noqa: E402
-from .bayes import FiniteWidthPosterior, PosteriorAtWidth, posterior_from_statistics  # noqa: E402
-from .predict_finite import TrainedMeanFirstOrder, trained_mean_first_order  # noqa: E402
-from .theory.distribution import OutputDistribution, output_distribution  # noqa: E402  (issue #26)
-from .predict import (  # noqa: E402
+from . import bayes, datasets, predict, predict_finite
+from .activations import Activation, get_activation
+from .bayes import FiniteWidthPosterior, PosteriorAtWidth, posterior_from_statistics
+from .network import MLP
+from .predict import (
     GPPosterior,
     GradientDescentPrediction,
     TrainTestKernels,
@@ -120,6 +103,24 @@ from .predict import (  # noqa: E402
     last_layer_net,
     train_test_kernels,
 )
+from .predict_finite import TrainedMeanFirstOrder, trained_mean_first_order
+from .theory.criticality import (
+    Criticality,
+    chi_parallel,
+    chi_perp,
+    critical_init,
+    fixed_point,
+)
+from .theory.distribution import OutputDistribution, output_distribution  # (issue #26)
+from .theory.dntk import DNTKStatistics, dntk_statistics
+from .theory.finite import (
+    FiniteWidth,
+    FiniteWidthDiagonal,
+    Prediction,
+    finite_width,
+    finite_width_diagonal,
+)
+from .theory.infinite import InfiniteWidth, infinite_width, kernel_fn
 
 __version__ = "0.1.0"
 
@@ -158,6 +159,7 @@ __all__ = [
     "predict_finite",
     "TrainedMeanFirstOrder",
     "trained_mean_first_order",
+    "OutputDistribution",
     "output_distribution",
     "enable_compile_cache",
 ]

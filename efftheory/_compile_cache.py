@@ -2,7 +2,7 @@
 
 The finite-width sources compile one XLA program per kernel shape: about 200 at N = 32, which take
 most of a fresh process's first call (76 s of 131 s for the first layer at N = 32 on a 2-core
-CPU; docs/finite_width.md, "Speed").  JAX can keep compiled programs on disk and load them in a later process
+CPU; docs/scaling.md, "Finite width: speed").  JAX can keep compiled programs on disk and load them in a later process
 instead of compiling again (``jax_compilation_cache_dir``).  The setting is JAX's own and
 process-wide (it applies to every program the process compiles, the user's too), so importing
 efftheory leaves it alone; ask for it with :func:`enable_compile_cache` or the environment:
@@ -89,13 +89,13 @@ def configure(path: str | None = None) -> str | None:
     return path
 
 
-def enable_compile_cache(path=None) -> str | None:
+def enable_compile_cache(path: str | os.PathLike | None = None) -> str | None:
     """Turn on JAX's persistent compilation cache for this process, for efftheory's kernels (opt-in).
 
     ``path``: a directory (programs go to a subdirectory named after the instruction set), or None
     for ``$XDG_CACHE_HOME/efftheory/xla``.  It speeds up a fresh process's first finite-width call,
     most of which is compiling the source kernels (at N = 32 about 200 programs, 76 s of the first
-    layer's 131 s on a 2-core CPU; docs/finite_width.md, "Speed"); later calls in one process are unaffected.
+    layer's 131 s on a 2-core CPU; docs/scaling.md, "Finite width: speed"); later calls in one process are unaffected.
     The setting is JAX's own and process-wide (the user's programs are cached too), which is why
     efftheory never turns it on by itself.  A cache already configured for JAX is left alone.
     Returns the directory now in use by efftheory's choice, None when JAX already had one or the

@@ -15,16 +15,20 @@ efftheory package only, and only dataclasses among them.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import io
 import json
 import math
 import os
 import re
+import tempfile
+from collections.abc import Callable
+from typing import IO
 
 import numpy as np
 
-__all__ = ["save", "load"]
+__all__ = ["save", "load", "atomic_write", "array_sha256", "text_sha256"]
 
 FORMAT = "efftheory"
 FORMAT_VERSION = 1
@@ -140,10 +144,7 @@ def save(obj, path, *, extra: dict | None = None) -> str:
     np.savez(buf, **{_META: np.array(text)}, **arrays)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        fh.write(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write(path, buf.getvalue())
     return path
 
 
@@ -175,3 +176,72 @@ def load(path, cls):
     if not isinstance(obj, cls):
         raise ValueError(f"path: {path!r} holds a {type(obj).__name__}, not a {cls.__qualname__}")
     return obj
+
+
+# ------------------------------------------------------------------------------------------ files
+def umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (/proc/self/status): other
+    threads may be creating files meanwhile."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def fsync_folder(folder: str) -> None:
+    """Make a rename in ``folder`` durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, data: str | bytes | Callable[[IO], None], *, suffix: str | None = None,
+                 sync_folder: bool = False) -> None:
+    """Write ``path`` whole or not at all: ``data`` (text, bytes, or a function that writes to the open
+    binary file) goes to a unique temporary file ``.tmp-*`` in the same folder, is flushed and fsync'ed,
+    gets the permissions the user's umask gives a new file (mkstemp's 0600 would hide it from the
+    user's group), and replaces ``path`` (``os.replace``); ``sync_folder`` also fsyncs the folder so
+    that the rename survives a crash.  On any error the temporary file is removed and the error raised.
+    ``suffix``: of the temporary name (default: the file's name)."""
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path) if suffix is None else suffix)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            if callable(data):
+                data(fh)
+            else:
+                fh.write(data.encode() if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    if sync_folder:
+        fsync_folder(folder)
+
+
+# ------------------------------------------------------------------------------------------ checksums
+def array_sha256(a) -> str:
+    """SHA-256 hex digest of an array's bytes in C order (its dtype and shape are not hashed)."""
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def text_sha256(text: str) -> str:
+    """SHA-256 hex digest of a string's UTF-8 bytes."""
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -47,7 +47,7 @@ def _array(v) -> str:
     if len(shape) <= 1 and (not shape or shape[0] <= _SHORT) and not isinstance(v, jax.core.Tracer):
         try:
             vals = np.asarray(v)
-            fmt = (lambda u: f"{u:.6g}") if vals.dtype.kind in "fc" else str  # noqa: E731
+            fmt = (lambda u: f"{u:.6g}") if vals.dtype.kind in "fc" else str
             if not shape:
                 return fmt(vals.item())
             return "[" + ", ".join(fmt(u) for u in vals.tolist()) + f"] {dtype}"

@@ -26,7 +26,7 @@ def positive_int(name: str, value, *, minimum: int = 1, maximum: int | None = No
         value = value.item()
     want = f"an integer >= {minimum}" if maximum is None else f"an integer in [{minimum}, {maximum}]"
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name}: expected {want}, got {_short(value)}")
+        raise ValueError(f"{name}: expected {want}, got {short_repr(value)}")
     if value < minimum or (maximum is not None and value > maximum):
         raise ValueError(f"{name}: expected {want}, got {value}")
     return int(value)
@@ -60,11 +60,11 @@ def real(name: str, value, *, positive: bool = False, nonnegative: bool = False)
         return value
     value = _concrete_jax(value)
     if isinstance(value, (bool, str, bytes, complex)) or (isinstance(value, np.ndarray) and value.ndim != 0):
-        raise ValueError(f"{name}: expected a finite real number, got {_short(value)}")
+        raise ValueError(f"{name}: expected a finite real number, got {short_repr(value)}")
     try:
         out = float(value)
     except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"{name}: expected a finite real number, got {_short(value)}") from None
+        raise ValueError(f"{name}: expected a finite real number, got {short_repr(value)}") from None
     if not math.isfinite(out):
         raise ValueError(f"{name}: expected a finite real number, got {out}")
     if positive and out <= 0:
@@ -95,7 +95,7 @@ def per_layer(name: str, value, depth: int, **kw) -> tuple[float, ...]:
                 vals = list(np.asarray(value, dtype=object).reshape(-1))
         except ValueError:
             raise ValueError(f"{name}: expected a scalar or a sequence of {depth} per-layer values, "
-                             f"got {_short(value)}") from None
+                             f"got {short_repr(value)}") from None
         if len(vals) != depth:
             raise ValueError(
                 f"{name}: expected a scalar or a sequence of {depth} per-layer values, got {len(vals)}"
@@ -107,19 +107,19 @@ def per_layer(name: str, value, depth: int, **kw) -> tuple[float, ...]:
 def real_array(name: str, value, *, what: str = "a real array", finite: bool = True) -> np.ndarray:
     """``value`` as a float64 array: real numbers only (no strings, complex, ragged lists), finite."""
     if isinstance(value, (str, bytes)) or value is None:
-        raise ValueError(f"{name}: expected {what}, got {_short(value)}")
+        raise ValueError(f"{name}: expected {what}, got {short_repr(value)}")
     try:
         raw = np.asarray(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected {what}, got {_short(value)}") from None
+        raise ValueError(f"{name}: expected {what}, got {short_repr(value)}") from None
     if raw.dtype.kind not in "biufO":
         raise ValueError(f"{name}: expected {what} of real numbers, got dtype {raw.dtype}")
     try:
         arr = raw.astype(np.float64)
     except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"{name}: expected {what} of real numbers, got {_short(value)}") from None
+        raise ValueError(f"{name}: expected {what} of real numbers, got {short_repr(value)}") from None
     if raw.dtype.kind == "O" and any(isinstance(v, (str, bytes, complex, bool)) for v in raw.reshape(-1)):
-        raise ValueError(f"{name}: expected {what} of real numbers, got {_short(value)}")
+        raise ValueError(f"{name}: expected {what} of real numbers, got {short_repr(value)}")
     if finite and not np.all(np.isfinite(arr)):
         raise ValueError(f"{name}: contains NaN or infinite entries")
     return arr
@@ -144,7 +144,7 @@ def widths(name: str, value, *, maximum: int = MAX_WIDTH) -> tuple[int, ...]:
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         value = (value,)
     if not isinstance(value, (Sequence, np.ndarray)) or isinstance(value, (str, bytes)) or len(value) == 0:
-        raise ValueError(f"{name}: expected a non-empty sequence of positive integers, got {_short(value)}")
+        raise ValueError(f"{name}: expected a non-empty sequence of positive integers, got {short_repr(value)}")
     ws = tuple(positive_int(f"{name}[{i}]", w, maximum=maximum) for i, w in enumerate(value))
     if len(set(ws)) != len(ws):
         raise ValueError(f"{name}: expected distinct widths, got {ws}")
@@ -157,13 +157,13 @@ def flag(name: str, value) -> bool:
         return bool(value)
     if isinstance(value, (int, np.integer)) and value in (0, 1):
         return bool(value)
-    raise ValueError(f"{name}: expected True or False, got {_short(value)}")
+    raise ValueError(f"{name}: expected True or False, got {short_repr(value)}")
 
 
 def choice(name: str, value, options: Sequence[str]) -> str:
     """One of the strings ``options``."""
     if not isinstance(value, str) or value not in options:
-        raise ValueError(f"{name}: expected one of {tuple(options)}, got {_short(value)}")
+        raise ValueError(f"{name}: expected one of {tuple(options)}, got {short_repr(value)}")
     return value
 
 
@@ -175,7 +175,7 @@ def optional_path(name: str, value) -> str | None:
         raise ValueError(f"{name}: expected a path or None, got {type(value).__name__}")
     path = os.fspath(value)
     if not isinstance(path, str) or not path.strip() or "\x00" in path:
-        raise ValueError(f"{name}: expected a non-empty path, got {_short(value)}")
+        raise ValueError(f"{name}: expected a non-empty path, got {short_repr(value)}")
     return path
 
 
@@ -195,8 +195,8 @@ def memory(name: str, nbytes: float, what: str) -> None:
     """Refuse a request whose arrays alone (``nbytes``) exceed this machine's physical memory."""
     total = _physical_memory()
     if total is not None and nbytes > total:
-        raise ValueError(f"{name}: {what} needs at least {_bytes(nbytes)}, more than this machine's "
-                         f"{_bytes(total)} of memory")
+        raise ValueError(f"{name}: {what} needs at least {format_bytes(nbytes)}, more than this machine's "
+                         f"{format_bytes(total)} of memory")
 
 
 def available_memory() -> int | None:
@@ -219,7 +219,7 @@ def _physical_memory() -> int | None:
         return None
 
 
-def _bytes(n: float) -> str:
+def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
         if n < 1024 or unit == "EiB":
             return f"{n:.3g} {unit}"
@@ -227,7 +227,7 @@ def _bytes(n: float) -> str:
     return f"{n:.3g} EiB"  # pragma: no cover
 
 
-def _short(value, limit: int = 60) -> str:
+def short_repr(value, limit: int = 60) -> str:
     """A repr of ``value`` cut to ``limit`` characters (arrays: their shape and dtype)."""
     if isinstance(value, np.ndarray):
         return f"an array of shape {value.shape} and dtype {value.dtype}"

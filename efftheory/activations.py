@@ -29,11 +29,11 @@ import re
 from collections.abc import Callable
 
 import jax
-from ._precision import enable_x64 as _enable_x64
 import jax.numpy as jnp
 import jax.scipy.special as jsp
 
 from . import _validate
+from ._precision import enable_x64 as _enable_x64
 
 __all__ = ["Activation", "get_activation", "registered", "leaky_relu"]
 
@@ -120,7 +120,7 @@ class Activation:
 
         Checked numerically once per activation; every source pattern of the finite-width integrals
         (an even number of sigma factors, and of sigma' factors) is then invariant under z -> -z, so
-        the rules of :mod:`efftheory.products` need only half of a symmetric grid.
+        the rules of :mod:`efftheory.gaussian._sources` need only half of a symmetric grid.
         """
         return _has_parity(self.fn)
 
@@ -249,41 +249,41 @@ def _angle(k11, k22, k12):
     return s, rho, jnp.arccos(rho)
 
 
-def _relu_nngp(k11, k22, k12):
+def relu_nngp(k11, k22, k12):
     s, rho, t = _angle(k11, k22, k12)
     return s * (jnp.sqrt(jnp.maximum(1.0 - rho**2, 0.0)) + (jnp.pi - t) * rho) / (2 * jnp.pi)
 
 
-def _relu_dnngp(k11, k22, k12):
+def relu_dnngp(k11, k22, k12):
     _, _, t = _angle(k11, k22, k12)
     return (jnp.pi - t) / (2 * jnp.pi)
 
 
-def _abs_nngp(k11, k22, k12):
+def abs_nngp(k11, k22, k12):
     s, rho, t = _angle(k11, k22, k12)
     return 2 * s * (jnp.sqrt(jnp.maximum(1.0 - rho**2, 0.0)) + (jnp.pi / 2 - t) * rho) / jnp.pi
 
 
-def _abs_dnngp(k11, k22, k12):
+def abs_dnngp(k11, k22, k12):
     _, rho, _ = _angle(k11, k22, k12)
     return 2 * jnp.arcsin(rho) / jnp.pi
 
 
-def _erf_nngp(k11, k22, k12):
+def erf_nngp(k11, k22, k12):
     d = jnp.sqrt((1 + 2 * k11) * (1 + 2 * k22))
     return 2 * jnp.arcsin(jnp.clip(2 * k12 / d, -1.0, 1.0)) / jnp.pi
 
 
-def _erf_dnngp(k11, k22, k12):
+def erf_dnngp(k11, k22, k12):
     det = 1 + 2 * (k11 + k22) + 4 * (k11 * k22 - k12**2)  # exact on the diagonal, no cancellation at K ~ 1e12
     return 4 / (jnp.pi * jnp.sqrt(det))
 
 
-def _sin_nngp(k11, k22, k12):
+def sin_nngp(k11, k22, k12):
     return jnp.exp(-(k11 + k22) / 2) * jnp.sinh(k12)
 
 
-def _sin_dnngp(k11, k22, k12):
+def sin_dnngp(k11, k22, k12):
     return jnp.exp(-(k11 + k22) / 2) * jnp.cosh(k12)
 
 
@@ -294,8 +294,8 @@ def leaky_relu(a: float = 0.01) -> Activation:
     return Activation(
         name=f"leaky_relu({a:g})",
         fn=lambda z: jnp.where(z > 0, z, a * z),
-        nngp=lambda k11, k22, k12: p**2 * k12 + m**2 * _abs_nngp(k11, k22, k12),
-        dnngp=lambda k11, k22, k12: p**2 + m**2 * _abs_dnngp(k11, k22, k12),
+        nngp=lambda k11, k22, k12: p**2 * k12 + m**2 * abs_nngp(k11, k22, k12),
+        dnngp=lambda k11, k22, k12: p**2 + m**2 * abs_dnngp(k11, k22, k12),
         smooth=False,
     )
 
@@ -312,12 +312,12 @@ def _silu(z):
     return z * jax.nn.sigmoid(z)
 
 
-_REGISTRY: dict[str, Activation] = {
+REGISTRY: dict[str, Activation] = {
     "linear": Activation("linear", lambda z: z, lambda a, b, c: c, lambda a, b, c: jnp.ones_like(c)),
-    "relu": Activation("relu", _relu, _relu_nngp, _relu_dnngp, smooth=False),
-    "abs": Activation("abs", jnp.abs, _abs_nngp, _abs_dnngp, smooth=False),
-    "erf": Activation("erf", jsp.erf, _erf_nngp, _erf_dnngp),
-    "sin": Activation("sin", jnp.sin, _sin_nngp, _sin_dnngp),
+    "relu": Activation("relu", _relu, relu_nngp, relu_dnngp, smooth=False),
+    "abs": Activation("abs", jnp.abs, abs_nngp, abs_dnngp, smooth=False),
+    "erf": Activation("erf", jsp.erf, erf_nngp, erf_dnngp),
+    "sin": Activation("sin", jnp.sin, sin_nngp, sin_dnngp),
     "tanh": Activation("tanh", jnp.tanh),
     "sigmoid": Activation("sigmoid", jax.nn.sigmoid),
     "gelu": Activation("gelu", _gelu),
@@ -330,10 +330,10 @@ _LEAKY = re.compile(r"^leaky_relu(?:\(\s*([-+0-9.eE]+)\s*\))?$")
 
 def registered() -> tuple[str, ...]:
     """Names accepted by :func:`get_activation` (``leaky_relu(a)`` takes any slope a)."""
-    return tuple(sorted(_REGISTRY)) + ("leaky_relu", "swish", "identity")
+    return tuple(sorted(REGISTRY)) + ("leaky_relu", "swish", "identity")
 
 
-def get_activation(activation, name: str = "activation") -> Activation:
+def get_activation(activation: str | Activation | Callable, name: str = "activation") -> Activation:
     """Resolve a registry name, an :class:`Activation`, or a JAX-traceable callable.
 
     Raises ValueError naming ``name`` for an unknown string or a non-callable.
@@ -343,8 +343,8 @@ def get_activation(activation, name: str = "activation") -> Activation:
     if isinstance(activation, str):
         key = activation.strip().lower()
         key = _ALIASES.get(key, key)
-        if key in _REGISTRY:
-            return _REGISTRY[key]
+        if key in REGISTRY:
+            return REGISTRY[key]
         m = _LEAKY.match(key)
         if m:
             try:

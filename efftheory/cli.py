@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 
+from . import _io
 from ._validate import MAX_DEPTH, MAX_NETWORKS, MAX_WIDTH
 
 __all__ = ["main"]
@@ -281,11 +282,10 @@ def _network(args, depth: int, width: int = 1, output_width: int = 1):
 
 def _inputs(args):
     """(x, description dict) from --inputs-file or --inputs (seeded)."""
-    import hashlib
-
     import numpy as np
 
-    from .compare import MAX_INPUTS, default_inputs
+    from ._io import array_sha256
+    from .reports.compare import MAX_INPUTS, default_inputs
 
     if args.inputs_file is not None:
         path = args.inputs_file
@@ -313,7 +313,7 @@ def _inputs(args):
         if x.shape[0] > MAX_INPUTS:
             raise UsageError(f"--inputs-file: at most {MAX_INPUTS} inputs, got {x.shape[0]}")
         desc = {"source": f"file {os.path.basename(path)}",
-                "sha256": hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()}
+                "sha256": array_sha256(x)}
         return x, desc
     N = DEFAULT_INPUTS if args.inputs is None else args.inputs
     if N > MAX_INPUTS:
@@ -383,7 +383,7 @@ def _cmd_compare(args) -> int:
     if dist is not None:
         paths.update(dist["paths"])
     if not args.no_plots:
-        from . import plotting
+        from .reports import plotting
 
         paths["width_sweep"] = _save(plotting.plot_width_sweep(report), os.path.join(out, "width_sweep.png"))
         paths["four_point_depth"] = _save(plotting.plot_four_point_depth(report),
@@ -406,14 +406,10 @@ _FINGERPRINT = "compare-config.json"
 def _fingerprint(net, x, args) -> dict:
     """What the cached chunks in DIR/cache depend on (not the widths nor the number of networks: those
     only add chunk files)."""
-    import hashlib
+    from ._io import array_sha256
+    from .reports._table import net_config
 
-    import numpy as np
-
-    return {"activation": net.sigma.name, "depth": net.depth, "C_W": list(net.C_Ws), "C_b": list(net.C_bs),
-            "lambda_W": list(net.lambda_Ws), "lambda_b": list(net.lambda_bs), "output_width": net.output_width,
-            "inputs_sha256": hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest(),
-            "seed": args.seed, "dtype": args.dtype}
+    return {**net_config(net), "inputs_sha256": array_sha256(x), "seed": args.seed, "dtype": args.dtype}
 
 
 def _check_cache(cache: str, fp: dict) -> None:
@@ -433,9 +429,7 @@ def _check_cache(cache: str, fp: dict) -> None:
                                    "use another --out or --cache, or delete that cache folder")
         return
     os.makedirs(cache, exist_ok=True)
-    from .compare import _atomic_write
-
-    _atomic_write(path, json.dumps(fp, indent=1))  # unique temporary name: concurrent starts do not collide
+    _io.atomic_write(path, json.dumps(fp, indent=1))  # unique temporary name: concurrent starts do not collide
 
 
 class CacheConfigError(Exception):
@@ -489,18 +483,15 @@ def _cmd_kernels(args) -> int:
             for l in range(net.depth):
                 print(f"layer {l + 1}\nK =\n{K[l]}\nTheta =\n{Th[l]}")
     if out is not None:
-        from . import plotting
-        from .compare import versions
+        from .reports import plotting
+        from .reports.compare import versions
 
         png = _save(plotting.plot_kernels(inf), os.path.join(out, "kernels.png"))
-        data = {"config": {"activation": net.sigma.name, "depth": net.depth, "C_W": net.C_Ws[0], "C_b": net.C_bs[0],
-                           "critical": bool(args.critical), "seed": args.seed,
+        data = {"config": {**net.to_dict(), "critical": bool(args.critical), "seed": args.seed,
                            "inputs": {**input_desc, "x": x.tolist()}},
                 "versions": versions(), "K": K.tolist(), "Theta": Th.tolist()}
         path = os.path.join(out, "kernels.json")
-        from .compare import _atomic_write
-
-        _atomic_write(path, json.dumps(data, indent=1))
+        _io.atomic_write(path, json.dumps(data, indent=1))
         print(f"wrote {path}, {png}")
     return 0
 
@@ -525,7 +516,7 @@ def _cmd_criticality(args) -> int:
               f"chi_perp = {float(chi_perp(act, K_ref, crit.C_W)):.6g}")
     else:
         print("no critical initialization exists for this activation")
-    from . import plotting
+    from .reports import plotting
 
     C_b = args.C_b if args.C_b is not None else (crit.C_b if math.isfinite(crit.C_W) else 0.0)
     base = crit.C_W if math.isfinite(crit.C_W) else 1.0
@@ -540,7 +531,7 @@ def _cmd_criticality(args) -> int:
         else:
             print(f"{cw:10.5g}  {k:12.5g}  {'—':>10}  {'—':>10}  {kind}")
     if out is not None:
-        from .compare import versions
+        from .reports.compare import versions
 
         p1 = _save(plotting.plot_criticality(act, C_b=C_b), os.path.join(out, "criticality.png"))
         names = [act] + [n for n in ("relu", "tanh", "gelu") if n != act.name]
@@ -551,9 +542,7 @@ def _cmd_criticality(args) -> int:
                          "kind": [k.kind for k in Ks]},
                 "versions": versions()}
         path = os.path.join(out, "criticality.json")
-        from .compare import _atomic_write
-
-        _atomic_write(path, json.dumps(data, indent=1))
+        _io.atomic_write(path, json.dumps(data, indent=1))
         print(f"\nwrote {path}, {p1}, {p2}")
     return 0
 
@@ -571,10 +560,10 @@ def _cmd_train(args) -> int:
     net, crit = _network(args, args.depth, widths[0], args.outputs)
     out = _out_dir(args.out)
 
-    from . import compare_train as ct
     from . import datasets
-    from . import plotting_train as pt
     from .predict import last_layer_net
+    from .reports import compare_train as ct
+    from .reports import plotting_train as pt
 
     if args.last_layer:
         net = last_layer_net(net)
@@ -651,8 +640,9 @@ def main(argv=None) -> int:
         return 2
     except SystemExit as e:  # --help, --version
         return int(e.code or 0) if not isinstance(e.code, str) else 2
-    from .empirical import CacheMismatchError
     import jax
+
+    from .empirical import CacheMismatchError
 
     try:
         with jax.enable_x64(True):  # every command computes in float64 (a local context: no global setting)

@@ -172,7 +172,7 @@ class MLP:
     def __hash__(self) -> int:
         return hash(self._key())
 
-    def to_dict(self) -> dict:
+    def to_dict(self, *, named_only: bool = True) -> dict:
         """The constructor arguments as a JSON-ready dict (floats exact through ``json``), e.g.
 
             {"depth": 3, "width": 64, "activation": "relu", "C_W": 2.0, "C_b": 0.0,
@@ -180,9 +180,12 @@ class MLP:
 
         Per-layer values are one number when uniform, else a list of L; ``width`` is one int when
         every hidden layer has it, else the list of L-1 hidden widths.  Raises ValueError for an
-        activation that is not in the registry (a user callable has no name to write down).
+        activation that is not in the registry (a user callable has no name to write down), unless
+        ``named_only=False``: then its display name stands there (a record, not for :meth:`from_dict`).
         """
         act = activation_name(self.sigma)
+        if act is None and not named_only:
+            act = self.sigma.name
         if act is None:
             raise ValueError(f"activation: {self.sigma.name!r} is a user callable, not a registry activation "
                              "(efftheory.activations.registered()); it cannot be written by name")
@@ -249,7 +252,7 @@ def activation_name(sigma: Activation) -> str | None:
     exactly), or None for a user activation."""
     from . import activations
 
-    if activations._REGISTRY.get(sigma.name) is sigma:
+    if activations.REGISTRY.get(sigma.name) is sigma:
         return sigma.name
     fn = sigma.fn
     if (getattr(fn, "__module__", None) == activations.__name__

@@ -6,7 +6,7 @@ import pytest
 # arrays (importing efftheory no longer does; tests/test_jax_native.py checks efftheory without it).
 jax.config.update("jax_enable_x64", True)
 
-import efftheory  # noqa: E402,F401
+import efftheory  # noqa: E402,F401 - imported after the x64 switch above, for its import-time setup
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from scipy import integrate
 import efftheory as et
 from efftheory import empirical as em
 from efftheory.activations import _has_kink, _strip
-from efftheory.theory.dntk import gaussian_moments
+from efftheory.gaussian import derivative_moments
 
 KINKED = {
     "relu": lambda z: jnp.maximum(z, 0.0),
@@ -100,7 +100,7 @@ def test_sharp_activation_moments_match_adaptive_quadrature(beta):
     fn = jax.jit(lambda z: jax.nn.softplus(beta * z) / beta)
     K = np.array([[1.3]])
     act = et.get_activation(fn)
-    M4, E2 = gaussian_moments(fn, K, tol=1e-9, strip=act.strip)
+    M4, E2 = derivative_moments(fn, K, tol=1e-9, strip=act.strip)
     for p in ("3111", "2211", "2110"):
         ref = _quad_moment(fn, p, 1.3)
         assert M4[p][0, 0, 0, 0] == pytest.approx(ref, rel=1e-8, abs=1e-12), p

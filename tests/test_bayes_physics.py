@@ -110,7 +110,7 @@ def sweep():
         logZ, m, C, logw, zT = (np.concatenate(p) for p in zip(*parts))
         rb = _posterior_stats(logZ, m, np.stack([C + m[:, 0] ** 2, m[:, 0] * m[:, 1], C + m[:, 1] ** 2], 1))
         raw = _posterior_stats(logw, zT, np.stack([zT[:, 0] ** 2, zT[:, 0] * zT[:, 1], zT[:, 1] ** 2], 1))
-        for key, (est, se, ess) in (("rb", rb), ("raw", raw)):
+        for key, (est, se, _ess) in (("rb", rb), ("raw", raw)):
             out[key][0].append(est)
             out[key][1].append(se)
         print(f"n={n}: RB {np.round(rb[0], 4)} +- {np.round(rb[1], 5)}; raw {np.round(raw[0], 4)} +- "

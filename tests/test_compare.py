@@ -10,6 +10,7 @@ import pytest
 import efftheory as et
 from efftheory import compare as cmp
 from efftheory import empirical as em
+from efftheory.reports._table import pm
 
 NET = et.MLP(3, 8, "tanh", C_W=1.0, C_b=0.0)
 WIDTHS = (8, 16, 32)
@@ -227,7 +228,7 @@ def test_default_inputs():
 
 
 def test_pm_formatting():
-    assert cmp._pm(0.123456, 0.0012) == "0.1235 ± 0.0012"
-    assert cmp._pm(float("nan"), 1.0) == "—"
-    assert "e" in cmp._pm(1.5e-12, 2e-13)
+    assert pm(0.123456, 0.0012) == "0.1235 ± 0.0012"
+    assert pm(float("nan"), 1.0) == "—"
+    assert "e" in pm(1.5e-12, 2e-13)
     assert math.isnan(cmp.Row("metric", 1, (0, 0), 8, 1.0, 0.0, 1.0, 1.0).pull)

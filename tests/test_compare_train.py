@@ -93,7 +93,7 @@ def test_report_through_the_api_matches_the_cli(report, run_dir):
     # verdicts: efftheory.empirical.verdict on the extrapolated a, without a first-order prediction
     assert report.mean_verdict.tolist() == E.verdict(report.mean_fit, report.theory_mean).tolist()
     scale = np.max(np.abs(report.theory_variance))
-    for v, a, se, pull in zip(report.variance_verdict.ravel(), report.variance_fit.a.ravel(),
+    for v, _a, se, pull in zip(report.variance_verdict.ravel(), report.variance_fit.a.ravel(),
                               report.variance_fit.a_stderr.ravel(), report.variance_fit.a_pull.ravel()):
         assert v == ("disagrees" if abs(pull) > 3 else "agrees" if se <= 0.025 * scale else "consistent, unresolved")
     # the theory is predict.gradient_descent at the recorded steps with the report's learning rate

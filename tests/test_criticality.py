@@ -3,13 +3,16 @@
 import numpy as np
 import pytest
 from scipy import integrate, optimize
-from scipy.special import erf as sp_erf, expit
+from scipy.special import erf as sp_erf
+from scipy.special import expit
 
 import efftheory as et
 
 
 def gauss(f, K):
-    g = lambda z: f(z) * np.exp(-z * z / (2 * K)) / np.sqrt(2 * np.pi * K)
+    def g(z):
+        return f(z) * np.exp(-z * z / (2 * K)) / np.sqrt(2 * np.pi * K)
+
     return integrate.quad(g, -np.inf, np.inf, epsabs=1e-14, epsrel=1e-13, limit=400)[0]
 
 
@@ -190,13 +193,15 @@ def test_fixed_point_divergent():
     assert K == np.inf and K.kind == "divergent" and np.isnan(K.chi_parallel)
 
 
-GELU = lambda z: 0.5 * z * (1 + sp_erf(z / np.sqrt(2)))  # noqa: E731
-DGELU = lambda z: 0.5 * (1 + sp_erf(z / np.sqrt(2))) + z * np.exp(-z * z / 2) / np.sqrt(2 * np.pi)  # noqa: E731
+GELU = lambda z: 0.5 * z * (1 + sp_erf(z / np.sqrt(2)))
+DGELU = lambda z: 0.5 * (1 + sp_erf(z / np.sqrt(2))) + z * np.exp(-z * z / 2) / np.sqrt(2 * np.pi)
 
 
 def gauss_finite(f, K):
     s = 12 * np.sqrt(K)
-    g = lambda z: f(z) * np.exp(-z * z / (2 * K)) / np.sqrt(2 * np.pi * K)
+    def g(z):
+        return f(z) * np.exp(-z * z / (2 * K)) / np.sqrt(2 * np.pi * K)
+
     return integrate.quad(g, -s, s, points=[0.0], epsabs=1e-15, epsrel=1e-13, limit=400)[0]
 
 
@@ -209,7 +214,7 @@ def test_fixed_point_half_stable_is_marginal():
     assert K.chi_parallel == pytest.approx(1.0, abs=1e-8) and K.chi_perp == pytest.approx(1.0, abs=1e-8)
     K = et.fixed_point("gelu", c.C_W, c.C_b, K0=1.0)
     assert K.kind == "stable" and 3.0 < K < 3.1
-    g = lambda k: c.C_b + c.C_W * gauss_finite(lambda z: GELU(z) ** 2, k) - k  # noqa: E731
+    g = lambda k: c.C_b + c.C_W * gauss_finite(lambda z: GELU(z) ** 2, k) - k
     assert abs(g(K)) < 1e-12 and g(K * 0.99) > 0 > g(K * 1.01)
 
 
@@ -218,7 +223,7 @@ def test_fixed_point_unstable():
     # stable one above it.  Started exactly on the unstable root the flow stays; slightly off, it leaves it.
     c = et.critical_init("gelu")
     C_b = c.C_b + 1e-6
-    g = lambda k: C_b + c.C_W * gauss_finite(lambda z: GELU(z) ** 2, k) - k  # noqa: E731
+    g = lambda k: C_b + c.C_W * gauss_finite(lambda z: GELU(z) ** 2, k) - k
     K_u = optimize.brentq(g, 3.2, c.K_star, xtol=1e-14, rtol=1e-14)
     chi_u = c.C_W * gauss_finite(lambda z: GELU(z) * DGELU(z) * z, K_u) / K_u
     assert chi_u > 1
@@ -234,7 +239,7 @@ def test_fixed_point_unstable():
 def test_tanh_fixed_point_at_huge_C_W(C_W):
     # was inf: the scan stopped at K0 1e10.  K* solves K = C_W (1 - <sech^2>_K); sech^2 is negligible beyond
     # |z| = 40, where the Gaussian density is flat to 1e-8 relative, so a finite-interval quadrature is exact.
-    sech2 = lambda K: integrate.quad(lambda z: np.exp(-z * z / (2 * K)) / np.cosh(z) ** 2, -40, 40,  # noqa: E731
+    sech2 = lambda K: integrate.quad(lambda z: np.exp(-z * z / (2 * K)) / np.cosh(z) ** 2, -40, 40,
                                      epsabs=0, epsrel=1e-13, limit=200)[0] / np.sqrt(2 * np.pi * K)
     K_ref = optimize.brentq(lambda K: C_W * (1 - sech2(K)) - K, 0.5 * C_W, C_W, xtol=1e-14 * C_W, rtol=1e-15)
     K = et.fixed_point("tanh", C_W, 0.0)

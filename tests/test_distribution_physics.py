@@ -10,12 +10,11 @@ import math
 
 import numpy as np
 import pytest
+from test_distribution import exact_single_input_cdf
 
 import efftheory as et
 from efftheory.empirical import distribution as ed
 from efftheory.theory.distribution import output_distribution
-
-from test_distribution import exact_single_input_cdf
 
 pytestmark = pytest.mark.physics
 

@@ -6,11 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
+from scipy.integrate import quad
 
-import efftheory  # noqa: F401
 from efftheory.empirical.dntk import dntk_estimates, network_dntk, pattern_values
 from efftheory.empirical.networks import forward, init_params, learning_rates
 from efftheory.network import MLP
+from efftheory.theory.dntk import dntk_statistics
+from efftheory.theory.infinite import infinite_width
 
 # --------------------------------------------------------------------------------------------- empirical
 
@@ -19,7 +21,7 @@ def _brute(net, params, x):
     """dH, ddH^I, ddH^II from the full parameter Hessian and third-derivative tensor (tiny nets only)."""
     flat, unravel = ravel_pytree(params)
     lam, _ = ravel_pytree(jax.tree.map(lambda w, l: jnp.full_like(w, l), params, learning_rates(net, x.shape[1])))
-    f = lambda th: forward(net, unravel(th), x)[1][-1].T.reshape(-1)  # noqa: E731
+    f = lambda th: forward(net, unravel(th), x)[1][-1].T.reshape(-1)
     J, H, T3 = jax.jit(lambda th: (jax.jacfwd(f)(th), jax.hessian(f)(th), jax.jacfwd(jax.hessian(f))(th)))(flat)
     Jl = J * lam
     dH = np.einsum("cmn,am,bn->cab", H, Jl, Jl)
@@ -85,11 +87,6 @@ def test_dntk_estimates_errors():
 
 # --------------------------------------------------------------------------------------------- theory
 
-from scipy.integrate import quad  # noqa: E402
-
-from efftheory.theory.dntk import dntk_statistics  # noqa: E402
-from efftheory.theory.infinite import infinite_width  # noqa: E402
-
 X3 = np.array([[1.0, 0.3, -0.5], [0.2, -1.0, 0.8], [0.93, 0.42, -0.43]])
 
 
@@ -139,7 +136,7 @@ def _single_input_reference(net, x1):
             return quad(lambda z: f(*_tanh_derivs(z), z) * np.exp(-z * z / (2 * k)) / np.sqrt(2 * np.pi * k),
                         -12 * np.sqrt(k), 12 * np.sqrt(k), epsabs=1e-13, epsrel=1e-12, limit=200)[0]
 
-        g = lambda s, d1, d2, d3, z: lam * d1 * s + C * th * d2 * d1  # noqa: E731
+        g = lambda s, d1, d2, d3, z: lam * d1 * s + C * th * d2 * d1
         s11 = E(lambda s, d1, d2, d3, z: d1 * d1)
         dg = E(lambda s, d1, d2, d3, z: z * g(s, d1, d2, d3, z)) / k
         du = E(lambda s, d1, d2, d3, z: z * d1 * s) / k

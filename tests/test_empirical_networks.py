@@ -40,7 +40,7 @@ def test_apply_matches_a_numpy_forward_pass():
     net = efftheory.MLP(3, [7, 5], "tanh", C_W=1.3, C_b=0.2, output_width=2)
     p = E.init_params(net, jax.random.PRNGKey(2), 6)
     a, zs = X, []
-    for l, layer in enumerate(p):
+    for layer in p:
         z = a @ np.asarray(layer["W"]).T + np.asarray(layer["b"])
         zs.append(z)
         a = np.tanh(z)

@@ -105,7 +105,8 @@ def test_critical_first_order_statistics_match_finite_width_theory(critical_swee
     A, B, D, F = (np.asarray(t[-1]) for t in (fw.A, fw.B, fw.D, fw.F))
     _assert_pulls(f"{name} A", _fit(_coef(var.cross_cov), A).a_pull, 4.0)
     _assert_pulls(f"{name} B", _fit(_coef(var.offdiag), B).a_pull, 4.0)
-    _assert_pulls(f"{name} A+B+B", _fit(_coef(var.cov), A + np.einsum("acbd->abcd", B) + np.einsum("adbc->abcd", B)).a_pull, 4.0)
+    ABB = A + np.einsum("acbd->abcd", B) + np.einsum("adbc->abcd", B)
+    _assert_pulls(f"{name} A+B+B", _fit(_coef(var.cov), ABB).a_pull, 4.0)
     _assert_pulls(f"{name} D", _fit(_coef(df.cross_cov), D).a_pull, 4.0)
     _assert_pulls(f"{name} F", _fit(_coef(df.offdiag), F).a_pull, 4.0)
     _assert_pulls(f"{name} D+F+F", _fit(_coef(df.cov), D + np.einsum("acbd->abcd", F) + np.einsum("adbc->abcd", F)).a_pull,

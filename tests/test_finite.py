@@ -15,7 +15,9 @@ SIG = {
 
 
 def gauss(f, K):
-    g = lambda z: f(z) * np.exp(-z * z / (2 * K)) / np.sqrt(2 * np.pi * K)
+    def g(z):
+        return f(z) * np.exp(-z * z / (2 * K)) / np.sqrt(2 * np.pi * K)
+
     return sum(integrate.quad(g, a, b, epsabs=1e-15, epsrel=1e-13, limit=400)[0]
                for a, b in [(-np.inf, 0.0), (0.0, np.inf)])
 

@@ -89,7 +89,8 @@ def _check(name, widths, est, a_pred, c1_pred, *, slope_check=True):
     limit = norm.isf(0.00135 / (m * CHECKS_PER_CASE * len(CASES)))
     worst = float(np.max(np.abs(pulls)))
     msq = float(np.mean(pulls**2))
-    assert worst <= limit, f"{name}: worst pull {worst:.2f} > {limit:.2f} (Bonferroni over {m} entries x {CHECKS_PER_CASE * len(CASES)} checks)"
+    assert worst <= limit, (f"{name}: worst pull {worst:.2f} > {limit:.2f} "
+                            f"(Bonferroni over {m} entries x {CHECKS_PER_CASE * len(CASES)} checks)")
     _, resolved, slope, slope_se, ok = em.residual_scaling(widths, v, s, a_pred, c1_pred)
     slope, slope_se, ok = np.asarray(slope)[keep], np.asarray(slope_se)[keep], np.asarray(ok)[keep]
     if slope_check and ok.any():

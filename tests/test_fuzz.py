@@ -86,7 +86,7 @@ X = np.array([[1.0, 0.5, -0.3], [0.2, -1.0, 0.7]])
 
 def _synthetic_ensemble(net, x, M, rng):
     """An Ensemble with random per-network arrays of the right shapes (the estimators only read them)."""
-    L, N, k = net.depth, x.shape[0], net.widths[-1]
+    L, N = net.depth, x.shape[0]
     shapes = {"zz": (L, N, N), "zzzz": (L,) + (N,) * 4, "zz_zz": (L,) + (N,) * 4, "H": (N, N)}
     shapes.update({name: (N,) * 4 for name in ("HH", "H_H", "HoffHoff", "Hzz", "H_zz", "Hoff_zz")})
     stats = {name: rng.normal(size=(M,) + shape) for name, shape in shapes.items()}
@@ -356,7 +356,7 @@ def test_generic_check_of_every_public_callable():
                 if not _names(str(e), names):
                     failures.append(f"{label}(all={bad_name}): {type(e).__name__} names none of {names}: "
                                     f"{str(e)[:200]}")
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - any other exception type is the finding
                 failures.append(f"{label}(all={bad_name}): undocumented {type(e).__name__}: {str(e)[:200]}")
     assert not failures, "\n".join(failures)
 

@@ -238,7 +238,8 @@ p32 = E.init_params(net, jax.random.PRNGKey(0), 4, dtype=jnp.float32)
 out["empirical"] = [str(p64[0]["W"].dtype), str(E.apply(net, p64, x).dtype), str(p32[0]["W"].dtype),
                     str(E.apply(net, p32, x.astype(np.float32)).dtype)]
 with jax.enable_x64(True):
-    out["jit"] = np.asarray(jax.jit(lambda cw: efftheory.infinite_width(MLP(3, 16, "tanh", C_W=cw, C_b=0.1), x).K)(1.5)).tolist()
+    jitted = jax.jit(lambda cw: efftheory.infinite_width(MLP(3, 16, "tanh", C_W=cw, C_b=0.1), x).K)
+    out["jit"] = np.asarray(jitted(1.5)).tolist()
 print(json.dumps(out))
 """
 

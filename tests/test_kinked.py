@@ -25,7 +25,8 @@ import pytest
 from scipy.special import ndtr
 
 import efftheory as et
-from efftheory import _orthant, products
+from efftheory.gaussian import _orthant
+from efftheory.gaussian import _sources as sources
 
 KINDS = {"ss": (0, 0, 0, 0), "ds": (1, 1, 0, 0), "dd": (1, 1, 1, 1)}
 SLOPES = {"relu": (1.0, 0.0), "leaky_relu(0.2)": (1.0, 0.2), "abs": (1.0, -1.0)}
@@ -140,7 +141,7 @@ def _entries(k):
 @pytest.mark.parametrize("name", list(SLOPES))
 def test_three_input_moments_against_the_orthant_reference(name, geometry):
     K = KERNELS[geometry]
-    M = dict(zip(KINDS, products.source_moments(et.get_activation(name), K)))
+    M = dict(zip(KINDS, sources.source_moments(et.get_activation(name), K)))
     for idx, kind in _entries(3):
         ref = reference_pattern(K, idx, KINDS[kind], SLOPES[name])
         err = abs(M[kind][idx] - ref) / _scale(K, idx, KINDS[kind])
@@ -150,7 +151,7 @@ def test_three_input_moments_against_the_orthant_reference(name, geometry):
 @pytest.mark.parametrize("geometry", ["random", "near-collinear"])
 def test_four_input_relu_moments_against_the_orthant_reference(geometry):
     K = KERNELS[geometry]
-    M = dict(zip(KINDS, products.source_moments(et.get_activation("relu"), K)))
+    M = dict(zip(KINDS, sources.source_moments(et.get_activation("relu"), K)))
     S = K.copy()
     ms = [(1, 1, 1, 1), (0, 0, 1, 1), (1, 1, 0, 0), (0, 0, 0, 0)]
     ref = dict(zip(ms, reference_orthant(S, ms)))  # relu: only the positive orthant
@@ -172,7 +173,7 @@ def _half_moment(p, v, sign):
 def test_four_orthogonal_inputs_factorise(name):
     K = KERNELS["orthogonal"]
     cp, cm = SLOPES[name]
-    M = dict(zip(KINDS, products.source_moments(et.get_activation(name), K)))
+    M = dict(zip(KINDS, sources.source_moments(et.get_activation(name), K)))
     for kind, kinds in KINDS.items():
         for idx in itertools.permutations(range(4)):
             want = 1.0
@@ -192,10 +193,10 @@ def test_four_input_leaky_relu_and_abs_from_relu_identities(geometry):
     flips = {}
     for s in itertools.product((1, -1), repeat=4):
         D = np.array(s, float)
-        flips[s] = dict(zip(KINDS, products.source_moments(relu, K * D[:, None] * D[None])))
+        flips[s] = dict(zip(KINDS, sources.source_moments(relu, K * D[:, None] * D[None])))
     identities = {"leaky_relu(0.2)": ((1.0, -0.2), (1.0, 0.2)), "abs": ((1.0, 1.0), (1.0, -1.0))}
     for name, (sig_c, der_c) in identities.items():
-        M = dict(zip(KINDS, products.source_moments(et.get_activation(name), K)))
+        M = dict(zip(KINDS, sources.source_moments(et.get_activation(name), K)))
         for kind, kinds in KINDS.items():
             idx = (0, 1, 2, 3)
             want = 0.0
@@ -224,7 +225,7 @@ def test_orthant_probabilities():
     B[2, 3] = B[3, 2] = -0.3
     ex = np.full((4, 4), 0.5) + 0.5 * np.eye(4)
     p, e = _orthant.orthant_probability(np.stack([B, ex]))
-    P2 = lambda r: 0.25 + math.asin(r) / (2 * math.pi)  # noqa: E731
+    P2 = lambda r: 0.25 + math.asin(r) / (2 * math.pi)
     np.testing.assert_allclose(p, [P2(0.6) * P2(-0.3), 0.2], rtol=0, atol=1e-15)
 
 
@@ -238,7 +239,7 @@ def test_rank_three_sets_and_zero_inputs():
     x[5] = 2.5 * x[1]
     K = x @ x.T / 3
     for name in SLOPES:
-        out = products.source_moments(et.get_activation(name), K)
+        out = sources.source_moments(et.get_activation(name), K)
         assert all(np.all(np.isfinite(a)) for a in out)
     S = K[:4, :4]
     for m in [(1, 1, 1, 1), (0, 0, 1, 1), (2, 0, 1, 1), (0, 0, 0, 0)]:
@@ -253,7 +254,7 @@ def test_rank_three_sets_and_zero_inputs():
             return 1.0 if not ix else sum(S[ix[0], ix[t]] * wick(ix[1:t] + ix[t + 1:]) for t in range(1, len(ix)))
 
         assert abs(tot - wick(idx)) < 1e-13 * max(1.0, np.max(np.diag(S))) ** (sum(m) / 2), m
-    Mss, Mds, Mdd = products.source_moments(et.get_activation("leaky_relu(0.2)"), K)
+    Mss, Mds, Mdd = sources.source_moments(et.get_activation("leaky_relu(0.2)"), K)
     # input 5 = 2.5 x input 1: sigma(z5) = 2.5 sigma(z1), sigma'(z5) = sigma'(z1)
     assert abs(Mss[0, 1, 2, 5] - 2.5 * Mss[0, 1, 1, 2]) < 1e-13 * np.max(K) ** 2
     assert abs(Mdd[0, 1, 2, 5] - Mdd[0, 1, 1, 2]) < 1e-13
@@ -261,7 +262,7 @@ def test_rank_three_sets_and_zero_inputs():
     # and sigma'(0) as the rules evaluate it; relu' is 0 or 1, so relu'(z2) = relu'(z2)^2
     relu = et.get_activation("relu")
     d0 = float(relu.derivative(jnp.asarray(0.0)))
-    _, _, Rdd = products.source_moments(relu, K)
+    _, _, Rdd = sources.source_moments(relu, K)
     assert abs(Rdd[0, 1, 2, 4] - d0 * Rdd[0, 1, 2, 2]) < 1e-13
 
 
@@ -272,12 +273,12 @@ def test_homogeneous_callables_take_the_exact_route():
     from efftheory._precision import enable_x64
 
     K = KERNELS["random"]
-    ref = products.source_moments(et.get_activation("leaky_relu(0.2)"), K)
+    ref = sources.source_moments(et.get_activation("leaky_relu(0.2)"), K)
     for act in (et.get_activation(lambda z: jnp.where(z > 0, z, 0.2 * z)),
                 et.Activation("mine", lambda z: jnp.maximum(z, 0.2 * z), smooth=False)):
         with enable_x64(True):
             assert act.homogeneous
-        for a, b in zip(products.source_moments(act, K), ref):
+        for a, b in zip(sources.source_moments(act, K), ref):
             np.testing.assert_array_equal(a, b)
 
 
@@ -290,17 +291,17 @@ def test_tol_is_met_or_reported():
     K = KERNELS["random"][:3, :3]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        products.source_moments(et.get_activation("relu"), K, tol=1e-9)
-    with pytest.warns(products.AccuracyWarning, match=r"tol: \d+ of 1 sets of 3 inputs of relu miss tol = 1\.0e-18"):
-        products.source_moments(et.get_activation("relu"), K, tol=1e-18)
+        sources.source_moments(et.get_activation("relu"), K, tol=1e-9)
+    with pytest.warns(sources.AccuracyWarning, match=r"tol: \d+ of 1 sets of 3 inputs of relu miss tol = 1\.0e-18"):
+        sources.source_moments(et.get_activation("relu"), K, tol=1e-18)
     clip = et.Activation("clip", lambda z: jnp.clip(z, -1.0, 1.0), smooth=False)
-    with pytest.warns(products.AccuracyWarning, match=r"of clip miss tol .*estimated error up to") as rec:
-        got = products.source_moments(clip, K, tol=1e-9)
+    with pytest.warns(sources.AccuracyWarning, match=r"of clip miss tol .*estimated error up to") as rec:
+        got = sources.source_moments(clip, K, tol=1e-9)
     est = float(str(rec[0].message).split("estimated error up to ")[1].split(",")[0])
     S = K[None]
-    L, _ = products._eigen_factor(S)
-    patterns, plan = products._pattern_table(3)
-    fine = products._eval_sets(clip.fn, patterns, L, [(("kink", 192),) * 3])
+    L, _ = sources._eigen_factor(S)
+    patterns, plan = sources._pattern_table(3)
+    fine = sources._eval_sets(clip.fn, patterns, L, [(("kink", 192),) * 3])
     for name, m, pid in plan:
         actual = abs(dict(zip(KINDS, got))[name][tuple(m)] - fine[0, pid])
         assert actual <= est, (name, m, actual, est)

@@ -66,7 +66,7 @@ def _text(path: Path) -> str:
 
 def _tree_names() -> set[str]:
     names = set()
-    for folder, dirs, files in os.walk(ROOT):
+    for _folder, dirs, files in os.walk(ROOT):
         dirs[:] = [d for d in dirs if d not in _SKIP_DIRS]
         names.update(files)
     return names

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import efftheory as et
-from efftheory import products
-from efftheory.theory import finite
+from efftheory.gaussian import _sources as sources
+from efftheory.theory import _schedule, finite
 
 NAMES = ("G1", "V", "H1", "A", "B", "D", "F")
 
@@ -28,8 +28,8 @@ def test_source_blocks_bit_identical(act, N, block):
     with them XLA's summation order, may differ: a few ulp)."""
     a = et.get_activation(act)
     K = _kernel(N, act)
-    whole = products.source_moments(a, K)
-    blocked = products.source_moments(a, K, block=block)
+    whole = sources.source_moments(a, K)
+    blocked = sources.source_moments(a, K, block=block)
     for w, b in zip(whole, blocked):
         np.testing.assert_allclose(b, w, rtol=1e-14, atol=1e-17)
 
@@ -72,7 +72,7 @@ def test_layer_step_memory_model():
     finally:
         tracemalloc.stop()
         finite.source_moments = real
-    assert peak <= (finite._STEP_TENSORS - 5) * 8 * N**4, peak / (8 * N**4)
+    assert peak <= (_schedule.STEP_TENSORS - 5) * 8 * N**4, peak / (8 * N**4)
 
 
 def _net():
@@ -140,7 +140,7 @@ def test_store_refuses_other_runs_and_damage(tmp_path, monkeypatch):
     # sigma is told by its values: two lambdas have the same name
     nets = [et.MLP(depth=2, activation=f) for f in (lambda z: jnp.tanh(z), lambda z: jnp.tanh(1.01 * z))]
     assert repr(nets[0]) == repr(nets[1])
-    assert finite._config(nets[0], x, 1e-9) != finite._config(nets[1], x, 1e-9)
+    assert _schedule.config(nets[0], x, 1e-9) != _schedule.config(nets[1], x, 1e-9)
     V = np.load(store / "V.npy", mmap_mode="r+")  # damage the layer the run would resume from
     V[1, 0, 0, 0, 0] += 1.0
     V.flush()
@@ -180,9 +180,9 @@ def test_memory_budget_is_kept(tmp_path):
     x = np.random.default_rng(2).normal(size=(9, 3))
     net = et.MLP(depth=2, width=16, activation="tanh")
     ref = et.finite_width(net, x)
-    budget = (finite._FLOOR + (finite._STEP_TENSORS + 3 * finite._AHEAD) * 8 * 9**4
-              + (1 + finite._AHEAD) * 100 * products.SET_BYTES)  # the sources of 1 + _AHEAD layers at once
-    assert finite._plan_memory(9, 2, budget, True) == 100  # 126 four-input sets: two blocks
+    budget = (_schedule.FLOOR + (_schedule.STEP_TENSORS + 3 * _schedule.AHEAD) * 8 * 9**4
+              + (1 + _schedule.AHEAD) * 100 * sources.SET_BYTES)  # the sources of 1 + _AHEAD layers at once
+    assert _schedule.plan_memory(9, 2, budget, True) == 100  # 126 four-input sets: two blocks
     tracemalloc.start()
     try:
         got = et.finite_width(net, x, memory=budget, store=tmp_path / "fw")

@@ -84,7 +84,7 @@ def test_infinite_width_matches_stored_nt(i):
                     reason="neural-tangents is installed here")
 def test_interop_import_error_without_nt():
     with pytest.raises(ImportError, match=r"neural-tangents is not installed.*nt_env\.sh.*jax<0\.6"):
-        import efftheory.interop.neural_tangents  # noqa: F401
+        import efftheory.interop.neural_tangents  # noqa: F401 - the import itself is under test
 
 
 # ------------------------------------------------------------------ live NT (-m nt)

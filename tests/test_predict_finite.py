@@ -9,15 +9,13 @@
 (Sampled networks: tests/test_predict_finite_physics.py.)
 """
 
-import math
 
 import numpy as np
 import pytest
 
 import efftheory as et
 from efftheory import predict
-from efftheory.predict_finite import (frozen_ntk_parts, ntk_covariance_tensor, ntk_motion_parts,
-                                      trained_mean_first_order)
+from efftheory.predict_finite import frozen_ntk_parts, ntk_covariance_tensor, ntk_motion_parts, trained_mean_first_order
 
 
 def _polynomial_model(k=2, N=5, d=3, P0=4, seed=0):

@@ -49,7 +49,8 @@ def test_last_layer_training_frozen_part_against_sampled_features():
         z1 = np.einsum("ab,mjb->mja", Lc, rng.normal(size=(M, n, 5)))
         s = np.tanh(z1)
         H = net.lambda_bs[1] + net.lambda_Ws[1] * np.einsum("mja,mjb->mab", s, s) / n
-        f = np.einsum("mxd,md->mx", H[:, 3:, :3], np.linalg.solve(H[:, :3, :3], np.broadcast_to(YD, (M, 3))[..., None])[..., 0])
+        sol = np.linalg.solve(H[:, :3, :3], np.broadcast_to(YD, (M, 3))[..., None])[..., 0]
+        f = np.einsum("mxd,md->mx", H[:, 3:, :3], sol)
         means.append(f.mean(0))
         ses.append(f.std(0) / math.sqrt(M))
     means, ses = np.array(means), np.array(ses)
@@ -182,7 +183,8 @@ def test_conditional_ntk_sampler_matches_weight_based_networks():
         zw = np.concatenate([tr.f_train[:, 0, :, 0], tr.f_test[:, 0, :, 0]], 1)
         A, B = features(Hc, zc, Pi), features(Hw, zw, Pi)
         pull = (A.mean(0) - B.mean(0)) / np.sqrt((A.var(0) + B.var(0)) / M)
-        print(f"\n{act} n={n}: {A.shape[1]} moments, max |pull| {np.abs(pull).max():.2f}, rms {np.sqrt(np.mean(pull ** 2)):.2f}")
+        print(f"\n{act} n={n}: {A.shape[1]} moments, max |pull| {np.abs(pull).max():.2f}, "
+              f"rms {np.sqrt(np.mean(pull ** 2)):.2f}")
         # the moments are strongly correlated: the same statistic between two conditional ensembles of this
         # size spreads over max |pull| 2.2..3.0, rms 0.7..1.1 (a wrong projection moves the NTK mean by O(1))
         assert np.abs(pull).max() < 5 and np.sqrt(np.mean(pull ** 2)) < 2

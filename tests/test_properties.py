@@ -185,7 +185,8 @@ def test_closed_form_and_generic_paths_agree_finite():
 # ------------------------------------------------------------------------------------------ empirical
 @settings(max_examples=3, **SETTINGS)
 @given(act=st.sampled_from(["relu", "tanh", "gelu"]), depth=st.integers(1, 4), width=st.sampled_from([4, 16, 64]),
-       hp=st.fixed_dictionaries({"C_W": st.sampled_from([0.5, 1.0, 2.0]), "C_b": st.sampled_from([0.0, 0.3])}), xs=st.tuples(st.integers(0, 2**32 - 1), st.integers(1, 3), st.integers(1, 5), st.floats(0.3, 2.0)),
+       hp=st.fixed_dictionaries({"C_W": st.sampled_from([0.5, 1.0, 2.0]), "C_b": st.sampled_from([0.0, 0.3])}),
+       xs=st.tuples(st.integers(0, 2**32 - 1), st.integers(1, 3), st.integers(1, 5), st.floats(0.3, 2.0)),
        seed=st.integers(0, 2**31 - 1))
 def test_float32_and_float64_networks_agree(act, depth, width, hp, xs, seed):
     """One network, its float64 parameters rounded to float32: preactivations and the exact NTK agree to

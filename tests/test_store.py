@@ -1,5 +1,5 @@
 """finite_width(store=): stored results cannot be silently damaged or mixed, and resources are
-checked before they are spent (efftheory/theory/_store.py, finite._plan_memory, finite._config).
+checked before they are spent (efftheory/theory/_store.py, _schedule.plan_memory, _schedule.config).
 
 The fault-injection tests that need a small or read-only file system mount one (tmpfs, a read-only
 bind mount) and are skipped where the process may not mount (not root, or no mount namespace)."""
@@ -18,7 +18,7 @@ import pytest
 
 import efftheory as et
 from efftheory import _validate
-from efftheory.theory import _store, finite
+from efftheory.theory import _schedule, _store
 from efftheory.theory._store import NAMES
 
 
@@ -124,14 +124,14 @@ def test_clipped_callables_of_one_name_never_share_a_store(tmp_path):
     x = np.random.default_rng(0).normal(size=(3, 2)) * 4.0  # K ~ 16: the integrals reach |z| > 8
     nets = [et.MLP(depth=2, width=8, activation=make(c), C_W=1.0) for c in (6.0, 8.0)]
     assert repr(nets[0]) == repr(nets[1])
-    c6, c8 = (finite._config(n, x, 1e-9) for n in nets)
+    c6, c8 = (_schedule.config(n, x, 1e-9) for n in nets)
     assert c6["sigma"] != c8["sigma"] and c6["sigma_code"] != c8["sigma_code"]
     # literal constants too: two lambdas whose values agree where sampled still differ by definition
     a = et.MLP(depth=2, activation=lambda z: jnp.clip(z, -2e4, 2e4))
     b = et.MLP(depth=2, activation=lambda z: jnp.clip(z, -3e4, 3e4))
     xs = np.full((2, 2), 0.01)
-    assert finite._config(a, xs, 1e-9)["sigma"] == finite._config(b, xs, 1e-9)["sigma"]
-    assert finite._config(a, xs, 1e-9) != finite._config(b, xs, 1e-9)
+    assert _schedule.config(a, xs, 1e-9)["sigma"] == _schedule.config(b, xs, 1e-9)["sigma"]
+    assert _schedule.config(a, xs, 1e-9) != _schedule.config(b, xs, 1e-9)
     et.finite_width(nets[0], x, store=tmp_path / "fw")
     with pytest.raises(ValueError, match="store: .* another computation"):
         et.finite_width(nets[1], x, store=tmp_path / "fw")
@@ -141,8 +141,8 @@ def test_the_same_definition_gives_the_same_store():
     x = _x()
     f1 = et.MLP(depth=3, activation=lambda z: jnp.tanh(z) * 0.5)
     f2 = et.MLP(depth=3, activation=lambda z: jnp.tanh(z) * 0.5)
-    assert finite._config(f1, x, 1e-9) == finite._config(f2, x, 1e-9)
-    assert finite._config(_net(), x, 1e-9) == finite._config(_net(), x, 1e-9)
+    assert _schedule.config(f1, x, 1e-9) == _schedule.config(f2, x, 1e-9)
+    assert _schedule.config(_net(), x, 1e-9) == _schedule.config(_net(), x, 1e-9)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,15 +265,15 @@ def test_an_unfinished_store_on_read_only_media_says_so(finished, tmp_path):
 
 def test_memory_model_is_checked_against_the_machine(monkeypatch):
     with pytest.raises(ValueError, match=r"x: N = 200 inputs at depth 10 need .* more than the 22 GiB .*store="):
-        finite._plan_memory(200, 10, None, False, available=22 << 30)
+        _schedule.plan_memory(200, 10, None, False, available=22 << 30)
     with pytest.raises(ValueError, match=r"x: N = 120 inputs at depth 10 need .*more than the 22 GiB"):
-        finite._plan_memory(120, 10, None, True, available=22 << 30)
-    assert finite._plan_memory(16, 10, None, False, available=22 << 30) == finite.SET_BLOCK
+        _schedule.plan_memory(120, 10, None, True, available=22 << 30)
+    assert _schedule.plan_memory(16, 10, None, False, available=22 << 30) == _schedule.SET_BLOCK
     # a tight machine gets smaller blocks instead of a refusal, when the smallest block fits
     t4 = 8.0 * 9**4
-    fixed = 6 * 3 * t4 + (finite._STEP_TENSORS + 3 * finite._AHEAD) * t4 + finite._FLOOR
-    per_set = (1 + finite._AHEAD) * finite.SET_BYTES
-    assert finite._plan_memory(9, 3, None, False, available=int(fixed + 100 * per_set)) == 100
+    fixed = 6 * 3 * t4 + (_schedule.STEP_TENSORS + 3 * _schedule.AHEAD) * t4 + _schedule.FLOOR
+    per_set = (1 + _schedule.AHEAD) * _schedule.SET_BYTES
+    assert _schedule.plan_memory(9, 3, None, False, available=int(fixed + 100 * per_set)) == 100
     # the public call refuses before it allocates anything
     monkeypatch.setattr(_validate, "available_memory", lambda: 200 << 20)
     with pytest.raises(ValueError, match="x: N = 40 inputs at depth 4 need .* more than the 200 MiB"):

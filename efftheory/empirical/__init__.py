@@ -16,14 +16,13 @@ from .dntk import DNTKEstimates, NetworkDNTK, dntk_estimates, network_dntk
 from .ensemble import Ensemble, Sweep, default_chunk, sample, sample_ensemble
 from .moments import STATISTICS
 from .networks import apply, apply_all, init_params, learning_rates
-from .tangent import ntk, ntk_autodiff, ntk_full
 from .statistics import (
     Estimate,
     NTKPreactivation,
     NTKVariance,
-    fourth_moment_ratio,
     four_point,
     four_point_same_neuron,
+    fourth_moment_ratio,
     jackknife,
     mean_and_stderr,
     metric,
@@ -44,8 +43,9 @@ from .sweep import (
     verdict,
     width_sweep_fit,
 )
-from .training import Training, default_train_chunk, train
+from .tangent import ntk, ntk_autodiff, ntk_full
 from .trained_parts import frozen_ntk_estimator, trained_mean_estimators
+from .training import Training, default_train_chunk, train
 
 __all__ = [
     "CacheMismatchError",

@@ -20,11 +20,12 @@ import json
 import os
 import stat
 import struct
-import tempfile
 import zipfile
 import zlib
 
 import numpy as np
+
+from .. import _io
 
 __all__ = ["CacheMismatchError", "config_hash", "chunk_path", "load_chunk", "save_chunk", "arrays_checksum"]
 
@@ -39,7 +40,7 @@ class CacheMismatchError(ValueError):
 def config_hash(config: dict) -> str:
     """SHA-256 of the canonical JSON of ``config``."""
     blob = json.dumps({"format": FORMAT_VERSION, **config}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return _io.text_sha256(blob)
 
 
 def chunk_path(cache_dir: str, stem: str, start: int, stop: int) -> str:
@@ -56,47 +57,20 @@ def arrays_checksum(arrays: dict) -> str:
     return h.hexdigest()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(folder: str) -> None:
-    """Make the rename durable (POSIX); a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_chunk(path: str, arrays: dict, config: dict, digest: str, start: int, stop: int) -> None:
-    """Write one chunk atomically: temporary file, fsync, os.replace, fsync of the folder."""
+    """Write one chunk atomically (:func:`efftheory._io.atomic_write`: temporary file, fsync, os.replace,
+    fsync of the folder)."""
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
     host = {k: np.asarray(v) for k, v in arrays.items()}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, __format__=np.asarray(FORMAT_VERSION, dtype=np.int64), __config_hash__=np.asarray(digest),
-                     __config__=np.asarray(json.dumps(config, sort_keys=True)),
-                     __range__=np.asarray([start, stop], dtype=np.int64),
-                     __checksum__=np.asarray(arrays_checksum(host)), **host)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the cache from the user's group
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(folder)
+
+    def write(f) -> None:
+        np.savez(f, __format__=np.asarray(FORMAT_VERSION, dtype=np.int64), __config_hash__=np.asarray(digest),
+                 __config__=np.asarray(json.dumps(config, sort_keys=True)),
+                 __range__=np.asarray([start, stop], dtype=np.int64),
+                 __checksum__=np.asarray(arrays_checksum(host)), **host)
+
+    _io.atomic_write(path, write, suffix=".npz", sync_folder=True)
 
 
 _READ_ERRORS = (OSError, ValueError, EOFError, KeyError, IndexError, TypeError, NotImplementedError, RuntimeError,

@@ -393,7 +393,8 @@ def distribution_sweep(net: MLP, x, widths, n_networks: int, seed: int, *, input
 
     Returns a JSON-ready dict {"net", "widths", "n_networks", "estimator", "ks": {width: {model: stats}},
     "tv": {...} or None, "slopes": {"ks": {model: {...}}, "tv": ...}}.  ``finite``: a precomputed
-    FiniteWidth of ``net`` on ``x``.  ``chunk``: networks per compiled batch.  ``samples_out``: a dict that receives {width: OutputSamples} (for plots).
+    FiniteWidth of ``net`` on ``x``.  ``chunk``: networks per compiled batch.  ``samples_out``: a dict that receives
+    {width: OutputSamples} (for plots).
     """
     from ..theory.distribution import output_distribution
     from ..theory.finite import finite_width

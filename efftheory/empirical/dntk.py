@@ -40,7 +40,7 @@ import numpy as np
 
 from .. import _validate
 from .._pytree import result
-from .networks import _init, check_dtype, check_net, check_params, check_x, forward, learning_rates
+from .networks import check_dtype, check_net, check_params, check_x, forward, init_layers, learning_rates
 from .statistics import Estimate, mean_and_stderr
 
 __all__ = ["NetworkDNTK", "DNTKEstimates", "network_dntk", "dntk_estimates", "pattern_values"]
@@ -174,7 +174,7 @@ pattern_values.__doc__ = _pattern_values.__doc__
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _chunk(net, base_key, start, x, size, lr):
     def one(m):
-        params = _init(net, jax.random.fold_in(base_key, m), x.shape[1], x.dtype)
+        params = init_layers(net, jax.random.fold_in(base_key, m), x.shape[1], x.dtype)
         return _pattern_values(_tensors(net, params, x, lr))
 
     return jax.lax.map(one, start + jnp.arange(size, dtype=jnp.uint32))
@@ -205,7 +205,7 @@ def dntk_estimates(net, x, n_networks: int, seed: int, *, chunk: int = 8, dtype=
     fan_in = net.layer_widths(x.shape[1])[-2]
     per = {k: np.concatenate([p[k] for p in parts])[:M] * fan_in for k in parts[0]}
     est = {k: mean_and_stderr(v) for k, v in per.items()}
-    g = lambda k: est.get(k)  # noqa: E731
+    g = lambda k: est.get(k)
     return DNTKEstimates(P=g("P"), Q=g("Q"), R=g("R"), S=g("S"), T=g("T"), U=g("U"), dntk=est["dntk"],
                          ddntk_I=est["ddntk_I"], ddntk_II=est["ddntk_II"], per_network=per, fan_in=int(fan_in),
                          n_networks=M)

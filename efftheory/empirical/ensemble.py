@@ -43,7 +43,6 @@ Per-network arrays are those of :mod:`.moments`; estimators with standard errors
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import shutil
 import tempfile
@@ -54,15 +53,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from .._progress import tqdm
 
-from .. import _validate
-from .._sharding import shard_map
+from .. import _io, _validate
+from .._progress import tqdm
 from .._pytree import result
+from .._sharding import shard_map
 from ..network import MLP
 from . import cache as _cache
 from . import moments
-from .networks import _init, check_dtype, check_net, check_x, conditional_forward, forward
+from .networks import check_dtype, check_net, check_x, conditional_forward, forward, init_layers
 from .tangent import backward_vectors, ntk_from_layers
 
 __all__ = ["Ensemble", "Sweep", "sample", "sample_ensemble", "default_chunk", "network_mesh"]
@@ -194,13 +193,12 @@ def _chunk_fn(net: MLP, statistics: tuple, method: str, dtype_name: str, chunk: 
     axis split over the D devices of ``mesh`` (device i: start + i*chunk ..)."""
     dtype = jnp.dtype(dtype_name)
     want_ntk = "ntk" in statistics
-    D = 1 if mesh is None else mesh.size
 
     def one(key, x):
         if method == "conditional":
             zs = conditional_forward(net, key, x, dtype)
             return moments.layer_moments(zs, statistics)
-        params = _init(net, key, x.shape[1], dtype)
+        params = init_layers(net, key, x.shape[1], dtype)
         inputs, zs = forward(net, params, x)
         out = moments.layer_moments(zs, statistics)
         if want_ntk:
@@ -230,7 +228,7 @@ def _chunk_fn(net: MLP, statistics: tuple, method: str, dtype_name: str, chunk: 
                    compiler_options=opts)
 
 
-def _to_host(a) -> np.ndarray:
+def to_host(a) -> np.ndarray:
     """A (possibly sharded, possibly multi-host) array as one numpy array on this process."""
     if getattr(a, "is_fully_addressable", True):
         return np.asarray(a)
@@ -260,7 +258,7 @@ def _activation_fingerprint(fn) -> str:
         raise ValueError(f"net: its activation cannot be evaluated on a float64 array ({type(e).__name__}: {e})") \
             from None
     rounded = np.round(np.nan_to_num(vals, nan=0.0, posinf=1e300, neginf=-1e300), 6) + 0.0  # -0.0 -> 0.0
-    return hashlib.sha256(np.ascontiguousarray(rounded).tobytes()).hexdigest()
+    return _io.array_sha256(rounded)
 
 
 def _config(net: MLP, x: np.ndarray, seed: int, fold: tuple, statistics, method, dtype_name) -> dict:
@@ -269,7 +267,7 @@ def _config(net: MLP, x: np.ndarray, seed: int, fold: tuple, statistics, method,
         "net": repr(net), "activation": net.sigma.name,
         "activation_fn": getattr(net.sigma.fn, "__qualname__", type(net.sigma.fn).__name__),
         "activation_values": _activation_fingerprint(net.sigma.fn),
-        "x_shape": list(x.shape), "x_sha256": hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest(),
+        "x_shape": list(x.shape), "x_sha256": _io.array_sha256(x),
         "seed": seed, "fold": list(fold), "statistics": list(statistics), "method": method,
         "dtype": dtype_name,
     }
@@ -303,7 +301,7 @@ def _run(net, x, n_networks, seed, fold, statistics, method, chunk, dtype_name, 
 
     def finish(item):
         gstart, blocks, out = item
-        host = {k: _to_host(out[k]) for k in names}
+        host = {k: to_host(out[k]) for k in names}
         for start, stop in blocks:
             part = {k: host[k][start - gstart: stop - gstart] for k in names}
             if cache_dir is not None and writer:
@@ -354,9 +352,9 @@ def _check_resources(nets, N: int, M: int, statistics, cache_dir) -> None:
     need = sum(_kept_bytes(net, N, statistics) for net in nets) * M
     avail = _validate.available_memory()
     if avail is not None and 2 * need > avail:  # the chunks and their concatenation coexist briefly
-        raise ValueError(f"n_networks: {M} networks keep {_validate._bytes(need)} of per-network statistics "
-                         f"({_validate._bytes(need / M)} each; twice that while they are joined), more than the "
-                         f"{_validate._bytes(avail)} of memory this machine has available; use fewer networks or "
+        raise ValueError(f"n_networks: {M} networks keep {_validate.format_bytes(need)} of per-network statistics "
+                         f"({_validate.format_bytes(need / M)} each; twice that while they are joined), more than the "
+                         f"{_validate.format_bytes(avail)} of memory this machine has available; use fewer networks or "
                          "ask for fewer statistic groups")
     if cache_dir is not None:
         try:
@@ -365,8 +363,8 @@ def _check_resources(nets, N: int, M: int, statistics, cache_dir) -> None:
             return
         cached = sum(e.stat().st_size for e in os.scandir(cache_dir) if e.is_file() and e.name.endswith(".npz"))
         if need - cached > free:
-            raise ValueError(f"cache_dir: {M} networks write about {_validate._bytes(need)} of chunks to "
-                             f"{cache_dir!r}, which has {_validate._bytes(free)} free; use fewer networks, another "
+            raise ValueError(f"cache_dir: {M} networks write about {_validate.format_bytes(need)} of chunks to "
+                             f"{cache_dir!r}, which has {_validate.format_bytes(free)} free; use fewer networks, another "
                              "cache_dir or none")
 
 

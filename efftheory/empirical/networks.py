@@ -51,7 +51,7 @@ def check_x(x, name: str = "x"):
     return _validate.inputs(name, x)
 
 
-def _check_key(key, name: str = "key"):
+def check_key(key, name: str = "key"):
     """A single jax PRNG key: a typed key (jax.random.key) or a raw uint32 key (jax.random.PRNGKey)."""
     dtype = getattr(key, "dtype", None)
     shape = getattr(key, "shape", None)
@@ -99,7 +99,7 @@ def init_params(net: MLP, key, input_dim: int, dtype=jnp.float64) -> tuple[dict,
       A tuple of L dicts ``{"W": (n_l, n_{l-1}), "b": (n_l,)}``.
     """
     check_net(net)
-    key = _check_key(key)
+    key = check_key(key)
     n0 = _validate.positive_int("input_dim", input_dim, maximum=_validate.MAX_WIDTH)
     dt = check_dtype(dtype)
     sizes = (n0,) + net.widths
@@ -108,7 +108,7 @@ def init_params(net: MLP, key, input_dim: int, dtype=jnp.float64) -> tuple[dict,
     return _init_jit(net, key, n0, np.dtype(dt).name)
 
 
-def _init(net: MLP, key, n0: int, dtype) -> tuple[dict, ...]:
+def init_layers(net: MLP, key, n0: int, dtype) -> tuple[dict, ...]:
     sizes = (n0,) + net.widths
     shapes = [((n_out, n_in), (n_out,)) for n_in, n_out in zip(sizes[:-1], sizes[1:])]
     xi = _standard_normals(key, shapes, dtype)
@@ -116,7 +116,7 @@ def _init(net: MLP, key, n0: int, dtype) -> tuple[dict, ...]:
                   "b": jnp.sqrt(jnp.asarray(net.C_bs[l], dtype)) * b} for l, (W, b) in enumerate(xi))
 
 
-_init_jit = jax.jit(_init, static_argnums=(0, 2, 3))
+_init_jit = jax.jit(init_layers, static_argnums=(0, 2, 3))
 
 
 def _standard_normals(key, shapes, dtype):

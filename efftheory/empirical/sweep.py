@@ -333,13 +333,14 @@ def verdict(fit: WidthFit, a_pred, c1_pred=None, *, scale=None, nsigma: float = 
 def count_verdicts(verdicts) -> dict:
     """{verdict: count} over an iterable (or array) of verdict strings, in the order of :data:`VERDICTS`."""
     if isinstance(verdicts, (str, bytes)) or verdicts is None:
-        raise ValueError(f"verdicts: expected an iterable of verdicts among {VERDICTS}, got {_validate._short(verdicts)}")
+        raise ValueError(f"verdicts: expected an iterable of verdicts among {VERDICTS}, "
+                         f"got {_validate.short_repr(verdicts)}")
     try:
         vs = [str(v) for v in np.asarray(list(verdicts) if not isinstance(verdicts, np.ndarray) else verdicts,
                                          dtype=object).ravel()]
     except TypeError:
         raise ValueError(f"verdicts: expected an iterable of verdicts among {VERDICTS}, "
-                         f"got {_validate._short(verdicts)}") from None
+                         f"got {_validate.short_repr(verdicts)}") from None
     unknown = set(vs) - set(VERDICTS)
     if unknown:
         raise ValueError(f"verdicts: expected values among {VERDICTS}, got {sorted(unknown)}")

@@ -12,7 +12,8 @@ g^(L)_{i;a,k} = delta_{ik}) and the layer inputs a_{l-1} (a_0 = x, a_l = sigma(z
 
 so that
 
-    H_{i1 i2; a1 a2} = sum_l (g^(l)_{i1;a1} . g^(l)_{i2;a2}) [ lambda_b^(l) + (lambda_W^(l)/n_{l-1}) (a_{l-1;a1} . a_{l-1;a2}) ].
+    H_{i1 i2; a1 a2} = sum_l (g^(l)_{i1;a1} . g^(l)_{i2;a2})
+                       [ lambda_b^(l) + (lambda_W^(l)/n_{l-1}) (a_{l-1;a1} . a_{l-1;a2}) ].
 
 That is a handful of matmuls per layer; no Jacobian is materialized.  :func:`ntk_autodiff` is the
 generic (and much slower) path for any ``apply_fn``: it contracts ``jax.jacrev`` Jacobians with a

@@ -43,7 +43,6 @@ floating-point operations, so it gives bit-for-bit the results of an uninterrupt
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 import os
 import time
@@ -52,15 +51,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from .._progress import tqdm
 
-from .. import _validate
+from .. import _io, _validate
+from .._progress import tqdm
 from .._pytree import result
+from .._sharding import shard_map
 from ..network import MLP
 from . import cache as _cache
-from .._sharding import shard_map
-from .ensemble import _to_host, network_mesh
-from .networks import _check_key, _init, check_dtype, check_net, check_x, forward, learning_rates
+from .ensemble import network_mesh, to_host
+from .networks import check_dtype, check_key, check_net, check_x, forward, init_layers, learning_rates
 from .tangent import backward_vectors, ntk_from_layers
 
 __all__ = ["Training", "train", "default_train_chunk"]
@@ -199,7 +198,7 @@ def _fns(net: MLP, n0: int, dtype_name: str, chunk: int, mesh: Mesh | None = Non
 
     def init(base_key, start):
         keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base_key, start + jnp.arange(chunk, dtype=jnp.uint32))
-        return jax.vmap(lambda key: _init(net, key, n0, dtype))(keys)
+        return jax.vmap(lambda key: init_layers(net, key, n0, dtype))(keys)
 
     def loss_fn(p, x, y):
         z = forward(net, p, x)[1][-1]
@@ -221,7 +220,7 @@ def _fns(net: MLP, n0: int, dtype_name: str, chunk: int, mesh: Mesh | None = Non
             leaves = jax.tree_util.tree_leaves(p)
             moving = [a for a, m in zip(leaves, live) if m]
             frozen = [a for a, m in zip(leaves, live) if not m]
-            loss = lambda mv: loss_fn(merge(mv, frozen), x, y)  # noqa: E731
+            loss = lambda mv: loss_fn(merge(mv, frozen), x, y)
 
             def step(_, mv):
                 g = jax.grad(loss)(mv)
@@ -314,7 +313,7 @@ def _run_group(fns, net, base, gstart, blocks, chunk, D, xd_train, yd, xd_all, e
     if state is not None:
         fresh = None
         if len(blocks) < D:  # blocks past the last network were not saved: any parameters do (dropped)
-            fresh = {n: _to_host(v) for n, v in _param_arrays(init(base, np.uint32(gstart))).items()}
+            fresh = {n: to_host(v) for n, v in _param_arrays(init(base, np.uint32(gstart))).items()}
 
         def whole(name):
             have = [p[name] for p in state]
@@ -332,7 +331,7 @@ def _run_group(fns, net, base, gstart, blocks, chunk, D, xd_train, yd, xd_all, e
         z, l0, H, Khat = record(params, xd_all, yd, n_train, True)
         f_all = np.full((G, R, N, k), np.nan, dt)
         loss = np.full((G, R), np.nan, dt)
-        f_all[:, 0], loss[:, 0], H0, K0 = _to_host(z), _to_host(l0), _to_host(H), _to_host(Khat)
+        f_all[:, 0], loss[:, 0], H0, K0 = to_host(z), to_host(l0), to_host(H), to_host(Khat)
         r0 = 1
     last_save = time.monotonic()
     H_end = H0 if R == 1 else None
@@ -341,12 +340,12 @@ def _run_group(fns, net, base, gstart, blocks, chunk, D, xd_train, yd, xd_all, e
         params = segment(params, xd_train, yd, eta, n)
         final = r == R - 1
         z, lr_, H, _ = record(params, xd_all, yd, n_train, final)
-        f_all[:, r], loss[:, r] = _to_host(z), _to_host(lr_)
+        f_all[:, r], loss[:, r] = to_host(z), to_host(lr_)
         bar.update(n * len(blocks))
         if final:
-            H_end = _to_host(H)
+            H_end = to_host(H)
         elif ckpts and time.monotonic() - last_save >= checkpoint_every:
-            arrays = {n_: _to_host(v) for n_, v in _param_arrays(params).items()}
+            arrays = {n_: to_host(v) for n_, v in _param_arrays(params).items()}
             for i, (start, _) in enumerate(blocks):
                 sl = slice(i * chunk, (i + 1) * chunk)
                 part = {n_: v[sl] for n_, v in arrays.items()}
@@ -365,13 +364,12 @@ def _run_group(fns, net, base, gstart, blocks, chunk, D, xd_train, yd, xd_all, e
 
 def _config(net, x_train, y_train, x_test, key, eta, steps, record_every, dtype_name) -> dict:
     """What a cached chunk depends on (not the chunk size nor M: network m's training depends on neither)."""
-    def sha(a):
-        return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
-
     return {"kind": "train", "net": repr(net), "activation": net.sigma.name,
             "activation_fn": getattr(net.sigma.fn, "__qualname__", type(net.sigma.fn).__name__),
-            "x_train": [list(x_train.shape), sha(x_train)], "y_train": [list(y_train.shape), sha(y_train)],
-            "x_test": [list(x_test.shape), sha(x_test)], "key": _key_data(key), "learning_rate": repr(float(eta)),
+            "x_train": [list(x_train.shape), _io.array_sha256(x_train)],
+            "y_train": [list(y_train.shape), _io.array_sha256(y_train)],
+            "x_test": [list(x_test.shape), _io.array_sha256(x_test)], "key": _key_data(key),
+            "learning_rate": repr(float(eta)),
             "steps": int(steps), "record_every": int(record_every), "dtype": dtype_name}
 
 
@@ -415,7 +413,7 @@ def train(net: MLP, x_train, y_train, x_test, *, steps: int, learning_rate: floa
     T = _validate.positive_int("steps", steps, maximum=2**31 - 1)
     eta = _validate.real("learning_rate", learning_rate, positive=True)
     M = _validate.positive_int("n_networks", n_networks, maximum=_validate.MAX_NETWORKS)
-    key = _check_key(key)
+    key = check_key(key)
     r_every = max(1, math.ceil(T / 10)) if record_every is None else _validate.positive_int("record_every",
                                                                                                record_every)
     dtype_name = np.dtype(check_dtype(dtype)).name

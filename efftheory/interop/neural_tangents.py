@@ -40,16 +40,16 @@ _INSTALL_HINT = (
 )
 
 try:
-    import neural_tangents as nt  # noqa: F401
+    import neural_tangents as nt  # noqa: F401 - imported first to fail early with the install hint
     from neural_tangents import stax
 except ModuleNotFoundError as e:  # NT absent
     raise ImportError(_INSTALL_HINT) from e
 except Exception as e:  # NT present but broken, typically under a jax >= 0.6
     raise ImportError(f"{_INSTALL_HINT}. Importing it failed with {type(e).__name__}: {e}") from e
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import jax.scipy.special as jsp  # noqa: E402
+import jax  # noqa: E402 - after the neural-tangents check, which must run first
+import jax.numpy as jnp  # noqa: E402 - as above
+import jax.scipy.special as jsp  # noqa: E402 - as above
 
 __all__ = ["stax_mlp", "kernels", "activation_layer", "NTKernels", "DEFAULT_DEG"]
 

@@ -44,10 +44,11 @@ import errno
 import hashlib
 import json
 import os
-import tempfile
 
 import filelock
 import numpy as np
+
+from .._io import atomic_write, text_sha256
 
 FORMAT = 1
 NAMES = ("G1", "V", "H1", "A", "B", "D", "F")  # the order of finite.layer_step's state
@@ -63,20 +64,6 @@ def _checksum(arrays) -> str:
     return h.hexdigest()
 
 
-def _umask() -> int:
-    """The process's umask, read without changing it where Linux tells it (/proc/self/status)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    old = os.umask(0o022)
-    os.umask(old)
-    return old
-
-
 def _no_space(path: str, e: OSError) -> OSError:
     """``e`` again, its message naming ``path`` (a full disk says which file it could not write)."""
     return OSError(e.errno, f"store: cannot write {path}: {os.strerror(e.errno) if e.errno else e}", path)
@@ -84,24 +71,10 @@ def _no_space(path: str, e: OSError) -> OSError:
 
 def _write_json(path: str, obj) -> None:
     """Replace ``path`` atomically, with the permissions the user's umask gives a new file."""
-    folder = os.path.dirname(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+        atomic_write(path, json.dumps(obj, sort_keys=True), suffix=".json")
     except OSError as e:
         raise _no_space(path, e) from None
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            raise _no_space(path, e) from None
-        raise
 
 
 def _allocate(path: str, nbytes: int) -> None:
@@ -148,7 +121,7 @@ class LayerStore:
     def __init__(self, path: str, config: dict, L: int, N: int):
         self.path = os.fspath(path)
         self.config = dict(config, format=FORMAT, L=L, N=N)
-        self.hash = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()
+        self.hash = text_sha256(json.dumps(self.config, sort_keys=True))
         self.L, self.N = L, N
         self.lock = None
         if os.path.exists(self.path) and not os.path.isdir(self.path):

@@ -8,7 +8,7 @@ whose values are unknown while tracing; the entry points then dispatch here (sha
 to functions built from jnp operations alone, with rules of a fixed, documented size:
 
 * closed-form activations (relu, abs, erf, leaky_relu, sin, linear): the same closed forms as the
-  concrete path (:mod:`efftheory._fastmath`), exact;
+  concrete path (:mod:`efftheory.gaussian._fastmath`), exact;
 * scale-invariant activations on one input: closed forms in c+ = sigma(1), c- = -sigma(-1), exact;
 * finite width: one input by the closed one-input recursions (:func:`finite_single`, any sigma); two
   inputs by layer_step's recursions written in jnp (:func:`finite_two`) for smooth sigma only (the
@@ -39,9 +39,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._fastmath import pair_kernel
-from .._precision import check_traced, enable_x64 as _enable_x64, has_tracer, is_tracer
-from ..gaussian import derivative, normal_rule
+from .._precision import check_traced, has_tracer, is_tracer
+from .._precision import enable_x64 as _enable_x64
+from ..gaussian import derivative, normal_rule, pair_kernel
 
 __all__ = ["NODES_1D", "NODES_2D", "traced", "transform_name", "kernels", "chi", "finite_single", "finite_two"]
 
@@ -61,7 +61,8 @@ def homogeneous(act) -> bool:
         return act.homogeneous
 
 
-_NAMES = {"BatchTracer": "jax.vmap", "VmapTracer": "jax.vmap", "JVPTracer": "jax.grad/jax.jvp", "LinearizeTracer": "jax.grad/jax.linearize",
+_NAMES = {"BatchTracer": "jax.vmap", "VmapTracer": "jax.vmap", "JVPTracer": "jax.grad/jax.jvp",
+          "LinearizeTracer": "jax.grad/jax.linearize",
           "DynamicJaxprTracer": "jax.jit", "JitTracer": "jax.jit"}
 
 
@@ -180,7 +181,7 @@ def _expect2_pairs(fn, k11, k22, k12, n=NODES_2D):
     return jax.lax.map(one, (a, b, c))
 
 
-def pair_moments(act, K):
+def pair_moments_traced(act, K):
     """(S, dS) = (<sigma_a sigma_b>_K, <sigma'_a sigma'_b>_K) for an (N, N) kernel, traceable."""
     if act.has_closed_form:
         d = jnp.diagonal(K)
@@ -210,7 +211,7 @@ def kernels(net, x, keep):
     def step(carry, hp):
         K, T = carry
         cw, cb, lw, lbb = hp
-        S, dS = pair_moments(act, K)
+        S, dS = pair_moments_traced(act, K)
         K1, T1 = cb + cw * S, lbb + lw * S + cw * dS * T
         return (K1, T1), (K1, T1)
 
@@ -298,7 +299,7 @@ def _single_moments(act, K):
     s2, sp2 = s * s, sp * sp
     he2 = (z * z - K) / (2.0 * K * K)                       # d<f>/dK = <f (z^2 - K)> / (2 K^2)
     he4 = (z ** 4 - 6.0 * K * z * z + 3.0 * K * K) / K ** 4  # <f''''> = <f He4> / K^4
-    E = lambda f: jnp.sum(f * w)  # noqa: E731
+    E = lambda f: jnp.sum(f * w)
     return dict(S=E(s2), dS=E(sp2), dSdK=E(s2 * he2), dSpdK=E(sp2 * he2), T=E(s2 * he4), Tp=E(sp2 * he4),
                 P=E(sp * s * z) / K, Mss=E(s2 * s2), Mds=E(sp2 * s2), Mdd=E(sp2 * sp2))
 
@@ -398,7 +399,7 @@ def _finite_two_step(act, cw, lw, rr, K, Th, G1, V, H1, A, B, D, F):
     """One step l -> l+1 of layer_step's recursions for N = 2 inputs, in jnp (smooth sigma only):
     the pair operators by autodiff derivatives of sigma (no kinks: no integration by parts needed)
     under the 2-d rule, the diagonal pairs by the one-input forms, sources on the same grid."""
-    from .finite import _pair_index
+    from .finite import pair_index
 
     N = 2
     D0, D1, w = _pair_grid(act, K[0, 0], K[1, 1], K[0, 1])
@@ -459,7 +460,7 @@ def _finite_two_step(act, cw, lw, rr, K, Th, G1, V, H1, A, B, D, F):
         return jnp.stack(list(out.reshape(-1))).reshape((N,) * 4)
 
     Mss, Mds, Mdd = source("ss"), source("ds"), source("dd")
-    P = _pair_index(N).reshape(-1, 2)
+    P = pair_index(N).reshape(-1, 2)
     n2 = N * N
 
     def apply(C2, X):
@@ -470,14 +471,14 @@ def _finite_two_step(act, cw, lw, rr, K, Th, G1, V, H1, A, B, D, F):
         return out
 
     def contract4(T, X):
-        Pi = _pair_index(N)
+        Pi = pair_index(N)
         first, second = (Pi[..., i][:, :, None, None, None, None] for i in range(2))
         slot = np.indices((2, 2, 2, 2))[:, None, None]
         g = [np.where(slot[k] == 0, first, second) for k in range(4)]
         return jnp.einsum("pqabcd,pqabcd->pq", T, X[g[0], g[1], g[2], g[3]])
 
     def pair_gather(X):
-        Pi = _pair_index(N)
+        Pi = pair_index(N)
         a1, a2 = Pi[..., 0][:, :, None, None], Pi[..., 1][:, :, None, None]
         ga = np.broadcast_to(Pi[:, :, :, None], (N, N, 2, 2))
         gb = np.broadcast_to(Pi[:, :, None, :], (N, N, 2, 2))
@@ -490,8 +491,8 @@ def _finite_two_step(act, cw, lw, rr, K, Th, G1, V, H1, A, B, D, F):
         out = out + p0[:, :, None, None] * p1[None, None] * jnp.einsum("aacd->acd", F)[:, None]
         return out + p1[:, :, None, None] * p0[None, None] * jnp.einsum("abcc->abc", F)[..., None]
 
-    m = lambda X: X.reshape(n2, n2)  # noqa: E731
-    t = lambda X: X.reshape(N, N, N, N)  # noqa: E731
+    m = lambda X: X.reshape(n2, n2)
+    t = lambda X: X.reshape(N, N, N, N)
     Z = cw * dS
     R2, Rp2 = cw / 2 * R2, cw / 2 * Rp2
     Q2 = (lw / cw) * R2 + Th[:, :, None, None] * Rp2
@@ -535,7 +536,7 @@ def finite_two(net, x):
     names = ("K", "Theta", "G1", "V", "H1", "A", "B", "D", "F")
 
     def step(c, hp):
-        K, Th = c[0], c[1]
+        Th = c[1]
         cw, cb, lw, lbb, rr = hp
         S, dS, rest = _finite_two_step(act, cw, lw, rr, *c)
         out = (cb + cw * S, lbb + lw * S + cw * dS * Th) + rest

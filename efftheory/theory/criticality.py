@@ -40,15 +40,17 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.optimize import brentq, minimize_scalar
 
 from .. import _validate
 from .._pytree import result
-from ..activations import get_activation
+from ..activations import Activation, get_activation
 from ..gaussian import derivative, expect1, nodes_for, rule_size
 
 __all__ = ["Criticality", "FixedPoint", "chi_parallel", "chi_perp", "fixed_point", "critical_init",
@@ -92,7 +94,7 @@ def _limits0(fn):
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def _moments_jit(fn, K, order):
-    """(<sigma^2>_K, d<sigma^2>_K/dK, <sigma'^2>_K) for an array of variances K >= 0 (gaussian.py's rule)."""
+    """(<sigma^2>_K, d<sigma^2>_K/dK, <sigma'^2>_K) for an array of variances K >= 0 (efftheory.gaussian._rules)."""
     ds = derivative(fn)
     sig2 = expect1(lambda z: fn(z) ** 2, K, order=order)
     dsig2 = expect1(lambda z: fn(z) * ds(z) * z, K, order=order) / jnp.where(K > 0, K, 1.0)
@@ -201,7 +203,7 @@ def _dsig2_dK(act, K):
     return _moments(act, K)[1]
 
 
-def chi_parallel(activation, K, C_W=1.0):
+def chi_parallel(activation: str | Activation | Callable, K: ArrayLike, C_W: ArrayLike = 1.0) -> jax.Array:
     """Parallel susceptibility C_W d<sigma^2>_K/dK at variance(s) K (PDLT eq. 5.9).
 
     K = 0 gives the limit K -> 0+ (for relu, C_W/2: the value at every K > 0).
@@ -219,7 +221,7 @@ def chi_parallel(activation, K, C_W=1.0):
     return np.asarray(C_W * _dsig2_dK(act, K))
 
 
-def chi_perp(activation, K, C_W=1.0):
+def chi_perp(activation: str | Activation | Callable, K: ArrayLike, C_W: ArrayLike = 1.0) -> jax.Array:
     """Perpendicular susceptibility C_W <sigma'(z)^2>_K (PDLT eq. 5.10); K = 0 gives the limit K -> 0+.
 
     A JAX function of K and C_W under jax.jit / vmap / grad, as :func:`chi_parallel`."""
@@ -352,7 +354,7 @@ def _root(v, a, b):
                   maxiter=500)
 
 
-def fixed_point(activation, C_W, C_b, *, K0=1.0) -> FixedPoint:
+def fixed_point(activation: str | Activation | Callable, C_W: float, C_b: float, *, K0: float = 1.0) -> FixedPoint:
     """The fixed point K* = C_b + C_W <sigma^2>_{K*} that the recursion reaches from K0 (PDLT ch. 5).
 
     Returns a :class:`FixedPoint`: a float K* that says what kind of fixed point it is.
@@ -486,7 +488,7 @@ class Criticality:
         return chi_perp(self.activation, K, self.C_W)
 
 
-def critical_init(activation) -> Criticality:
+def critical_init(activation: str | Activation | Callable) -> Criticality:
     """(C_b, C_W) at criticality for any activation, with its universality class (PDLT ch. 5).
 
     Closed values: scale-invariant (0, 2/(c+^2 + c-^2)) exactly (relu 2, leaky_relu(a) 2/(1 + a^2),

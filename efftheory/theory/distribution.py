@@ -5,7 +5,8 @@ Their covariance is delta_{ij} Sigma with Sigma = K + G1/n, and their only O(1/n
 the fourth cumulant
 
     kappa(z_{i1 a1}, z_{i2 a2}, z_{i3 a3}, z_{i4 a4})
-        = (1/n) [ d_{i1i2} d_{i3i4} V_{(a1a2)(a3a4)} + d_{i1i3} d_{i2i4} V_{(a1a3)(a2a4)} + d_{i1i4} d_{i2i3} V_{(a1a4)(a2a3)} ].
+        = (1/n) [ d_{i1i2} d_{i3i4} V_{(a1a2)(a3a4)} + d_{i1i3} d_{i2i4} V_{(a1a3)(a2a4)}
+                  + d_{i1i4} d_{i2i3} V_{(a1a4)(a2a3)} ].
 
 The first-order (Edgeworth) density of the D = k N numbers z (k neurons on N inputs) is
 
@@ -23,11 +24,13 @@ Everything here is float64 and the density functions are pure jnp functions of a
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import ndtr
+from numpy.typing import ArrayLike
 
 from .. import _validate
 from .._pytree import result
@@ -416,7 +419,8 @@ class OutputDistribution:
 # constructor
 
 
-def output_distribution(net: MLP | None, x=None, width=None, layer: int = -1, *, neurons: int = 1,
+def output_distribution(net: MLP | None, x: ArrayLike | None = None, width: int | Sequence[int] | None = None,
+                        layer: int = -1, *, neurons: int = 1,
                         finite: FiniteWidth | None = None, tol: float = 1e-9) -> OutputDistribution:
     """The first-order distribution of layer ``layer``'s preactivations at width ``width`` (docs/distribution.md).
 

@@ -49,30 +49,26 @@ means R, S, T, U).  Smooth activations only: sigma''' enters as a function.
 Numerics: per set of at most four distinct inputs, a tensor midpoint rule in the range of the marginal
 covariance (eigendecomposition, zero directions dropped: identical or collinear inputs give no NaN) on
 [-7.5, 7.5], the step of each direction chosen from how fast z moves along it and ``tol`` (the strip bound
-of :func:`efftheory.gaussian.nodes_for`, see ``_nodes``).  Cost ~ C(N, 4) x (product of the node counts).
+of :func:`efftheory.gaussian.nodes_for`): :func:`efftheory.gaussian.derivative_moments`.  Cost ~ C(N, 4) x
+(product of the node counts).
 """
 
 from __future__ import annotations
 
-import functools
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .. import _validate
 from .._pytree import result
-from ..gaussian import derivative, range_factor
+from ..gaussian import DERIVATIVE_PAIRS, derivative_moments
 from ..network import MLP
-from .finite import _p_transform
+from .finite import p_transform
 from .infinite import check_net, infinite_width
 
-__all__ = ["DNTKStatistics", "dntk_statistics", "dntk_step", "bf_step", "gaussian_moments"]
+__all__ = ["DNTKStatistics", "dntk_statistics", "dntk_step", "bf_step"]
 
-_TAIL = 7.5  # standard-normal mass beyond: 6e-14
-_PATTERNS = ("1010", "2110", "2011", "3111", "1111", "2211", "1100", "1201")
-_PAIRS = ("11", "20", "22", "31")
 
 
 @result(meta=("net",))
@@ -94,114 +90,6 @@ class DNTKStatistics:
     net: MLP
 
 
-_CHUNK = 2048  # nodes per step of the moment kernel (its working set stays in cache)
-_BLOCK = 32    # steps per call
-
-
-@functools.lru_cache(maxsize=64)
-def _moment_kernel(fn):
-    """jitted (U (_BLOCK, _CHUNK, 4) nodes in the range directions, W (_BLOCK, _CHUNK), L (4, 4)) ->
-    (acc4 (patterns, 16, 16), acc2 (pairs, 4, 4)): sum_n W_n of the products of gaussian_moments for
-    four members z = L u (unused members and directions zero).  One compiled program per sigma."""
-    ders = _derivatives_raw(fn)
-
-    def run(U, W, L):
-        def step(acc, uw):
-            Uc, Wc = uw
-            D = ders(Uc @ L.T)  # sigma and its first three derivatives at the chunk's nodes, (chunk, 4) each
-            two = {}
-            for q in {p[:2] for p in _PATTERNS} | {p[2:] for p in _PATTERNS}:
-                two[q] = (D[int(q[0])][:, :, None] * D[int(q[1])][:, None, :]).reshape(-1, 16)
-            a4 = jnp.stack([(two[p[:2]] * Wc[:, None]).T @ two[p[2:]] for p in _PATTERNS])
-            a2 = jnp.stack([(D[int(p[0])] * Wc[:, None]).T @ D[int(p[1])] for p in _PAIRS])
-            return (acc[0] + a4, acc[1] + a2), None
-
-        zero = (jnp.zeros((len(_PATTERNS), 16, 16), U.dtype), jnp.zeros((len(_PAIRS), 4, 4), U.dtype))
-        return jax.lax.scan(step, zero, (U, W))[0]
-
-    return jax.jit(run)
-
-
-def _derivatives_raw(fn):
-    d1 = derivative(fn)
-    d2 = derivative(d1)
-    d3 = derivative(d2)
-    return lambda z: (fn(z), d1(z), d2(z), d3(z))
-
-
-def _nodes(scale: float, tol: float, strip: float = np.pi / 2) -> int:
-    """Midpoint nodes on [-_TAIL, _TAIL] for a direction u along which z moves by at most ``scale`` per
-    unit of u: the strip bound of gaussian.nodes_for (poles of sigma at distance ``strip`` in z, so
-    strip/scale in u: pi/2 for tanh, :attr:`efftheory.activations.Activation.strip` for sharper
-    callables), with +30 instead of +8 in the logarithm: products like tanh''^2 tanh'^2 (poles of
-    order 12) were measured to lose 4e-5 relative at the +8 step (K = 0.7, 38 nodes); +30 reaches
-    1e-11 there."""
-    h = min(0.5, 2.0 * np.pi * strip / (max(scale, 1e-300) * (np.log(2.0 / tol) + 30.0)))
-    return 2 * int(np.ceil(_TAIL / h))
-
-
-@functools.lru_cache(maxsize=64)
-def _rule(m: int):
-    u = -_TAIL + (np.arange(m) + 0.5) * (2 * _TAIL / m)
-    w = np.exp(-0.5 * u * u)
-    return u, w / w.sum()
-
-
-def gaussian_moments(fn, K, *, tol: float = 1e-9, strip: float = np.pi / 2):
-    """Four-input and two-input moments of sigma and its first three derivatives at z ~ N(0, K).
-
-    Returns (M4, E2): M4[p] (N, N, N, N) = <s^(k0)_a s^(k1)_b s^(k2)_c s^(k3)_d> for each pattern
-    p = "k0k1k2k3" of ``_PATTERNS``; E2[p] (N, N) = <s^(k)_a s^(l)_b> for p = "kl" of ``_PAIRS``.
-    """
-    K = np.asarray(K, np.float64)
-    N = K.shape[0]
-    M4 = {p: np.zeros((N,) * 4) for p in _PATTERNS}
-    E2 = {p: np.zeros((N, N)) for p in _PAIRS}
-    subsets = [tuple(range(N))] if N <= 4 else list(itertools.combinations(range(N), 4))
-    for S in subsets:
-        S = np.asarray(S)
-        s = len(S)
-        L = range_factor(K[np.ix_(S, S)])
-        L = L[:, np.any(L != 0, axis=0)]
-        # per direction of the range, the step its own strip allows (small eigen-directions need few nodes)
-        rules = sorted((_rule(_nodes(float(np.max(np.abs(L[:, i]))), tol, strip)) + (i,) for i in range(L.shape[1])),
-                       key=lambda t: len(t[0]))
-        L = L[:, [t[2] for t in rules]]  # directions by increasing node count
-        r = L.shape[1]
-        # every node of the tensor grid, in blocks of _BLOCK x _CHUNK nodes through one compiled
-        # program of fixed shapes (directions and members padded to 4): no program per grid size
-        sizes = [len(t[0]) for t in rules]
-        total = int(np.prod(sizes)) if r else 1
-        Lp = np.zeros((4, 4))
-        Lp[:s, :r] = L
-        acc4 = {p: np.zeros((16, 16)) for p in _PATTERNS}
-        acc2 = {p: np.zeros((4, 4)) for p in _PAIRS}
-        kernel = _moment_kernel(fn)
-        per_call = _BLOCK * _CHUNK
-        for lo in range(0, total, per_call):
-            flat = np.arange(lo, min(lo + per_call, total))
-            U = np.zeros((per_call, 4))
-            Wt = np.zeros(per_call)
-            Wt[:flat.size] = 1.0
-            for d, idx in enumerate(np.unravel_index(flat, sizes) if r else ()):
-                U[:flat.size, d] = rules[d][0][idx]
-                Wt[:flat.size] *= rules[d][1][idx]
-            a4, a2 = kernel(U.reshape(_BLOCK, _CHUNK, 4), Wt.reshape(_BLOCK, _CHUNK), Lp)
-            a4, a2 = np.asarray(a4), np.asarray(a2)
-            for n, p in enumerate(_PATTERNS):
-                acc4[p] += a4[n]
-            for n, p in enumerate(_PAIRS):
-                acc2[p] += a2[n]
-        keep = (np.arange(4)[:, None] * 4 + np.arange(4)[None, :])[:s, :s].reshape(-1)
-        acc4 = {p: v[np.ix_(keep, keep)] for p, v in acc4.items()}
-        acc2 = {p: v[:s, :s] for p, v in acc2.items()}
-        for p in _PATTERNS:
-            M4[p][np.ix_(S, S, S, S)] = acc4[p].reshape(s, s, s, s)
-        for p in _PAIRS:
-            E2[p][np.ix_(S, S)] = acc2[p]
-    return M4, E2
-
-
 def _slot_derivative(first, second):
     """D[a, b, g] = d_{ga} first[a, b] + d_{gb} second[a, b] (chain rule onto inputs)."""
     N = first.shape[0]
@@ -215,14 +103,14 @@ def bf_step(C_W, r, Theta, B, F, M4, E2):
     B_new = C**2 * Th[:, None, :, None] * Th[None, :, None, :] * M4["1111"] \
         + r * C**2 * E11[:, :, None, None] * E11[None, None, :, :] * B
     # sum_{g h} Du[a,b,g] Du[c,d,h] F_{a g c h}, Du on the pair's own inputs: (E20, E11) per pair
-    F_new = C**2 * Th[:, None, :, None] * M4["1010"] + r * C**2 * _p_transform(np.stack([E2["20"], E11], -1), F)
+    F_new = C**2 * Th[:, None, :, None] * M4["1010"] + r * C**2 * p_transform(np.stack([E2["20"], E11], -1), F)
     return B_new, F_new
 
 
 def dntk_step(C_W, lam_W, r, K, Theta, B, F, P, Q, R, S, T, U, M4, E2):
     """One step l -> l+1 of the six recursions (module docstring); numpy float64 in and out."""
     C, lam, Th = C_W, lam_W, Theta
-    E11, E20, E22, E31 = (E2[p] for p in _PAIRS)
+    E11, E20, E22, E31 = (E2[p] for p in DERIVATIVE_PAIRS)
     Th01 = Th[:, :, None, None]  # Th_ab for slots (a, b, c, d)
     Th02 = Th[:, None, :, None]  # Th_ac
     Th03 = Th[:, None, None, :]  # Th_ad
@@ -253,7 +141,7 @@ def dntk_step(C_W, lam_W, r, K, Theta, B, F, P, Q, R, S, T, U, M4, E2):
     return P_new, Q_new, R_new, S_new, T_new, U_new
 
 
-def dntk_statistics(net: MLP, x, *, tol: float = 1e-9) -> DNTKStatistics:
+def dntk_statistics(net: MLP, x: ArrayLike, *, tol: float = 1e-9) -> DNTKStatistics:
     """P, Q, R, S, T, U (L, N, N, N, N) of every layer of ``net`` on inputs x (N, n_0), float64.
 
     Width ratios r_l = n_l/n_{l-1} come from ``net``'s hidden widths; a statistic of layer l is the
@@ -280,7 +168,7 @@ def dntk_statistics(net: MLP, x, *, tol: float = 1e-9) -> DNTKStatistics:
     out = [state]
     ratios = net.width_ratios()
     for l in range(1, L):
-        M4, E2 = gaussian_moments(net.sigma.fn, Ks[l - 1], tol=tol, strip=net.sigma.strip)
+        M4, E2 = derivative_moments(net.sigma.fn, Ks[l - 1], tol=tol, strip=net.sigma.strip)
         C_W, r = net.C_Ws[l], ratios[l - 1]
         state = dntk_step(C_W, net.lambda_Ws[l], r, Ks[l - 1], Ts[l - 1], B, F, *state, M4, E2)
         B, F = bf_step(C_W, r, Ts[l - 1], B, F, M4, E2)

@@ -22,7 +22,7 @@ Operators, evaluated at K = K^(l) for every pair p = (a1, a2) (docs/theory.md):
     P_{(a b), g}   =         <d_g (sigma'_a sigma_b)>
     Z_{ab} = C_W <sigma'_a sigma'_b>,   Q = (lambda_W / C_W) R + Theta (.) R'   (rows scaled by Theta_p)
 
-all from Hermite moments in whitened coordinates (:mod:`efftheory.hermite`).  With r = n_l/n_{l-1},
+all from Hermite moments in whitened coordinates (:mod:`efftheory.gaussian._hermite`).  With r = n_l/n_{l-1},
 the recursions from layer l to l+1 (hyperparameters of layer l+1) are
 
     V'  = C_W^2 cov[ss, ss] + r R V R^T                                               (docs/theory.md)
@@ -47,24 +47,21 @@ gives G1 and H1.  (cov[f, g] is the single-neuron covariance <f g> - <f><g> over
 from __future__ import annotations
 
 import functools
-import hashlib
-import math
-import threading
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from numpy.typing import ArrayLike
 
-from .._precision import enable_x64 as _enable_x64
 from .._pytree import result
-from ..gaussian import derivative, rule_size
-from ..hermite import hermite_moments2, whiten2
-from ..products import HOST_SETS, SET_BLOCK, SET_BYTES, STOP, source_moments
+from ..gaussian import HOST_SETS, SET_BLOCK, derivative, hermite_moments2, rule_size, source_moments, whiten2
 from ..network import MLP
-from ._store import NAMES as STATE, LayerStore  # STATE: the order of layer_step's state
+from . import _schedule
 from .infinite import check_net, infinite_width
 
-__all__ = ["FiniteWidth", "FiniteWidthDiagonal", "Prediction", "finite_width", "finite_width_diagonal", "layer_step", "layer_sources"]
+__all__ = ["FiniteWidth", "FiniteWidthDiagonal", "Prediction", "finite_width", "finite_width_diagonal", "layer_step",
+           "layer_sources"]
 
 
 @result
@@ -180,7 +177,7 @@ class FiniteWidth:
 # pair operators
 
 
-def _pair_index(N):
+def pair_index(N):
     a1, a2 = np.meshgrid(np.arange(N), np.arange(N), indexing="ij")
     return np.stack([a1, a2], -1)  # (N, N, 2): the inputs (a1, a2) of pair p
 
@@ -208,10 +205,8 @@ def _pair_operators(sig, dsig, homogeneous, order, rtol, K):
 
 def _pair_operators_host(sig, homogeneous, order, rtol, K):
     """:func:`_pair_operators` in numpy (small N): the same rules, sigma through
-    :func:`efftheory.products.sd_values`, no compiled program per shape."""
-    from ..hermite import (hermite_from_monomials_np, polar_monomials_np, trapezoid_monomials_np,
-                           whiten2_np)
-    from ..products import sd_values
+    :func:`efftheory.gaussian._sources.sd_values`, no compiled program per shape."""
+    from ..gaussian import hermite_from_monomials_np, polar_monomials_np, sd_values, trapezoid_monomials_np, whiten2_np
 
     N = K.shape[0]
     d = np.diagonal(K)
@@ -259,7 +254,7 @@ def _apply(C2, X):
     without forming C (it has at most four entries per row): row p = (a1, a2) of C X is
     sum_{ab} C2[p, a, b] X[(g_a, g_b)] with g = (a1, a2), the pair's own inputs."""
     N = C2.shape[0]
-    P = _pair_index(N).reshape(-1, 2)
+    P = pair_index(N).reshape(-1, 2)
     out = None
     for a in range(2):
         for b in range(2):
@@ -272,7 +267,7 @@ def _contract4(T4, X):
     """(T.X)_p = sum_abcd T4[p,a,b,c,d] X[g_a, g_b, g_c, g_d] with g = (a1, a2) of pair p."""
     T4 = np.asarray(T4)
     N = T4.shape[0]
-    P = _pair_index(N)
+    P = pair_index(N)
     first, second = (P[..., i][:, :, None, None, None, None] for i in range(2))
     slot = np.indices((2, 2, 2, 2))[:, None, None]  # which member of the pair each slot takes
     gath = [np.where(slot[k] == 0, first, second) for k in range(4)]
@@ -281,7 +276,7 @@ def _contract4(T4, X):
 
 def _pair_gather(X, N):
     """G[a1, a2, a, b] = X[a1, a2, g_a, g_b] for X (N, N, N, N) and g = (a1, a2)."""
-    P = _pair_index(N)
+    P = pair_index(N)
     a1 = P[..., 0][:, :, None, None]
     a2 = P[..., 1][:, :, None, None]
     ga = P[:, :, :, None]
@@ -289,7 +284,7 @@ def _pair_gather(X, N):
     return X[a1, a2, np.broadcast_to(ga, (N, N, 2, 2)), np.broadcast_to(gb, (N, N, 2, 2))]
 
 
-def _p_transform(P1, F):
+def p_transform(P1, F):
     """sum_{g h} P_{(ab),g} P_{(cd),h} F_{a g c h}: slot g of pair (a, b) is input a (g = 0) or b (g = 1),
     so the four terms read F on its diagonals F_aacc, F_aacd, F_abcc and F itself (no gathered copies)."""
     p0, p1 = P1[..., 0], P1[..., 1]
@@ -310,7 +305,7 @@ def _pair_order(act, K):
 
 
 def layer_sources(act, K, *, tol: float = 1e-9, block: int = SET_BLOCK):
-    """The single-neuron moments Mss, Mds, Mdd of :func:`efftheory.products.source_moments` that
+    """The single-neuron moments Mss, Mds, Mdd of :func:`efftheory.gaussian._sources.source_moments` that
     :func:`layer_step` at kernel K needs (each (N,)*4; its 2-input rule as layer_step's)."""
     return source_moments(act, K, tol=tol, order2=_pair_order(act, K), block=block)
 
@@ -318,7 +313,7 @@ def layer_sources(act, K, *, tol: float = 1e-9, block: int = SET_BLOCK):
 def layer_step(act, C_W, lam_W, r, K, Theta, G1, V, H1, A, B, D, F, *, tol: float = 1e-9,
                block: int = SET_BLOCK, sources=None):
     """One step l -> l+1 of every first-order recursion (module docstring); numpy float64 in/out.
-    ``block``: sets of three or four inputs integrated at once (:func:`efftheory.products.source_moments`).
+    ``block``: sets of three or four inputs integrated at once (:func:`efftheory.gaussian._sources.source_moments`).
     ``sources``: :func:`layer_sources` (act, K) computed beforehand (overwritten here), or None."""
     N = K.shape[0]
     hom = act.homogeneous
@@ -337,14 +332,14 @@ def layer_step(act, C_W, lam_W, r, K, Theta, G1, V, H1, A, B, D, F, *, tol: floa
     # single-neuron four-point moments, turned into covariances in place once B and F have used them
     # (the N^4 arrays are the memory of this step: finite_width's budget counts _STEP_TENSORS of them)
     Mss, Mds, Mdd = sources if sources is not None else layer_sources(act, K, tol=tol, block=block)
-    m = lambda X: X.reshape(n2, n2)  # noqa: E731
-    t = lambda X: X.reshape(N, N, N, N)  # noqa: E731
+    m = lambda X: X.reshape(n2, n2)
+    t = lambda X: X.reshape(N, N, N, N)
     T12 = Theta[:, :, None, None]
     T34 = Theta[None, None, :, :]
     zf = Z.reshape(-1)
     B_new = r * Z[:, :, None, None] * Z[None, None, :, :] * B
     B_new += C_W**2 * Theta[:, None, :, None] * Theta[None, :, None, :] * Mdd
-    F_new = r * C_W**2 * _p_transform(P1, F)
+    F_new = r * C_W**2 * p_transform(P1, F)
     F_new += C_W**2 * Theta[:, None, :, None] * Mds.transpose(0, 2, 1, 3)
     cov_ss, cov_ds, cov_dd = Mss, Mds, Mdd
     cov_ss -= S[:, :, None, None] * S[None, None]
@@ -389,151 +384,8 @@ def layer_step(act, C_W, lam_W, r, K, Theta, G1, V, H1, A, B, D, F, *, tol: floa
     return G1_new, V_new, H1_new, A_new, B_new, D_new, F_new
 
 
-_STEP_TENSORS = 20      # (N,)*4 float64 arrays alive at once in layer_step, inputs and outputs included (18 measured)
-_AHEAD = 2              # layers whose sources finite_width computes ahead, in threads (3 (N,)*4 arrays each;
-                        # 1 + _AHEAD source computations, each with its block of sets, may run at once)
-_FLOOR = 64 << 20       # quadrature tables and buffers that do not grow with N
-_MIN_BLOCK = 64         # fewest sets per quadrature block a memory budget may force
-
-
-def _plan_memory(N: int, L: int, memory, on_disk: bool, available: int | None = None) -> int:
-    """Sets per quadrature block within ``memory`` bytes, or, when ``memory`` is None, within the
-    memory the machine has available now (``available``; default: :func:`_validate.available_memory`);
-    raises ValueError, with the numbers and the remedy, if the held tensors and one layer step alone
-    exceed it."""
-    from .. import _validate
-
-    t4 = 8.0 * N**4
-    held = 0.0 if on_disk else 6.0 * L * t4  # five (L, N,N,N,N) results and one converted copy
-    fixed = held + (_STEP_TENSORS + 3 * _AHEAD) * t4 + _FLOOR
-    per_set = (1 + _AHEAD) * SET_BYTES  # every source computation in flight holds a block
-    budget = memory if memory is not None else (_validate.available_memory() if available is None else available)
-    if budget is None:
-        return SET_BLOCK
-    block = int(min(SET_BLOCK, (budget - fixed) // per_set)) if budget > fixed else 0
-    if block < _MIN_BLOCK:
-        need = fixed + _MIN_BLOCK * per_set
-        hint = "" if on_disk else (f"; {_validate._bytes(held)} of it holds the returned tensors: "
-                                   "give store=<directory> to keep them on disk")
-        if memory is not None:
-            raise ValueError(f"memory: {_validate._bytes(memory)} is below the {_validate._bytes(need)} that "
-                             f"N = {N}, depth {L} needs ({_validate._bytes(_STEP_TENSORS * t4)} for one layer step"
-                             f"{hint})")
-        raise ValueError(f"x: N = {N} inputs at depth {L} need {_validate._bytes(need)} of memory "
-                         f"({_validate._bytes(_STEP_TENSORS * t4)} for one layer step{hint}), more than the "
-                         f"{_validate._bytes(budget)} this machine has available; fewer inputs"
-                         f"{'' if on_disk else ', store=<directory>'} or a machine with more memory would fit")
-    return block
-
-
-class _Ahead:
-    """fn() computed in a thread: finite_width computes the sources of the next _AHEAD layers while a
-    layer step runs, so that one layer's host work (rules, items, the N^4 algebra) overlaps
-    another's kernels, and on one JAX device two kernels run at once.  :meth:`cancel` stops it at
-    its next kernel call (:func:`efftheory.products.check_stop`) and waits for it (about a second),
-    so that an interrupted finite_width leaves no thread running: measured, a daemon thread here
-    made Ctrl-C end in "terminate called ... exception not rethrown" at interpreter exit."""
-
-    def __init__(self, fn):
-        self._out = None
-        self._stop = threading.Event()
-        self._x64 = bool(jax.config.jax_enable_x64)  # config contexts are thread-local: the caller's, in the thread
-        self._thread = threading.Thread(target=self._run, args=(fn,), name="efftheory-sources")
-        self._thread.start()
-
-    def _run(self, fn):
-        STOP.set(self._stop)  # this thread's context only
-        try:
-            with _enable_x64(self._x64):
-                self._out = (True, fn())
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread by result()
-            self._out = (False, e)
-
-    def cancel(self):
-        self._stop.set()
-        self._thread.join()
-
-    def result(self):
-        self._thread.join()
-        ok, value = self._out
-        if not ok:
-            raise value
-        return value
-
-
-def _code_fingerprint(fn) -> str:
-    """What a Python function's definition says: its code (nested code objects included), constants,
-    defaults and the values its closure captured, without memory addresses, so that two lambdas
-    that differ only in a constant (``clip(z, -6, 6)`` and ``clip(z, -8, 8)``) never collide.  A
-    callable without Python code (a ufunc, a ``functools.partial``, an instance) gives its type and
-    the fingerprints of what it wraps, as far as they can be read."""
-
-    def code(c) -> str:
-        consts = [code(k) if hasattr(k, "co_code") else repr(k) for k in c.co_consts]
-        return repr((c.co_name, c.co_code.hex(), consts, c.co_names))
-
-    def value(v, depth=0) -> str:
-        if depth > 3:
-            return type(v).__qualname__
-        if hasattr(v, "__code__"):
-            cells = [value(cell.cell_contents, depth + 1) for cell in (v.__closure__ or ())
-                     if _cell_filled(cell)]
-            return repr((getattr(v, "__module__", None), v.__qualname__, code(v.__code__),
-                         [value(d, depth + 1) for d in (v.__defaults__ or ())], cells))
-        if isinstance(v, functools.partial):
-            return repr(("partial", value(v.func, depth + 1), [value(a, depth + 1) for a in v.args],
-                         sorted((k, value(a, depth + 1)) for k, a in v.keywords.items())))
-        if isinstance(v, (int, float, complex, str, bytes, bool, type(None))):
-            return repr(v)
-        if isinstance(v, (tuple, list)):
-            return repr([value(a, depth + 1) for a in v])
-        if isinstance(v, (np.ndarray, jax.Array)):
-            a = np.asarray(v)
-            return repr((a.dtype.str, a.shape, hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()))
-        name = f"{type(v).__module__}.{type(v).__qualname__}"
-        if callable(v) and hasattr(v, "__name__"):  # a module-level function, a ufunc, a jnp function
-            return repr((name, getattr(v, "__module__", None), v.__name__))
-        return name
-
-    return hashlib.sha256(value(fn).encode()).hexdigest()
-
-
-def _cell_filled(cell) -> bool:
-    try:
-        cell.cell_contents
-    except ValueError:  # an empty closure cell
-        return False
-    return True
-
-
-def _config(net: MLP, x: np.ndarray, tol: float, K_max: float | None = None) -> dict:
-    """What a store's results depend on (:mod:`._store`): sigma by its definition and its values.
-
-    sigma is sampled on 4001 points spanning 20 standard deviations of the widest kernel the
-    computation meets (``K_max``, the largest diagonal of K over the layers; no rule of the
-    integrals reaches that far) and on points out to |z| = 1e4, and its code is fingerprinted
-    (:func:`_code_fingerprint`): two callables of one name that differ anywhere the integrals look,
-    or in their definition, give different stores.
-    """
-    if K_max is None:
-        K_max = float(np.max(np.diagonal(np.asarray(infinite_width(net, x).K), axis1=1, axis2=2)))
-    reach = max(8.0, 20.0 * math.sqrt(max(K_max, 0.0)))
-    tails = np.logspace(-6.0, 4.0, 81)
-    probe = np.concatenate([np.linspace(-reach, reach, 4001), tails, -tails])
-    fn = np.asarray(net.sigma.fn(jnp.asarray(probe, jnp.float64)), dtype=np.float64)
-    if fn.shape != probe.shape:
-        raise ValueError(f"net: the activation returned shape {fn.shape} for {probe.shape} inputs; "
-                         "expected an elementwise function")
-    from .. import __version__
-
-    return {"net": repr(net), "sigma": hashlib.sha256(fn.tobytes()).hexdigest(),
-            "sigma_code": _code_fingerprint(net.sigma.fn), "smooth": net.sigma.smooth,
-            "x": hashlib.sha256(np.ascontiguousarray(x, np.float64).tobytes()).hexdigest() + str(x.shape),
-            "tol": tol, "efftheory": __version__}
-
-
-def finite_width(net: MLP, x, *, tol: float = 1e-9, progress: bool = False, memory: float | None = None,
-                 store=None) -> FiniteWidth:
+def finite_width(net: MLP, x: ArrayLike, *, tol: float = 1e-9, progress: bool = False, memory: float | None = None,
+                 store: str | os.PathLike | None = None) -> FiniteWidth:
     """First-order finite-width statistics of every layer of ``net`` on inputs x (N, n_0).
 
     Returns a :class:`FiniteWidth` with K, Theta, G1, H1 (L, N, N) and V, A, B, D, F
@@ -542,9 +394,11 @@ def finite_width(net: MLP, x, *, tol: float = 1e-9, progress: bool = False, memo
 
     Args:
       tol: target absolute accuracy of the three- and four-input Gaussian integrals (the sources
-        of V, A, B, D, F) for smooth activations; see :mod:`efftheory.products`.  Their cost
+        of V, A, B, D, F) for smooth activations; see :mod:`efftheory.gaussian._sources`.  Their cost
         grows like log(1/tol)^(number of wide directions); one- and two-input integrals are
-        always at ~1e-13.  Kinked homogeneous activations (relu, leaky_relu, abs) are exact; other kinked ones use fixed rules (~1e-4 relative in four dimensions); sets that miss tol are named in a products.AccuracyWarning.
+        always at ~1e-13.  Kinked homogeneous activations (relu, leaky_relu, abs) are exact; other kinked ones
+        use fixed rules (~1e-4 relative in four dimensions); sets that miss tol are named in an
+        :class:`efftheory.gaussian.AccuracyWarning`.
       progress: show a progress bar over layers (tqdm).
       memory: a budget in bytes for the arrays this call allocates (None: no limit).  The Gaussian
         integrals then run in blocks of sets small enough for it; a budget below what the returned
@@ -578,61 +432,8 @@ def finite_width(net: MLP, x, *, tol: float = 1e-9, progress: bool = False, memo
         memory = _validate.real("memory", memory, positive=True)
     store = _validate.optional_path("store", store)
     inf = infinite_width(net, x)
-    Ks, Ts = np.asarray(inf.K), np.asarray(inf.Theta)
-    L, N = Ks.shape[0], Ks.shape[1]
-    block = _plan_memory(N, L, memory, store is not None)
-    z2, z4 = np.zeros((N, N)), np.zeros((N,) * 4)
-    zero = (z2, z4, z2, z4, z4, z4, z4)
-    if store is not None:
-        K_max = float(np.max(np.diagonal(Ks, axis1=1, axis2=2)))
-        disk = LayerStore(store, _config(net, np.asarray(x, np.float64), tol, K_max), L, N)
-        if disk.done == 0:
-            disk.write(0, zero)
-        first = disk.done
-        state = disk.layer(first - 1) if first < L else None
-        keep = disk.write
-    else:
-        held = [np.empty((L,) + z.shape) for z in zero]
-        first, state = 1, zero
-
-        def keep(l, st):
-            for h, a in zip(held, st):
-                h[l] = a
-
-        keep(0, zero)
-    ratios = net.width_ratios()
-    layers = range(first, L)
-    if progress:
-        from .._progress import tqdm
-
-        layers = tqdm(layers, desc=f"finite_width N={N}", unit="layer", initial=first - 1, total=L - 1)
-    ahead = {}  # layer -> its sources, computing in a thread (_Ahead)
-
-    def start(l):
-        if l < L and l not in ahead:
-            ahead[l] = _Ahead(functools.partial(layer_sources, net.sigma, Ks[l - 1], tol=tol, block=block))
-
-    try:
-        for l in layers:
-            for j in range(l, l + 1 + _AHEAD):  # this layer's sources and the next _AHEAD layers'
-                start(j)
-            sources = ahead[l].result()
-            del ahead[l]  # after result(): interrupted inside it, it is still cancelled below
-            state = layer_step(net.sigma, net.C_Ws[l], net.lambda_Ws[l], ratios[l - 1], Ks[l - 1], Ts[l - 1],
-                               *state, tol=tol, block=block, sources=sources)
-            keep(l, state)
-    finally:  # interrupted (or failed): stop the sources still computing before leaving
-        for a in ahead.values():
-            a.cancel()
-        if store is not None:
-            disk.close()
-    if store is not None:
-        out = disk.arrays()
-        out["G1"], out["H1"] = jnp.asarray(out["G1"]), jnp.asarray(out["H1"])
-    else:
-        out = {}
-        for name in STATE:  # one kind at a time: one extra copy at most
-            out[name] = jnp.asarray(held.pop(0))
+    out = _schedule.run_layers(net, np.asarray(x, np.float64), inf, tol=tol, memory=memory, store=store,
+                               progress=progress, step=layer_step, sources=layer_sources)
     return FiniteWidth(K=inf.K, Theta=inf.Theta, net=net, tol=tol, **out)
 
 
@@ -693,15 +494,15 @@ class FiniteWidthDiagonal:
         return _io.load(path, cls)
 
 
-def finite_width_diagonal(net: MLP, x) -> FiniteWidthDiagonal:
+def finite_width_diagonal(net: MLP, x: ArrayLike) -> FiniteWidthDiagonal:
     """Single-input first-order statistics for each row of x (N, n_0), without any N^4 tensor.
 
     Each input runs the recursions of :func:`finite_width` on its own 1x1 kernel, so memory and
     time grow linearly in N.  Under jax.jit / vmap / grad (x or hyperparameters traced) each row
     goes through the traced one-input recursions (:func:`efftheory.theory._traced.finite_single`).
     """
-    from .infinite import input_gram  # validated x
     from . import _traced
+    from .infinite import input_gram  # validated x
 
     net = check_net(net)
     if _traced.traced(net, x):
@@ -712,7 +513,7 @@ def finite_width_diagonal(net: MLP, x) -> FiniteWidthDiagonal:
     input_gram(x)
     x = np.asarray(x, dtype=np.float64)
     per = [finite_width(net, x[a:a + 1]) for a in range(x.shape[0])]
-    take2 = lambda name: jnp.stack([getattr(p, name)[:, 0, 0] for p in per], axis=1)  # noqa: E731
-    take4 = lambda name: jnp.stack([getattr(p, name)[:, 0, 0, 0, 0] for p in per], axis=1)  # noqa: E731
+    take2 = lambda name: jnp.stack([getattr(p, name)[:, 0, 0] for p in per], axis=1)
+    take4 = lambda name: jnp.stack([getattr(p, name)[:, 0, 0, 0, 0] for p in per], axis=1)
     return FiniteWidthDiagonal(K=take2("K"), Theta=take2("Theta"), G1=take2("G1"), V=take4("V"), H1=take2("H1"),
                                A=take4("A"), B=take4("B"), D=take4("D"), F=take4("F"), net=net)

@@ -12,14 +12,16 @@ Shapes: x is (N, n_0); K and Theta are (L, N, N) with index 0 = layer 1.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from numpy.typing import ArrayLike
 
-from .. import _validate, mehler
-from .._fastmath import pair_kernel
+from .. import _validate
 from .._pytree import result
+from ..gaussian import pair_kernel, pair_moments_mehler
 from ..network import MLP
 from . import _traced
 
@@ -181,7 +183,7 @@ def _closed_form_step(kernel, C, C_W, C_b, lam_W, lam_b):
     """Layer l+1 from layer l for a closed-form activation (docs/theory.md, "Infinite width"), folded.
 
     ``C`` = Z_K + i Z_Theta of layer l; ``kernel`` is the activation's
-    :class:`efftheory._fastmath.PairKernel`, its per-input quantities (rows and columns) and the
+    :class:`efftheory.gaussian._fastmath.PairKernel`, its per-input quantities (rows and columns) and the
     diagonal mask laid out as the folded layout says.
     """
     Z, T = jnp.real(C), jnp.imag(C)
@@ -329,11 +331,11 @@ def _check_layers(layers, L: int) -> tuple[int, ...]:
     return tuple(sorted({int(v) for v in items}))
 
 
-def infinite_width(net: MLP, x, *, layers=None) -> InfiniteWidth:
+def infinite_width(net: MLP, x: ArrayLike, *, layers: Sequence[int] | None = None) -> InfiniteWidth:
     """NNGP kernel and NTK of every layer of ``net`` on inputs ``x`` of shape (N, n_0), float64.
 
-    Closed-form activations: one compiled step per layer (:mod:`efftheory._fastmath` for relu, abs
-    and erf).  Any other activation goes through the Mehler series of :mod:`efftheory.mehler` (N
+    Closed-form activations: one compiled step per layer (:mod:`efftheory.gaussian._fastmath` for relu, abs
+    and erf).  Any other activation goes through the Mehler series of :mod:`efftheory.gaussian._mehler` (N
     one-dimensional rules and a power series in the correlation per layer, the two-dimensional rule
     only for the pairs where the series' error bound fails).
 
@@ -346,7 +348,8 @@ def infinite_width(net: MLP, x, *, layers=None) -> InfiniteWidth:
     Under a trace (any traced argument) only shapes are checked and the recursion runs as one
     ``lax.scan`` (:mod:`efftheory.theory._traced`): closed forms exactly as here, other activations
     with fixed trapezoid rules (``_traced.NODES_1D`` nodes on the diagonal, ``_traced.NODES_2D`` per
-    direction for pairs: 1e-13 relative for smooth sigma up to K ~ 50, degrading gradually beyond) instead of the Mehler series,
+    direction for pairs: 1e-13 relative for smooth sigma up to K ~ 50, degrading gradually beyond) instead of the Mehler
+    series,
     whose length and fallback pairs are chosen on the host.  No overflow check under a trace.
     The result's ``net`` then holds NaN in place of traced hyperparameters (no tracer outlives the
     trace when the whole result is returned from the transformed function).
@@ -369,7 +372,7 @@ def infinite_width(net: MLP, x, *, layers=None) -> InfiniteWidth:
         Ts.append(Theta)
     for l in range(1, net.depth):
         _check_diagonal(K)
-        S, dS = mehler.pair_moments(net.sigma, K)
+        S, dS = pair_moments_mehler(net.sigma, K)
         K, Theta = _update(S, dS, Theta, *(v[l] for v in hp))
         if l + 1 in keep:
             Ks.append(K)
@@ -379,7 +382,7 @@ def infinite_width(net: MLP, x, *, layers=None) -> InfiniteWidth:
     return _checked(out, K, Theta)
 
 
-def kernel_fn(net: MLP):
+def kernel_fn(net: MLP) -> Callable[..., dict[str, jax.Array]]:
     """A neural-tangents-style kernel function of ``net``'s last layer:
 
         fn = kernel_fn(net)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import efftheory as et
-from efftheory import products
+from efftheory.gaussian import _sources as sources
 
 
 def _kernel(N, seed, collinear=True):
@@ -37,7 +37,7 @@ def _sin_moment(K, idx, kinds):
 
 def test_sin_closed_form_all_entries():
     K = _kernel(5, 0)
-    Mss, Mds, Mdd = products.source_moments(et.get_activation("sin"), K)
+    Mss, Mds, Mdd = sources.source_moments(et.get_activation("sin"), K)
     for M, kinds in ((Mss, (0, 0, 0, 0)), (Mds, (1, 1, 0, 0)), (Mdd, (1, 1, 1, 1))):
         ref = np.empty_like(M)
         for idx in itertools.product(range(5), repeat=4):
@@ -47,7 +47,7 @@ def test_sin_closed_form_all_entries():
 
 def test_linear_isserlis():
     K = _kernel(6, 1)
-    Mss, Mds, Mdd = products.source_moments(et.get_activation("linear"), K)
+    Mss, Mds, Mdd = sources.source_moments(et.get_activation("linear"), K)
     ref = np.einsum("ab,cd->abcd", K, K) + np.einsum("ac,bd->abcd", K, K) + np.einsum("ad,bc->abcd", K, K)
     np.testing.assert_allclose(Mss, ref, atol=1e-12)
     np.testing.assert_allclose(Mds, np.broadcast_to(K[None, None], Mds.shape), atol=1e-12)
@@ -87,7 +87,7 @@ def test_smooth_against_cholesky_rule(name):
     fn, dfn = fns[name]
     K = _kernel(5, 2, collinear=False)
     K = 1.5 * K / K.diagonal().max()  # variances <= 1.5: the plain reference rule converges to 1e-11
-    Mss, Mds, Mdd = products.source_moments(et.get_activation(name), K)
+    Mss, Mds, Mdd = sources.source_moments(et.get_activation(name), K)
     cases = [((0, 1, 2, 4), Mss, (0, 0, 0, 0)), ((0, 3, 1, 2), Mds, (1, 1, 0, 0)),
              ((1, 2, 3, 4), Mdd, (1, 1, 1, 1)), ((0, 0, 3, 1), Mds, (1, 1, 0, 0)), ((4, 1, 1, 2), Mss, (0, 0, 0, 0))]
     for idx, M, kinds in cases:
@@ -99,8 +99,8 @@ def test_smooth_against_cholesky_rule(name):
 def test_tolerance_knob_and_symmetry():
     act = et.get_activation("tanh")
     K = _kernel(5, 3)
-    fine = products.source_moments(act, K, tol=1e-11)
-    coarse = products.source_moments(act, K, tol=1e-5)
+    fine = sources.source_moments(act, K, tol=1e-11)
+    coarse = sources.source_moments(act, K, tol=1e-5)
     for a, b in zip(fine, coarse):
         assert np.max(np.abs(a - b)) < 1e-5
         assert np.all(np.isfinite(a))
@@ -113,11 +113,11 @@ def test_tolerance_knob_and_symmetry():
 
 
 def test_rule_choice():
-    assert products.rule_for_scale(0.0) == ("gh", 1)
-    kind, n = products.rule_for_scale(1.0)
+    assert sources.rule_for_scale(0.0) == ("gh", 1)
+    kind, n = sources.rule_for_scale(1.0)
     assert kind == "trap" and n >= 32
     # smaller scale never needs more nodes
-    sizes = [products.rule_for_scale(s)[1] for s in (2.0, 1.0, 0.5, 0.1, 0.01)]
+    sizes = [sources.rule_for_scale(s)[1] for s in (2.0, 1.0, 0.5, 0.1, 0.01)]
     assert sizes == sorted(sizes, reverse=True)
 
 
@@ -126,17 +126,17 @@ def _reference_rule(s, tol):
     over the node ladders (an independent statement of the rule choice)."""
     if s <= 0.0:
         return ("gh", 1)
-    logtol = math.log(tol) - products._MARGIN
-    gh = next((n for n in products._GH_LADDER
-               if math.lgamma(n + 1) + 2 * n * math.log(s / (0.75 * products.D0)) <= logtol), None)
-    d = np.linspace(0.0, 1.0, 201)[1:-1] * min(products.D0 / s, 40.0)
-    pole = products._POLE_ORDER * np.log(np.maximum(products.D0 - s * d, 1e-300))
-    trap = next((m for m in products._TRAP_LADDER
-                 if np.min(-(2 * np.pi * d * m / (2 * products.TAIL) - d**2 / 2) - pole) <= math.log(tol) + 1.0),
+    logtol = math.log(tol) - sources._MARGIN
+    gh = next((n for n in sources._GH_LADDER
+               if math.lgamma(n + 1) + 2 * n * math.log(s / (0.75 * sources.D0)) <= logtol), None)
+    d = np.linspace(0.0, 1.0, 201)[1:-1] * min(sources.D0 / s, 40.0)
+    pole = sources._POLE_ORDER * np.log(np.maximum(sources.D0 - s * d, 1e-300))
+    trap = next((m for m in sources._TRAP_LADDER
+                 if np.min(-(2 * np.pi * d * m / (2 * sources.TAIL) - d**2 / 2) - pole) <= math.log(tol) + 1.0),
                 None)
     if gh is not None and (trap is None or gh <= trap):
         return ("gh", gh)
-    return ("trap", products._TRAP_LADDER[-1] if trap is None else trap)
+    return ("trap", sources._TRAP_LADDER[-1] if trap is None else trap)
 
 
 def test_vectorised_rule_choice_matches_the_scalar_one():
@@ -145,17 +145,17 @@ def test_vectorised_rule_choice_matches_the_scalar_one():
     the trapezoid error model."""
     s = np.concatenate([np.random.default_rng(4).exponential(1.0, 400), [0.0, 1e-12, 0.05, 1.0, 5.0, 50.0]])
     for tol in (1e-5, 1e-9, 1e-12):
-        kind, n = products._rules_for_scales(s, tol)
+        kind, n = sources._rules_for_scales(s, tol)
         for si, ki, ni in zip(s, kind, n):
             assert _reference_rule(si, tol) == (("gh", "trap")[ki], ni)
-            assert products.rule_for_scale(si, tol) == (("gh", "trap")[ki], ni)
-        kf, nf = products._rules_for_scales(s, tol, fine=True)
+            assert sources.rule_for_scale(si, tol) == (("gh", "trap")[ki], ni)
+        kf, nf = sources._rules_for_scales(s, tol, fine=True)
         assert np.all(nf <= n)
         for si, ki, ni in zip(s, kf, nf):
-            if ki == 1 and ni < products._TRAP_LADDER[-1]:
-                d = np.linspace(0.0, 1.0, 201)[1:-1] * min(products.D0 / si, 40.0)
-                h = 2 * products.TAIL / ni
-                err = -(2 * np.pi * d / h - d**2 / 2) - products._POLE_ORDER * np.log(products.D0 - si * d)
+            if ki == 1 and ni < sources._TRAP_LADDER[-1]:
+                d = np.linspace(0.0, 1.0, 201)[1:-1] * min(sources.D0 / si, 40.0)
+                h = 2 * sources.TAIL / ni
+                err = -(2 * np.pi * d / h - d**2 / 2) - sources._POLE_ORDER * np.log(sources.D0 - si * d)
                 assert np.min(err) <= np.log(tol) + 1.0 + 1e-9
 
 
@@ -168,8 +168,8 @@ def test_duplicates_in_four_input_sets_and_reproducibility():
     x[4] = -0.7 * x[1]    # collinear inputs
     K = x @ x.T / 3 + 0.05
     act = et.get_activation("tanh")
-    first = products.source_moments(act, K)
-    again = products.source_moments(act, K)
+    first = sources.source_moments(act, K)
+    again = sources.source_moments(act, K)
     for a, b in zip(first, again):
         assert np.all(np.isfinite(a))
         np.testing.assert_array_equal(a, b)
@@ -193,22 +193,22 @@ def test_parity_of_activations():
 
 
 def test_trapezoid_tail_follows_tol_and_growth():
-    """The half-width T of the trapezoid rules (products._tail_for): bounded sigma at tol 1e-9
+    """The half-width T of the trapezoid rules (sources._tail_for): bounded sigma at tol 1e-9
     stops well inside the old |w| <= 8 and meets the truncation bound 2 k phi(T) / T <= tol / e;
     tighter tol or a growing sigma (gelu) never gets a shorter range, and T never exceeds TAIL."""
     S = np.full((3, 4, 4), 0.5) + 0.5 * np.eye(4)
     tanh, gelu = et.get_activation("tanh").fn, et.get_activation("gelu").fn
 
     def tail_for(sig, S, tol):  # the sets with covariances S (C, 4, 4)
-        return products._tail_for(sig, 4, products._reach(4, float(np.max(np.diagonal(S, axis1=1, axis2=2)))), tol)
+        return sources._tail_for(sig, 4, sources._reach(4, float(np.max(np.diagonal(S, axis1=1, axis2=2)))), tol)
 
     T = tail_for(tanh, S, 1e-9)
-    assert 6.0 < T < products.TAIL
+    assert 6.0 < T < sources.TAIL
     assert 2 * 4 * math.exp(-T * T / 2) / math.sqrt(2 * math.pi) / T <= 1e-9 / math.e
     T0 = T - 0.05  # the next shorter range would not meet it
     assert 2 * 4 * math.exp(-T0 * T0 / 2) / math.sqrt(2 * math.pi) / T0 > 1e-9 / math.e
     tails = [tail_for(tanh, S, tol) for tol in (1e-5, 1e-7, 1e-9, 1e-12, 1e-16)]
-    assert tails == sorted(tails) and tails[-1] == products.TAIL
+    assert tails == sorted(tails) and tails[-1] == sources.TAIL
     assert tail_for(gelu, S, 1e-9) >= T
     assert tail_for(gelu, 3 * S, 1e-9) >= tail_for(gelu, S, 1e-9)
 
@@ -223,8 +223,8 @@ def test_wide_kernel_meets_tol(name):
     K = x @ x.T / 4
     K = 3.0 * K / K.diagonal().max()
     act = et.get_activation(name)
-    fine = products.source_moments(act, K, tol=1e-13)
-    for a, b in zip(products.source_moments(act, K), fine):
+    fine = sources.source_moments(act, K, tol=1e-13)
+    for a, b in zip(sources.source_moments(act, K), fine):
         assert np.max(np.abs(a - b)) < 1e-9
     if name == "tanh":
         ref = _cholesky_rule(np.tanh, lambda z: 1 / np.cosh(z) ** 2, K, (0, 0, 1, 2), (1, 1, 0, 0), 160)
@@ -234,15 +234,15 @@ def test_wide_kernel_meets_tol(name):
 @pytest.mark.parametrize("name", ["tanh", "gelu", "sin", "relu"])
 @pytest.mark.parametrize("N", [4, 6])
 def test_host_path_matches_compiled_kernels(name, N, monkeypatch):
-    """Small work (products.HOST_SETS) runs in numpy with sigma evaluated on fixed-size chunks: the
+    """Small work (sources.HOST_SETS) runs in numpy with sigma evaluated on fixed-size chunks: the
     same rules as the compiled kernels, so the same moments to rounding."""
     x = np.random.default_rng(N).normal(size=(N, 3))
     K = x @ x.T / 3 + 0.1
     act = et.get_activation(name)
-    monkeypatch.setattr(products, "HOST_SETS", 1 << 30)
-    host = products.source_moments(act, K)
-    monkeypatch.setattr(products, "HOST_SETS", 0)
-    kernel = products.source_moments(act, K)
+    monkeypatch.setattr(sources, "HOST_SETS", 1 << 30)
+    host = sources.source_moments(act, K)
+    monkeypatch.setattr(sources, "HOST_SETS", 0)
+    kernel = sources.source_moments(act, K)
     for a, b in zip(host, kernel):
         assert np.max(np.abs(a - b)) < 1e-13 * max(1.0, np.max(np.abs(b)))
 
@@ -254,10 +254,10 @@ def test_host_layer_step_matches_compiled_kernels(monkeypatch):
 
     x = np.random.default_rng(1).normal(size=(5, 4))
     net = et.MLP(4, 64, "tanh")
-    monkeypatch.setattr(products, "HOST_SETS", 1 << 30)
+    monkeypatch.setattr(sources, "HOST_SETS", 1 << 30)
     monkeypatch.setattr(finite, "HOST_SETS", 1 << 30)
     host = et.finite_width(net, x)
-    monkeypatch.setattr(products, "HOST_SETS", 0)
+    monkeypatch.setattr(sources, "HOST_SETS", 0)
     monkeypatch.setattr(finite, "HOST_SETS", 0)
     kernel = et.finite_width(net, x)
     for name in ("G1", "V", "H1", "A", "B", "D", "F"):

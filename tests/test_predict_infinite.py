@@ -122,7 +122,7 @@ def test_gp_posterior_matches_bayesian_linear_regression_in_weight_space():
     n0, CW, Cb, s2 = 3, 1.7, 0.4, 0.05
     x_train, x_test, y = rng.normal(size=(7, n0)), rng.normal(size=(4, n0)), rng.normal(size=(7, 1))
     kern = predict.train_test_kernels(et.MLP(1, 1, "linear", C_W=CW, C_b=Cb), x_train, x_test)
-    phi = lambda x: np.concatenate([np.ones((len(x), 1)), x], axis=1)  # noqa: E731
+    phi = lambda x: np.concatenate([np.ones((len(x), 1)), x], axis=1)
     prior = np.diag([Cb] + [CW / n0] * n0)
     S = np.linalg.inv(phi(x_train).T @ phi(x_train) / s2 + np.linalg.inv(prior))
     w = S @ phi(x_train).T @ y / s2

@@ -15,8 +15,9 @@ import scipy.integrate as si
 import scipy.special as ss
 
 import efftheory as et
-from efftheory import gaussian, mehler
+from efftheory import gaussian
 from efftheory.activations import Activation, get_activation
+from efftheory.gaussian import _mehler as mehler
 
 SQ2PI = math.sqrt(2 * math.pi)
 
@@ -71,7 +72,7 @@ def degenerate_kernel(seed=0):
 def test_pair_moments_match_scipy(name):
     act = get_activation(name)
     K = degenerate_kernel()
-    S, dS, info = mehler.pair_moments(act, K, return_info=True)
+    S, dS, info = mehler.pair_moments_mehler(act, K, return_info=True)
     S, dS = np.asarray(S), np.asarray(dS)
     f, df = NUMPY[name]
     N = K.shape[0]
@@ -95,7 +96,7 @@ def test_correlation_sweep_tanh_large_variance(rho):
     act = get_activation("tanh")
     k1, k2 = 3.0, 2.2
     K = np.array([[k1, rho * math.sqrt(k1 * k2)], [rho * math.sqrt(k1 * k2), k2]])
-    S, dS = (np.asarray(v) for v in mehler.pair_moments(act, K))
+    S, dS = (np.asarray(v) for v in mehler.pair_moments_mehler(act, K))
     f, df = NUMPY["tanh"]
     for got, g in ((S, f), (dS, df)):
         want = scipy_pair(g, g, k1, k2, K[0, 1])
@@ -108,7 +109,7 @@ def test_identical_inputs_equal_diagonal():
     x = np.stack([v, v, v])
     K = x @ x.T / 3
     for name in NUMPY:
-        S, dS = (np.asarray(a) for a in mehler.pair_moments(get_activation(name), K))
+        S, dS = (np.asarray(a) for a in mehler.pair_moments_mehler(get_activation(name), K))
         np.testing.assert_allclose(S, S[0, 0], rtol=1e-12)
         np.testing.assert_allclose(dS, dS[0, 0], rtol=1e-12)
 
@@ -118,7 +119,7 @@ def test_zero_inputs():
     K = np.array([[0.0, 0.0, 0.0], [0.0, 1.7, 0.4], [0.0, 0.4, 0.0 + 0.9]])
     K[2, 2] = 0.9
     for name, (f, df) in NUMPY.items():
-        S, dS = (np.asarray(a) for a in mehler.pair_moments(get_activation(name), K))
+        S, dS = (np.asarray(a) for a in mehler.pair_moments_mehler(get_activation(name), K))
         m1 = si.quad(lambda u: _phi(u) * f(math.sqrt(1.7) * u), -12, 12, epsabs=1e-15)[0]
         dm1 = si.quad(lambda u: _phi(u) * df(math.sqrt(1.7) * u), -12, 12, epsabs=1e-15)[0]
         assert S[0, 0] == pytest.approx(f(0.0) ** 2, abs=1e-14)
@@ -160,9 +161,9 @@ def test_bound_is_honoured_with_few_terms():
     """max_terms = 16: the series covers only pairs its bound certifies; the rest go to the 2-d rule."""
     act = get_activation("tanh")
     K = degenerate_kernel(1) * 3.0
-    S, dS, info = mehler.pair_moments(act, K, max_terms=16, tol=1e-10, return_info=True)
+    S, dS, info = mehler.pair_moments_mehler(act, K, max_terms=16, tol=1e-10, return_info=True)
     assert info.terms == 16 and info.fallback_pairs > 0
-    S0, dS0 = gaussian.pair_moments(act, K)
+    S0, dS0 = gaussian.pair_moments_quadrature(act, K)
     for got, want in ((S, S0), (dS, dS0)):
         dg = np.maximum(np.diag(want), 1e-6)
         assert np.max(np.abs(np.asarray(got) - np.asarray(want)) / np.sqrt(np.outer(dg, dg))) < 1e-9
@@ -173,7 +174,7 @@ def test_kinked_callable_close_to_closed_form():
     relu = get_activation("relu")
     generic = Activation("relu_callable", relu.fn, smooth=False)
     K = degenerate_kernel(2)[:-1, :-1]  # not the zero input: sigma'(0) of relu is a convention (1/2 in jax)
-    S, dS = (np.asarray(v) for v in mehler.pair_moments(generic, K))
+    S, dS = (np.asarray(v) for v in mehler.pair_moments_mehler(generic, K))
     d = np.diag(K)
     k11, k22 = np.broadcast_to(d[:, None], K.shape), np.broadcast_to(d[None, :], K.shape)
     # a kink converges like h^2 in the 1-d and 2-d rules (gaussian.rule_size): ~1e-6 and ~1e-3 here
@@ -191,7 +192,7 @@ def test_infinite_width_matches_two_dimensional_rule(name):
     K = net.C_bs[0] + net.C_Ws[0] * x @ x.T / 4
     T = K.copy()
     for l in range(1, 4):
-        S, dS = (np.asarray(v) for v in gaussian.pair_moments(net.sigma, K))
+        S, dS = (np.asarray(v) for v in gaussian.pair_moments_quadrature(net.sigma, K))
         K, T = net.C_bs[l] + net.C_Ws[l] * S, net.lambda_bs[l] + net.lambda_Ws[l] * S + net.C_Ws[l] * dS * T
         np.testing.assert_allclose(np.asarray(r.K[l]), K, rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(np.asarray(r.Theta[l]), T, rtol=1e-10, atol=1e-12)

@@ -154,10 +154,10 @@ def pair_kernel(act) -> PairKernel:
     """The :class:`PairKernel` of an activation with closed forms: the fast kernels above for relu, abs
     and erf (recognised by their closed-form functions, not by name), the activation's own ``nngp``
     and ``dnngp`` otherwise."""
-    from . import activations as A
+    from .. import activations as A
 
-    fast = {A._relu_nngp: (_relu, _sqrt_prep), A._abs_nngp: (_abs, _sqrt_prep), A._erf_nngp: (_erf, _erf_prep)}
-    dfast = {A._relu_nngp: A._relu_dnngp, A._abs_nngp: A._abs_dnngp, A._erf_nngp: A._erf_dnngp}
+    fast = {A.relu_nngp: (_relu, _sqrt_prep), A.abs_nngp: (_abs, _sqrt_prep), A.erf_nngp: (_erf, _erf_prep)}
+    dfast = {A.relu_nngp: A.relu_dnngp, A.abs_nngp: A.abs_dnngp, A.erf_nngp: A.erf_dnngp}
     if act.nngp in fast and dfast[act.nngp] is act.dnngp:
         return PairKernel(*fast[act.nngp])
     return _generic(act)

@@ -14,7 +14,7 @@ index tuples from one grid), then scatters the values into the three (N,)*4 tens
 
 Rules
 -----
-* k <= 2: the exact two-dimensional rules of :mod:`efftheory.hermite` (polar for positively
+* k <= 2: the exact two-dimensional rules of :mod:`efftheory.gaussian._hermite` (polar for positively
   homogeneous sigma, the accurate trapezoid rule otherwise).
 * k = 3, 4, smooth sigma: a tensor rule in the *eigenbasis* of the set's covariance,
   Sigma = Q diag(lam) Q^T, z = Q sqrt(lam) w with w standard normal, and a separate 1-d rule for
@@ -34,12 +34,12 @@ Rules
   (collinear inputs) gets one node: the integral over the lower-dimensional marginal, no jitter.
 * k = 3, 4, smooth sigma, nested (:func:`_smooth_sets`): the members but one in the eigenbasis
   of their block, the last as its regression on them plus a conditional deviation sd x, summed
-  over x first.  A set whose outer grid is large against its table (:mod:`efftheory._tables`:
+  over x first.  A set whose outer grid is large against its table (:mod:`efftheory.gaussian._tables`:
   the conditional moments h_e(mu) tabulated on [-R, R], local degree-5 interpolation with an
   error bound inside tol / e) looks them up instead of summing nk nodes at every outer node.
 * k = 3, 4, kinked positively homogeneous sigma (relu, leaky_relu, abs, callables with
   :attr:`Activation.homogeneous`, whatever their ``smooth`` flag): exact
-  (:func:`_homogeneous_sets`, :mod:`efftheory._orthant`): sigma = c+ z / c- z on each sign orthant,
+  (:func:`_homogeneous_sets`, :mod:`efftheory.gaussian._orthant`): sigma = c+ z / c- z on each sign orthant,
   so every pattern is a sum of orthant moments E[y^m 1{y > 0}], reduced by Gaussian integration by
   parts to orthant probabilities (closed forms up to three inputs, one Plackett integral with an
   error estimate for four).  Sets of rank <= 2 (duplicate or collinear inputs) use the exact polar
@@ -54,35 +54,47 @@ Rules
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import itertools
 import math
 
 import jax
-from ._precision import enable_x64 as _enable_x64
 import jax.numpy as jnp
 import numpy as np
 from scipy.special import roots_hermitenorm
 
-from ._tables import (INNER_BLOCK, TABLE_CHUNK, inner_blocks, monomial, over_items, pattern_sums, sharded,
-                      table_rows, table_spacing, tabled_kernel)
-from .gaussian import derivative, normal_rule
-from .hermite import _polar_monomials, _trapezoid_monomials, whiten2
+from .._cancel import check_stop
+from .._precision import enable_x64 as _enable_x64
+from ._constants import FIXED_TAIL, SOURCE_TAIL, SOURCE_TOL
+from ._hermite import polar_monomials_jnp, trapezoid_monomials_jnp, whiten2
+from ._rules import derivative, normal_rule
+from ._tables import (
+    INNER_BLOCK,
+    TABLE_CHUNK,
+    inner_blocks,
+    monomial,
+    over_items,
+    pattern_sums,
+    sd_values,
+    sharded,
+    table_rows,
+    table_spacing,
+    tabled_kernel,
+)
 
 __all__ = ["source_moments", "SOURCE_KINDS", "rule_for_scale", "AccuracyWarning"]
 
 SOURCE_KINDS = {"ss": (0, 0, 0, 0), "ds": (1, 1, 0, 0), "dd": (1, 1, 1, 1)}
 D0 = np.pi / 2          # strip half-width of tanh in z: the nearest singularity of the built-ins
-TAIL = 8.0              # widest trapezoid range |w| <= 8 (mass beyond: 1.2e-15); _tail_for may cut it
-TOL = 1e-9              # default target accuracy of the 3- and 4-input rules
+TAIL = SOURCE_TAIL      # 8: widest trapezoid range |w| <= 8 (mass beyond: 1.2e-15); _tail_for may cut it
+TOL = SOURCE_TOL        # 1e-9: default target accuracy of the 3- and 4-input rules
 _MARGIN = 8.0           # log-margin of the Gauss-Hermite bound (as gaussian.nodes_for)
 _POLE_ORDER = 8         # highest pole order of a product of four sigma' = sech^2 factors
 _TRAP_LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256)
 _GH_LADDER = (1, 4, 8)
 _KINKED_ORDER = {3: 96, 4: 32}  # isotropic trapezoid for kinked sigma that is not homogeneous
 _KINKED_COARSE = {3: 64, 4: 22}  # its error estimate: the same rule with ~2/3 of the nodes
-_KINKED_TAIL = 7.5
+_KINKED_TAIL = FIXED_TAIL  # 7.5: the isotropic kinked rule's range (._constants)
 _GRID_BUDGET = 1 << 21  # nodes x sets evaluated at once (memory ~ 20 arrays of this size)
 _GRID_CHUNK = 1 << 16   # nodes per loop step of the tensor-grid kernel
 
@@ -163,7 +175,7 @@ _TAIL_MIN = 5.0
 def _reach(k: int, vmax: float) -> float:
     """2 sqrt(k vmax) TAIL: twice the largest |z| a grid of half-width TAIL reaches for sets of k
     inputs whose largest variance is vmax, the range over which sigma is bounded (:func:`_tail_for`,
-    :func:`efftheory._tables.table_spacing`)."""
+    :func:`efftheory.gaussian._tables.table_spacing`)."""
     return 2.0 * TAIL * math.sqrt(k * max(vmax, 0.0))
 
 
@@ -384,7 +396,7 @@ _COLLINEAR = 1e-13  # 1 - |rho| below this: z_j = alpha z_i exactly (rounding-le
 
 def _homogeneous_sets(sig, dsig, S, patterns):
     """Pattern moments (C, P) and their error estimates for degree-1 positively homogeneous sigma over
-    sets of rank >= 3 with covariances S (C, k, k): the sign-orthant expansion of :mod:`efftheory._orthant`.
+    sets of rank >= 3 with covariances S (C, k, k): the sign-orthant expansion of :mod:`efftheory.gaussian._orthant`.
 
     Members of zero variance contribute sigma(0)^e0 sigma'(0)^e1 (sigma(0) = 0), and exactly collinear
     members z_j = alpha z_i are merged into z_i (sigma(alpha z) = c_{sign(alpha z)} alpha z on each
@@ -536,7 +548,7 @@ def _conditional_factor(S, tol, tail: float = TAIL, dx: float = 0.0):
 
     The last member is chosen per set to minimise the work of the nested rule (tanh evaluations:
     the full grid for the last member, the outer grid for the others), and with ``dx`` > 0 (the
-    table spacing of :func:`efftheory._tables.table_spacing`) whether its conditional moments are
+    table spacing of :func:`efftheory.gaussian._tables.table_spacing`) whether its conditional moments are
     tabulated (ntab table points of nk inner nodes each, then one cell lookup per outer node)
     instead.  Returns perm (C, k): set positions in kernel order (``last`` at the end); L (C, k, k)
     in that order; kind, n (C, k): the 1-d rule of each direction (the outer ones sorted widest
@@ -633,7 +645,7 @@ def _nested_kernel(sig, pattern_key, nchunks, mesh):
 def _inner_rule(xk, wk):
     """The last direction's rule as the nested kernel takes it: (xk, wk, blocks), unchanged when it
     has at most INNER_BLOCK nodes (Gauss-Hermite: 1, 4 or 8), else padded and walked in blocks
-    (:func:`efftheory._tables.inner_blocks`)."""
+    (:func:`efftheory.gaussian._tables.inner_blocks`)."""
     if xk.size <= INNER_BLOCK:
         return xk, wk, np.int32(1)
     return inner_blocks(xk, wk)
@@ -712,7 +724,7 @@ def _pow2_floor(n: int) -> int:
 def _smooth_setup(sig, k: int, variances, patterns, tol):
     """(tail, pairs, dx) shared by every set of k inputs whose variances are among ``variances``:
     the trapezoid half-width (:func:`_tail_for`), the exponent pairs (e0, e1) != (0, 0) the last
-    member carries in ``patterns``, and the table spacing (:func:`efftheory._tables.table_spacing`).
+    member carries in ``patterns``, and the table spacing (:func:`efftheory.gaussian._tables.table_spacing`).
     Computed once per kernel K, so that processing the sets in blocks changes no rule."""
     variances = np.unique(np.asarray(variances, dtype=np.float64))
     R = _reach(k, float(np.max(variances)))
@@ -729,7 +741,7 @@ def _smooth_sets(sig, S, patterns, tol, half: bool, setup, host: bool = False):
     whatever their widest direction, and the compiled shapes depend on those rules only.
     ``half``: sigma is odd or even (:attr:`efftheory.Activation.symmetric`), so the widest
     direction needs only its nodes x >= 0 (:func:`_first_rule`).  Sets whose last member is
-    cheaper tabulated (:mod:`efftheory._tables`) run the tabulated kernel, the others the nested
+    cheaper tabulated (:mod:`efftheory.gaussian._tables`) run the tabulated kernel, the others the nested
     one.  ``host``: numpy instead (small work, :data:`HOST_SETS`), to rounding the same values.
     """
     C, k, _ = S.shape
@@ -738,7 +750,7 @@ def _smooth_sets(sig, S, patterns, tol, half: bool, setup, host: bool = False):
     perm, L, kind, n, ntab, R = _conditional_factor(S, tol, tail, dx)
     P = len(patterns)
     names = np.where(kind == 0, 0, 1) * 1000 + n  # (C, k) rule codes
-    decode = lambda c: ("gh", int(c)) if c < 1000 else ("trap", int(c % 1000), tail)  # noqa: E731
+    decode = lambda c: ("gh", int(c)) if c < 1000 else ("trap", int(c % 1000), tail)
     mesh = _device_mesh()
     D = mesh.devices.size
     results = []  # (owners (items,), weights (items,), values (items, P)) per kernel call
@@ -813,33 +825,7 @@ _IN_FLIGHT = 2  # kernel calls dispatched ahead of the one being collected
 
 HOST_SETS = 70  # set sizes with at most this many sets (every size at N <= 8: C(8, 4) = 70) run in numpy
 HOST_WORK = 1 << 17  # and groups of items with at most this many node evaluations (a kernel shape's compilation costs more)
-_HOST_CHUNK = 1 << 14  # values per call of the one compiled sigma / sigma' evaluator
 _HOST_BUDGET = 1 << 17  # items x nodes (x inner nodes) per numpy step: ~1 MB arrays (tests/test_memory.py)
-
-
-@functools.lru_cache(maxsize=64)
-def _sd_kernel(sig):
-    """jitted z (_HOST_CHUNK,) -> (sigma(z), sigma'(z)): one compiled program per sigma, whatever the
-    shapes of the host path's arrays."""
-    return jax.jit(lambda z: jax.jvp(sig, (z,), (jnp.ones_like(z),)))
-
-
-def sd_values(sig, z):
-    """sigma(z), sigma'(z) as numpy float64 arrays of z's shape, through :func:`_sd_kernel` on
-    zero-padded chunks of _HOST_CHUNK values (so that no shape of z costs a compilation)."""
-    z = np.asarray(z, dtype=np.float64)
-    flat = z.reshape(-1)
-    n = flat.size
-    s, d = np.empty(n), np.empty(n)
-    fn = _sd_kernel(sig)
-    buf = np.zeros(_HOST_CHUNK)
-    for lo in range(0, n, _HOST_CHUNK):
-        hi = min(lo + _HOST_CHUNK, n)
-        buf[:hi - lo] = flat[lo:hi]
-        buf[hi - lo:] = 0.0
-        a, b = fn(buf)
-        s[lo:hi], d[lo:hi] = np.asarray(a)[:hi - lo], np.asarray(b)[:hi - lo]
-    return s.reshape(z.shape), d.reshape(z.shape)
 
 
 def _host_patterns(pattern_key, so, do, h, W):
@@ -879,8 +865,8 @@ def _host_nested(sig, pattern_key, Li, X, W, xk, wk):
 
 def _host_tables(sig, pairs, mu, sd, xk, wk):
     """Lagrange coefficients (M, 6 P) of h_e at the points mu (M,) (one set's, equispaced) with
-    conditional deviation sd: :func:`efftheory._tables.build_tables` in numpy."""
-    from ._tables import _ORDER, _lagrange_to_monomial
+    conditional deviation sd: :func:`efftheory.gaussian._tables.build_tables` in numpy."""
+    from ._tables import INTERP_ORDER, lagrange_to_monomial
 
     M = mu.size
     v = np.empty((M, len(pairs)))
@@ -889,16 +875,16 @@ def _host_tables(sig, pairs, mu, sd, xk, wk):
         z = mu[lo:lo + step, None] + sd * xk[None, :]
         s, d = sd_values(sig, z)
         v[lo:lo + step] = np.stack([monomial(s, d, e0, e1, np.ones_like(z)) @ wk for e0, e1 in pairs], -1)
-    vp = np.pad(v, ((2, _ORDER - 2), (0, 0)))
-    window = np.stack([vp[q:q + M] for q in range(_ORDER)], 0)  # (6, M, P)
-    coef = np.einsum("rq,qmp->mpr", _lagrange_to_monomial(), window)  # (M, P, 6)
-    return coef.reshape(M, _ORDER * len(pairs))
+    vp = np.pad(v, ((2, INTERP_ORDER - 2), (0, 0)))
+    window = np.stack([vp[q:q + M] for q in range(INTERP_ORDER)], 0)  # (6, M, P)
+    coef = np.einsum("rq,qmp->mpr", lagrange_to_monomial(), window)  # (M, P, 6)
+    return coef.reshape(M, INTERP_ORDER * len(pairs))
 
 
 def _host_tabled(sig, pattern_key, pairs, Li, oi, X, W, xk, wk, R, L, ntab):
-    """The tabulated kernel (:func:`efftheory._tables._tabled_moments`) in numpy: values (n, P) of the
+    """The tabulated kernel (:func:`efftheory.gaussian._tables._tabled_moments`) in numpy: values (n, P) of the
     items Li (n, k, k) owned by the sets oi, each set's table built once."""
-    from ._tables import _ORDER
+    from ._tables import INTERP_ORDER
 
     n, k = Li.shape[0], Li.shape[1]
     out = np.empty((n, len(pattern_key)))
@@ -918,30 +904,15 @@ def _host_tabled(sig, pattern_key, pairs, Li, oi, X, W, xk, wk, R, L, ntab):
             coef = tab[np.minimum(i.astype(np.int64), tab.shape[0] - 1)]  # (b, m, 6 P)
             h = {}
             for j, p in enumerate(pairs):
-                a_ = coef[..., _ORDER * j:_ORDER * (j + 1)]
-                hp = a_[..., _ORDER - 1]
-                for r in range(_ORDER - 2, -1, -1):
+                a_ = coef[..., INTERP_ORDER * j:INTERP_ORDER * (j + 1)]
+                hp = a_[..., INTERP_ORDER - 1]
+                for r in range(INTERP_ORDER - 2, -1, -1):
                     hp = a_[..., r] + t * hp
                 h[p] = hp
             so, do = sd_values(sig, zo)
             out[rows[a:a + step]] = _host_patterns(pattern_key, so, do, h, W)
     return out
 
-
-
-STOP = contextvars.ContextVar("efftheory_products_stop", default=None)
-
-
-def check_stop() -> None:
-    """Raise Cancelled when the threading.Event in STOP (set by whoever runs source_moments in a
-    thread of its own: efftheory.theory.finite) is set; checked between kernel calls and blocks."""
-    event = STOP.get()
-    if event is not None and event.is_set():
-        raise Cancelled("source_moments cancelled")
-
-
-class Cancelled(Exception):
-    """source_moments stopped by its caller (:func:`check_stop`)."""
 
 
 def _settle(results: list, call: tuple) -> None:
@@ -1060,8 +1031,8 @@ def _pair_pattern(sig, dsig, degree, order, L, e1, e2):
         return g
 
     if degree is not None:
-        return _polar_monomials(factor(e1), factor(e2), L, degree, maxdeg=0)[..., 0, 0]
-    return _trapezoid_monomials(factor(e1), factor(e2), L, order, maxdeg=0)[..., 0, 0]
+        return polar_monomials_jnp(factor(e1), factor(e2), L, degree, maxdeg=0)[..., 0, 0]
+    return trapezoid_monomials_jnp(factor(e1), factor(e2), L, order, maxdeg=0)[..., 0, 0]
 
 
 def _ipow(x, e):
@@ -1094,7 +1065,7 @@ def _moments_low(act, sig, dsig, K, sets, patterns, order):
 def _moments_low_host(act, sig, K, sets, patterns, order):
     """:func:`_moments_low` in numpy for few sets: the same exact 2-d rules, sigma and sigma'
     evaluated once per set (:func:`sd_values`) and every pattern formed from them."""
-    from .hermite import _ARC_ORDER, _radial, normal_rule, whiten2_np
+    from ._hermite import ARC_ORDER, radial, whiten2_np
 
     C, k = sets.shape
     if C > 1 and C * (order or 1) ** 2 > _HOST_BUDGET:  # sets in chunks: ~1 MB arrays
@@ -1104,7 +1075,7 @@ def _moments_low_host(act, sig, K, sets, patterns, order):
     a, b = sets[:, 0], sets[:, -1]
     L = whiten2_np(K[a, a], K[b, b], K[a, b])[0]  # (C, 2, 2)
     if act.homogeneous:  # polar: Gauss-Legendre on the arcs between the zeros of z1, z2
-        x, wq = np.polynomial.legendre.leggauss(_ARC_ORDER)
+        x, wq = np.polynomial.legendre.leggauss(ARC_ORDER)
         br = [np.arctan2(-L[:, 0, 0], L[:, 0, 1]), np.arctan2(-L[:, 1, 0], L[:, 1, 1])]
         br = np.mod(np.stack(br + [v + np.pi for v in br], -1), 2 * np.pi)
         zeros = np.zeros((C, 1))
@@ -1129,7 +1100,7 @@ def _moments_low_host(act, sig, K, sets, patterns, order):
         f = W * s1 ** int(e1[0]) * d1 ** int(e1[1]) * s2 ** int(e2[0]) * d2 ** int(e2[1])
         out[:, p] = f.sum(axis=-1)
         if act.homogeneous:
-            out[:, p] *= _radial(int(e1[0] + e2[0]) + 1) / (2 * np.pi)
+            out[:, p] *= radial(int(e1[0] + e2[0]) + 1) / (2 * np.pi)
     return out
 
 
@@ -1163,7 +1134,7 @@ def source_moments(act, K, *, tol: float = TOL, order2: int | None = None, block
         with it (the work items of a block: about ``SET_BYTES`` per set), not with N; the values do
         not depend on it (every rule is chosen per set, the shared ranges per K).
     """
-    from .gaussian import rule_size
+    from ._rules import rule_size
 
     K = np.asarray(K, dtype=np.float64)
     N = K.shape[0]

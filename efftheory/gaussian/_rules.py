@@ -27,11 +27,11 @@ once (a ReLU's sigma'' is a delta).  Stein's lemma in whitened coordinates u = L
     <d^k f / dz_{g1}..dz_{gk}> = <f(z) He_{g1..gk}(z; Sigma)>,
 
 with He the multivariate Hermite polynomials of docs/theory.md (u_a u_b - Sigma^{-1}_ab, and the
-quartic one), is implemented in :mod:`efftheory.hermite` (whitened coordinates, pseudo-inverse
+quartic one), is implemented in :mod:`efftheory.gaussian._hermite` (whitened coordinates, pseudo-inverse
 for singular covariances).
 
 Accuracy: with the default node counts smooth activations reach 1e-10 relative against adaptive
-quadrature for variances from 0.05 to 10 (tests/test_gaussian.py); kinked activations use the
+quadrature for variances from 0.05 to 10 (tests/test_gaussian_rules.py); kinked activations use the
 closed forms of :mod:`efftheory.activations`, or converge algebraically (O(h^2)) otherwise.
 """
 
@@ -42,12 +42,13 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy.special import roots_hermitenorm
 
-__all__ = ["normal_rule", "expect1", "expect2", "expectk", "pair_moments", "derivative"]
+from ._constants import RULE_TAIL, RULE_TOL
 
-TAIL = 9.0          # nodes span |u| <= TAIL; the Gaussian mass beyond is 2e-19
-TOL = 1e-13         # target relative accuracy of the default rules
+__all__ = ["normal_rule", "expect1", "expect2", "expectk", "pair_moments_quadrature", "derivative"]
+
+TAIL = RULE_TAIL    # nodes span |u| <= TAIL (9); the Gaussian mass beyond is 2e-19 (._constants)
+TOL = RULE_TOL      # target relative accuracy of the default rules (1e-13)
 _BLOCK_NODES = 1 << 23  # pairs per block in the 2-d rule: memory ~ _BLOCK_NODES floats
 _LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 
@@ -143,7 +144,7 @@ def expect2(f, k11, k22, k12, *, order: int | None = None):
     """
     k11, k22, k12 = jnp.broadcast_arrays(jnp.asarray(k11), jnp.asarray(k22), jnp.asarray(k12))
     order = _auto_order(order, k11, k22)
-    out = _expect2_multi(lambda z1, z2: f(z1, z2)[None], k11.reshape(-1), k22.reshape(-1),
+    out = expect2_multi(lambda z1, z2: f(z1, z2)[None], k11.reshape(-1), k22.reshape(-1),
                          k12.reshape(-1), order=order)
     return out[0].reshape(k11.shape)
 
@@ -179,7 +180,7 @@ def expectk(f, Sigma, *, order: int = 32):
     return jnp.sum(f(Z) * Wt)
 
 
-def pair_moments(act, K, *, order: int | None = None):
+def pair_moments_quadrature(act, K, *, order: int | None = None):
     """(S, dS) with S_ab = <sigma(z_a) sigma(z_b)>_K and dS_ab = <sigma'(z_a) sigma'(z_b)>_K.
 
     K is an (N, N) kernel.  Closed forms are used when the activation has them; otherwise the
@@ -199,13 +200,13 @@ def pair_moments(act, K, *, order: int | None = None):
     def f(z1, z2):
         return jnp.stack([sig(z1) * sig(z2), dsig(z1) * dsig(z2)])
 
-    vals = _expect2_multi(f, d[iu], d[ju], K[iu, ju], order=order)
+    vals = expect2_multi(f, d[iu], d[ju], K[iu, ju], order=order)
     S = jnp.zeros_like(K).at[iu, ju].set(vals[0]).at[ju, iu].set(vals[0])
     dS = jnp.zeros_like(K).at[iu, ju].set(vals[1]).at[ju, iu].set(vals[1])
     return S, dS
 
 
-def _expect2_multi(f, k11, k22, k12, *, order: int):
+def expect2_multi(f, k11, k22, k12, *, order: int):
     """Like :func:`expect2` for an integrand returning a leading axis of several functions."""
     u, w = normal_rule(order)
     a, b, c = _cholesky2(k11, k22, k12)

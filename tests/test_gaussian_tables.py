@@ -9,12 +9,11 @@ import math
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_gaussian_sources import _cholesky_rule, _kernel, _sin_moment
 
 import efftheory as et
-from efftheory import _tables, products
-from efftheory.gaussian import normal_rule
-
-from test_products import _cholesky_rule, _kernel, _sin_moment
+from efftheory.gaussian import _sources as sources
+from efftheory.gaussian import _tables, normal_rule
 
 PAIRS = ((0, 1), (1, 0))
 
@@ -66,26 +65,26 @@ def test_interpolation_meets_its_bound(name):
 def tables_everywhere(monkeypatch):
     """Every set with an inner rule of more than one node takes the tabulated kernel; counts calls."""
     calls = []
-    run = products._run_tabled
+    run = sources._run_tabled
 
     def counting(results, *a, **k):
         before = len(results)
         run(results, *a, **k)
         calls.append(len(results) - before)
 
-    monkeypatch.setattr(products, "_TABLE_COST", 0.0)
-    monkeypatch.setattr(products, "_LOOKUP_COST", -1e9)
-    monkeypatch.setattr(products, "_run_tabled", counting)
-    monkeypatch.setattr(products, "HOST_SETS", 0)  # the compiled kernel, not the numpy path of small work
+    monkeypatch.setattr(sources, "_TABLE_COST", 0.0)
+    monkeypatch.setattr(sources, "_LOOKUP_COST", -1e9)
+    monkeypatch.setattr(sources, "_run_tabled", counting)
+    monkeypatch.setattr(sources, "HOST_SETS", 0)  # the compiled kernel, not the numpy path of small work
     return calls
 
 
 @pytest.fixture
 def host_tables(monkeypatch):
-    """As tables_everywhere, on the numpy path of small work (products.HOST_SETS)."""
-    monkeypatch.setattr(products, "_TABLE_COST", 0.0)
-    monkeypatch.setattr(products, "_LOOKUP_COST", -1e9)
-    monkeypatch.setattr(products, "HOST_SETS", 1 << 30)
+    """As tables_everywhere, on the numpy path of small work (sources.HOST_SETS)."""
+    monkeypatch.setattr(sources, "_TABLE_COST", 0.0)
+    monkeypatch.setattr(sources, "_LOOKUP_COST", -1e9)
+    monkeypatch.setattr(sources, "HOST_SETS", 1 << 30)
 
 
 @pytest.mark.parametrize("name", ["tanh", "gelu"])
@@ -93,16 +92,16 @@ def test_host_tables_match_the_compiled_kernel(name, host_tables, monkeypatch):
     """Tables everywhere: the numpy path of small work gives the compiled kernel's values to rounding."""
     K = _kernel(5, 2, collinear=False)
     act = et.get_activation(name)
-    host = products.source_moments(act, K)
-    monkeypatch.setattr(products, "HOST_SETS", 0)
-    kernel = products.source_moments(act, K)
+    host = sources.source_moments(act, K)
+    monkeypatch.setattr(sources, "HOST_SETS", 0)
+    kernel = sources.source_moments(act, K)
     for a, b in zip(host, kernel):
         assert np.max(np.abs(a - b)) < 1e-13 * max(1.0, np.max(np.abs(b)))
 
 
 def test_sin_closed_form_with_tables(tables_everywhere):
     K = _kernel(5, 0)
-    Mss, Mds, Mdd = products.source_moments(et.get_activation("sin"), K)
+    Mss, Mds, Mdd = sources.source_moments(et.get_activation("sin"), K)
     assert sum(tables_everywhere) > 0
     for M, kinds in ((Mss, (0, 0, 0, 0)), (Mds, (1, 1, 0, 0)), (Mdd, (1, 1, 1, 1))):
         ref = np.empty_like(M)
@@ -114,7 +113,7 @@ def test_sin_closed_form_with_tables(tables_everywhere):
 def test_tanh_with_tables_against_cholesky_rule(tables_everywhere):
     K = _kernel(5, 2, collinear=False)
     K = 1.5 * K / K.diagonal().max()
-    Mss, Mds, Mdd = products.source_moments(et.get_activation("tanh"), K)
+    Mss, Mds, Mdd = sources.source_moments(et.get_activation("tanh"), K)
     assert sum(tables_everywhere) > 0
     fn, dfn = np.tanh, lambda z: 1 / np.cosh(z) ** 2
     for idx, M, kinds in [((0, 1, 2, 4), Mss, (0, 0, 0, 0)), ((0, 3, 1, 2), Mds, (1, 1, 0, 0)),
@@ -134,10 +133,10 @@ def test_tables_agree_with_the_nested_rule(name, tables_everywhere, monkeypatch)
     K = x @ x.T / 4
     K = 3.0 * K / K.diagonal().max()
     act = et.get_activation(name)
-    tabled = products.source_moments(act, K, tol=1e-10)
+    tabled = sources.source_moments(act, K, tol=1e-10)
     assert sum(tables_everywhere) > 0
-    monkeypatch.setattr(products, "table_spacing", lambda *a, **k: 0.0)
-    nested = products.source_moments(act, K, tol=1e-10)
+    monkeypatch.setattr(sources, "table_spacing", lambda *a, **k: 0.0)
+    nested = sources.source_moments(act, K, tol=1e-10)
     for a, b in zip(tabled, nested):
         assert np.max(np.abs(a - b)) < 2e-10 * max(1.0, np.max(np.abs(b)))
 
@@ -148,9 +147,9 @@ def test_default_choice_tabulates_wide_sets():
     rng = np.random.default_rng(16)
     x = rng.normal(size=(8, 4))
     K = x @ x.T / 4
-    sets = products._sets(8, 4)
+    sets = sources._sets(8, 4)
     S = K[sets[:, :, None], sets[:, None, :]]
     fn = et.get_activation("tanh").fn
     dx = _tables.table_spacing(fn, PAIRS, 20.0, np.diagonal(S, axis1=1, axis2=2).ravel(), 1e-9)
-    ntab = products._conditional_factor(S, 1e-9, 6.5, dx)[4]
+    ntab = sources._conditional_factor(S, 1e-9, 6.5, dx)[4]
     assert np.mean(ntab > 0) > 0.5

@@ -7,13 +7,15 @@ from scipy import integrate
 from scipy.special import erf as sp_erf
 
 from efftheory import get_activation
-from efftheory.gaussian import expect1, expect2, expectk, pair_moments
+from efftheory.gaussian import expect1, expect2, expectk, pair_moments_quadrature
 
 SMOOTH = {"tanh": np.tanh, "erf": sp_erf, "sin": np.sin, "gelu": lambda z: 0.5 * z * (1 + sp_erf(z / np.sqrt(2)))}
 
 
 def quad1(f, K):
-    g = lambda z: f(z) * np.exp(-z * z / (2 * K)) / np.sqrt(2 * np.pi * K)
+    def g(z):
+        return f(z) * np.exp(-z * z / (2 * K)) / np.sqrt(2 * np.pi * K)
+
     return integrate.quad(g, -np.inf, np.inf, epsabs=1e-15, epsrel=1e-13, limit=400)[0]
 
 
@@ -52,9 +54,9 @@ def test_closed_forms_match_generic_quadrature(name, rng):
     generic = type(act)(act.name, act.fn)  # same sigma, no closed forms
     x = rng.normal(size=(6, 4)) * 1.5
     K = x @ x.T / 4 + 0.2
-    S, dS = pair_moments(act, jnp.asarray(K))
+    S, dS = pair_moments_quadrature(act, jnp.asarray(K))
     order = None if act.smooth else 2000
-    Sg, dSg = pair_moments(generic, jnp.asarray(K), order=order)
+    Sg, dSg = pair_moments_quadrature(generic, jnp.asarray(K), order=order)
     tol = 1e-10 if act.smooth else 2e-4  # Gauss-Hermite converges only algebraically across a kink
     np.testing.assert_allclose(S, Sg, rtol=tol, atol=tol)
     np.testing.assert_allclose(dS, dSg, rtol=50 * tol, atol=50 * tol)
@@ -68,7 +70,9 @@ def test_relu_closed_form_against_conditional_quadrature():
     for k11, k22, k12 in [(1.0, 2.0, 0.5), (2.0, 0.5, -0.9), (1.5, 1.5, 1.4999)]:
         a = np.sqrt(k11)
         b, c = k12 / a, np.sqrt(k22 - k12**2 / k11)
-        inner = lambda u: (b * u) * norm.cdf(b * u / c) + c * norm.pdf(b * u / c)  # E[relu(bu + cv)]
+        def inner(u):  # E[relu(bu + cv)]
+            return (b * u) * norm.cdf(b * u / c) + c * norm.pdf(b * u / c)
+
         want = integrate.quad(lambda u: a * u * inner(u) * norm.pdf(u), 0, np.inf, epsabs=1e-14)[0]
         dwant = integrate.quad(lambda u: norm.cdf(b * u / c) * norm.pdf(u), 0, np.inf, epsabs=1e-14)[0]
         args = tuple(map(jnp.asarray, (k11, k22, k12)))
@@ -80,12 +84,12 @@ def test_relu_closed_form_against_conditional_quadrature():
 def test_degenerate_covariances_are_finite():
     act = get_activation("tanh")
     K = jnp.array([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])  # identical pair, zero input
-    S, dS = pair_moments(act, K)
+    S, dS = pair_moments_quadrature(act, K)
     assert np.all(np.isfinite(S)) and np.all(np.isfinite(dS))
     assert float(S[0, 1]) == pytest.approx(float(S[0, 0]), rel=1e-13)
     assert float(S[2, 2]) == 0.0
     for name in ["relu", "erf", "abs", "leaky_relu", "sin", "linear"]:
-        S, dS = pair_moments(get_activation(name), K)
+        S, dS = pair_moments_quadrature(get_activation(name), K)
         assert np.all(np.isfinite(S)) and np.all(np.isfinite(dS)), name
 
 

@@ -28,7 +28,7 @@ Two rules compute H_mn:
   Gauss-Legendre on each arc is exact to rounding.
 
 The products of sigma and sigma' over three or four inputs (the sources of V, A, B, D, F) are
-in :mod:`efftheory.products`, which uses the two-input rules here for its one- and two-input
+in :mod:`efftheory.gaussian._sources`, which uses the two-input rules here for its one- and two-input
 entries.
 """
 
@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .gaussian import nodes_for, normal_rule
+from ._rules import nodes_for, normal_rule
 
 __all__ = ["whiten2", "hermite_moments2", "HERMITE"]
 
@@ -57,7 +57,7 @@ HERMITE = np.array(
     dtype=np.float64,
 )
 _MAXDEG = 4
-_ARC_ORDER = 24  # Gauss-Legendre points per arc: exact for the trigonometric polynomials here
+ARC_ORDER = 24  # Gauss-Legendre points per arc: exact for the trigonometric polynomials here
 
 
 @functools.partial(jax.jit, static_argnames=("rtol",))
@@ -86,13 +86,13 @@ def _hermite_from_monomials(Mono):
 
 
 @functools.lru_cache(maxsize=None)
-def _radial(q: int) -> float:
+def radial(q: int) -> float:
     return 2.0 ** ((q - 1) / 2) * math.gamma((q + 1) / 2)
 
 
-def _polar_monomials(g1, g2, L, p: int, maxdeg: int = _MAXDEG):
+def polar_monomials_jnp(g1, g2, L, p: int, maxdeg: int = _MAXDEG):
     """<g1(z1) g2(z2) u^i v^j> for i, j <= maxdeg with g1 g2 homogeneous of total degree p."""
-    x, wq = np.polynomial.legendre.leggauss(_ARC_ORDER)
+    x, wq = np.polynomial.legendre.leggauss(ARC_ORDER)
     # break points: angles where a row of L w(phi) vanishes
     br = [jnp.arctan2(-L[..., 0, 0], L[..., 0, 1]), jnp.arctan2(-L[..., 1, 0], L[..., 1, 1])]
     br = br + [b + jnp.pi for b in br]
@@ -111,11 +111,11 @@ def _polar_monomials(g1, g2, L, p: int, maxdeg: int = _MAXDEG):
     cpow = c[..., None] ** pw  # (..., 5, q, maxdeg+1)
     spow = s[..., None] ** pw
     ang = jnp.einsum("...aq,...aqi,...aqj->...ij", G, cpow, spow)
-    rad = jnp.asarray([[_radial(p + i + j + 1) for j in range(maxdeg + 1)] for i in range(maxdeg + 1)])
+    rad = jnp.asarray([[radial(p + i + j + 1) for j in range(maxdeg + 1)] for i in range(maxdeg + 1)])
     return ang * rad / (2 * jnp.pi)
 
 
-def _trapezoid_monomials(g1, g2, L, order: int, maxdeg: int = _MAXDEG):
+def trapezoid_monomials_jnp(g1, g2, L, order: int, maxdeg: int = _MAXDEG):
     u, w = normal_rule(order)
     U, V = u[:, None], u[None, :]
     W = jnp.asarray(np.outer(w, w))
@@ -137,11 +137,11 @@ def hermite_moments2(g1, g2, L, *, degree: int | None = None, order: int | None 
         polar rule), or None for the trapezoid rule with ``order`` nodes per direction.
     """
     if degree is not None:
-        mono = _polar_monomials(g1, g2, L, degree)
+        mono = polar_monomials_jnp(g1, g2, L, degree)
     else:
         if order is None:
             order = nodes_for(float(jnp.max(jnp.sum(L * L, axis=-1))))
-        mono = _trapezoid_monomials(g1, g2, L, order)
+        mono = trapezoid_monomials_jnp(g1, g2, L, order)
     return _hermite_from_monomials(mono)
 
 
@@ -163,8 +163,8 @@ def whiten2_np(k11, k22, k12, rtol: float = 1e-12):
 
 
 def polar_monomials_np(f, L, p: int, maxdeg: int = _MAXDEG):
-    """:func:`_polar_monomials` in numpy, f(z1, z2) = g1(z1) g2(z2) evaluated on whole arrays."""
-    x, wq = np.polynomial.legendre.leggauss(_ARC_ORDER)
+    """:func:`polar_monomials_jnp` in numpy, f(z1, z2) = g1(z1) g2(z2) evaluated on whole arrays."""
+    x, wq = np.polynomial.legendre.leggauss(ARC_ORDER)
     br = [np.arctan2(-L[..., 0, 0], L[..., 0, 1]), np.arctan2(-L[..., 1, 0], L[..., 1, 1])]
     br = br + [b + np.pi for b in br]
     br = np.mod(np.stack(br, -1), 2 * np.pi)
@@ -180,12 +180,12 @@ def polar_monomials_np(f, L, p: int, maxdeg: int = _MAXDEG):
     G = f(z1, z2) * wphi
     pw = np.arange(maxdeg + 1)
     ang = np.einsum("...aq,...aqi,...aqj->...ij", G, c[..., None] ** pw, s[..., None] ** pw)
-    rad = np.asarray([[_radial(p + i + j + 1) for j in range(maxdeg + 1)] for i in range(maxdeg + 1)])
+    rad = np.asarray([[radial(p + i + j + 1) for j in range(maxdeg + 1)] for i in range(maxdeg + 1)])
     return ang * rad / (2 * np.pi)
 
 
 def trapezoid_monomials_np(f, L, order: int, maxdeg: int = _MAXDEG):
-    """:func:`_trapezoid_monomials` in numpy."""
+    """:func:`trapezoid_monomials_jnp` in numpy."""
     u, w = normal_rule(order)
     U, V = u[:, None], u[None, :]
     z1 = L[..., 0, 0, None, None] * U + L[..., 0, 1, None, None] * V

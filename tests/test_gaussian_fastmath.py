@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import efftheory as et
-from efftheory import _fastmath
 from efftheory.activations import get_activation
+from efftheory.gaussian import _fastmath
 from efftheory.theory import infinite
 
 

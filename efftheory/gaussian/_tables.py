@@ -1,5 +1,5 @@
 r"""Tabulated conditional integrals: the innermost direction of the nested 3- and 4-input rule of
-:mod:`efftheory.products` at O(1) cost per outer node.
+:mod:`efftheory.gaussian._sources` at O(1) cost per outer node.
 
 In the nested factor of a set only the last member depends on the last direction,
 z_last = mu + sd x with mu = c . w (w the outer directions) and x ~ N(0, 1).  Its factor in a
@@ -39,16 +39,44 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._sharding import shard_map
-from .gaussian import derivative, normal_rule
+from .._sharding import shard_map
+from ._rules import derivative, normal_rule
 
 __all__ = ["table_spacing", "build_tables", "tabled_kernel", "pattern_sums", "over_items", "sharded",
            "monomial", "inner_blocks", "reduce_patterns", "table_rows", "TABLE_CHUNK", "INNER_MAX", "INNER_BLOCK"]
 
 _SAFETY = 1.25          # max |g^(6)| between grid points of table_spacing's scan
-_ORDER = 6             # points of the local interpolation (degree 5): cell i uses points i-2..i+3
+INTERP_ORDER = 6             # points of the local interpolation (degree 5): cell i uses points i-2..i+3
 _LAGRANGE = 3.515625 / 720.0  # max_{t in [0, 1]} |prod_{j=-2}^{3} (t - j)| / 6!
 _SCAN_POINTS = 4001
+
+
+_HOST_CHUNK = 1 << 14  # values per call of the one compiled sigma / sigma' evaluator
+
+
+@functools.lru_cache(maxsize=64)
+def _sd_kernel(sig):
+    """jitted z (_HOST_CHUNK,) -> (sigma(z), sigma'(z)): one compiled program per sigma, whatever the
+    shapes of the host path's arrays."""
+    return jax.jit(lambda z: jax.jvp(sig, (z,), (jnp.ones_like(z),)))
+
+
+def sd_values(sig, z):
+    """sigma(z), sigma'(z) as numpy float64 arrays of z's shape, through :func:`_sd_kernel` on
+    zero-padded chunks of _HOST_CHUNK values (so that no shape of z costs a compilation)."""
+    z = np.asarray(z, dtype=np.float64)
+    flat = z.reshape(-1)
+    n = flat.size
+    s, d = np.empty(n), np.empty(n)
+    fn = _sd_kernel(sig)
+    buf = np.zeros(_HOST_CHUNK)
+    for lo in range(0, n, _HOST_CHUNK):
+        hi = min(lo + _HOST_CHUNK, n)
+        buf[:hi - lo] = flat[lo:hi]
+        buf[hi - lo:] = 0.0
+        a, b = fn(buf)
+        s[lo:hi], d[lo:hi] = np.asarray(a)[:hi - lo], np.asarray(b)[:hi - lo]
+    return s.reshape(z.shape), d.reshape(z.shape)
 
 
 def monomial(s, d, e0: int, e1: int, f=None):
@@ -73,7 +101,7 @@ def _sixth_derivatives(sig, pairs: tuple):
     fns = []
     for e0, e1 in pairs:
         f = _factor(sig, e0, e1)
-        for _ in range(_ORDER):
+        for _ in range(INTERP_ORDER):
             f = derivative(f)
         fns.append(f)
     return jax.jit(lambda z: functools.reduce(jnp.maximum, [jnp.abs(f(z)) for f in fns]))
@@ -86,7 +114,6 @@ def _sixth_derivative_max(sig, pairs: tuple, R: float) -> float:
 def _outer_bound(sig, variances) -> float:
     """max(1, max_i <m(z_i)^3>), z_i ~ N(0, v_i), m = max(|sigma|, |sigma'|)."""
     u, w = normal_rule(96, tail=8.0)
-    from .products import sd_values
 
     z = np.sqrt(np.maximum(np.asarray(variances, dtype=np.float64), 0.0))[:, None] * u[None, :]
     s, d = sd_values(sig, z)  # one compiled evaluator per sigma, whatever the number of variances
@@ -107,7 +134,7 @@ def table_spacing(sig, pairs, R: float, variances, tol: float) -> float:
     if d6 == 0.0:
         return math.inf
     eps = tol / (math.e * _outer_bound(sig, variances))
-    return (eps / (_LAGRANGE * d6)) ** (1.0 / _ORDER)
+    return (eps / (_LAGRANGE * d6)) ** (1.0 / INTERP_ORDER)
 
 
 TABLE_CHUNK = 4096  # table points per step of build_tables (table sizes are multiples of it)
@@ -115,10 +142,10 @@ INNER_MAX = 256     # longest inner rule (products: the trapezoid ladder ends at
 INNER_BLOCK = 8    # inner nodes evaluated at once (the trapezoid ladder's sizes are multiples of 8)
 
 
-def _lagrange_to_monomial() -> np.ndarray:
+def lagrange_to_monomial() -> np.ndarray:
     """C (6, 6): coefficients in t of the polynomial through values f(-2..3) are C @ f."""
-    t = np.arange(-2.0, _ORDER - 2.0)
-    return np.linalg.inv(np.vander(t, _ORDER, increasing=True))
+    t = np.arange(-2.0, INTERP_ORDER - 2.0)
+    return np.linalg.inv(np.vander(t, INTERP_ORDER, increasing=True))
 
 
 def table_rows(M: int) -> int:
@@ -142,7 +169,7 @@ def build_tables(sig, pairs, mu, sd, xk, wk):
     the device that looks them up: :func:`tabled_kernel`.)"""
     M = int(np.size(mu))
     rows = table_rows(M)
-    pad = lambda a: np.concatenate([np.asarray(a, np.float64), np.zeros(rows - M)])  # noqa: E731
+    pad = lambda a: np.concatenate([np.asarray(a, np.float64), np.zeros(rows - M)])
     return _build_tables(sig, tuple(pairs), jnp.asarray(pad(mu)), jnp.asarray(pad(sd)),
                          np.int32(-(-M // TABLE_CHUNK)), *(jnp.asarray(a) for a in inner_blocks(xk, wk)))
 
@@ -179,11 +206,11 @@ def _table_coefficients(sig, pairs, mu, sd, nchunks, xk, wk, nblocks):
         return jax.lax.dynamic_update_slice_in_dim(v, h, c * TABLE_CHUNK, 0)
 
     v = jax.lax.fori_loop(0, nchunks, chunk, jnp.zeros((rows, len(pairs)), mu.dtype))
-    vp = jnp.pad(v, ((2, _ORDER - 2), (0, 0)))  # (rows + 6, P): row j + 2 is point j
-    window = [vp[q:q + rows] for q in range(_ORDER)]  # points j-2..j+3 of every row j
-    C = _lagrange_to_monomial()
-    coef = [sum(float(C[r, q]) * window[q] for q in range(_ORDER) if C[r, q] != 0.0) for r in range(_ORDER)]
-    return jnp.stack(coef, 2).reshape(rows, _ORDER * len(pairs))  # a sum per coefficient: XLA fuses it
+    vp = jnp.pad(v, ((2, INTERP_ORDER - 2), (0, 0)))  # (rows + 6, P): row j + 2 is point j
+    window = [vp[q:q + rows] for q in range(INTERP_ORDER)]  # points j-2..j+3 of every row j
+    C = lagrange_to_monomial()
+    coef = [sum(float(C[r, q]) * window[q] for q in range(INTERP_ORDER) if C[r, q] != 0.0) for r in range(INTERP_ORDER)]
+    return jnp.stack(coef, 2).reshape(rows, INTERP_ORDER * len(pairs))  # a sum per coefficient: XLA fuses it
 
 
 _build_tables = jax.jit(_table_coefficients, static_argnums=(0, 1))
@@ -289,9 +316,9 @@ def _tabled_moments(sig, pattern_key, pairs, nchunks, L, aux, row, mu, sd, tchun
         coef = tab.at[rb[:, None] + i.astype(rb.dtype)].get(mode="clip")  # (b, m, 6 P)
         h = {}
         for j, p in enumerate(pairs):
-            a = coef[..., _ORDER * j:_ORDER * (j + 1)]
-            hp = a[..., _ORDER - 1]
-            for r in range(_ORDER - 2, -1, -1):
+            a = coef[..., INTERP_ORDER * j:INTERP_ORDER * (j + 1)]
+            hp = a[..., INTERP_ORDER - 1]
+            for r in range(INTERP_ORDER - 2, -1, -1):
                 hp = a[..., r] + t * hp
             h[p] = hp
         vals = reduce_patterns(pattern_key, so, do, h, Ws[c])

@@ -66,10 +66,11 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
-from . import _validate
-from ._pytree import result
-from .network import MLP
+from .. import _validate
+from .._pytree import result
+from ..network import MLP
 
 __all__ = ["TrainTestKernels", "GradientDescentPrediction", "GPPosterior", "train_test_kernels", "gradient_descent",
            "gp_posterior", "stability_bound", "last_layer_net"]
@@ -169,9 +170,9 @@ class GPPosterior:
 
 
 # ------------------------------------------------------------------------------------------ inputs
-def train_test_kernels(net: MLP, x_train, x_test) -> TrainTestKernels:
+def train_test_kernels(net: MLP, x_train: ArrayLike, x_test: ArrayLike) -> TrainTestKernels:
     """K and Theta of ``net``'s last layer on x_train (N_D, n_0) and x_test (N_T, n_0) together, float64."""
-    from .theory.infinite import check_net, infinite_width
+    from ..theory.infinite import check_net, infinite_width
 
     check_net(net)
     xd = _validate.inputs("x_train", x_train)
@@ -263,8 +264,8 @@ def stability_bound(kernels: TrainTestKernels) -> float:
     return 2.0 / lam_max if lam_max > 0 else math.inf
 
 
-def gradient_descent(kernels: TrainTestKernels, y_train, *, learning_rate: float,
-                     steps=math.inf) -> GradientDescentPrediction:
+def gradient_descent(kernels: TrainTestKernels, y_train: ArrayLike, *, learning_rate: float,
+                     steps: float | Sequence[int] = math.inf) -> GradientDescentPrediction:
     """The infinite-width ensemble after ``steps`` steps of gradient descent (module docstring).
 
     Args:
@@ -284,8 +285,8 @@ def gradient_descent(kernels: TrainTestKernels, y_train, *, learning_rate: float
     bound = 2.0 / lam[-1] if lam[-1] > 0 else math.inf
     if eta >= bound:
         raise ValueError(f"learning_rate: {eta:.6g} is at or above the stability bound 2/lambda_max(Theta_train) = "
-                         f"{bound:.6g} (lambda_max = {lam[-1]:.6g}): the mode of the largest NTK eigenvalue is multiplied by "
-                         f"1 - eta lambda_max <= -1 every step, so gradient descent does not converge; use "
+                         f"{bound:.6g} (lambda_max = {lam[-1]:.6g}): the mode of the largest NTK eigenvalue is "
+                         f"multiplied by 1 - eta lambda_max <= -1 every step, so gradient descent does not converge; use "
                          f"learning_rate < {bound:.6g}")
     K_DD, K_xD, K_xx, T_xD = kern.K_train, kern.K_cross, kern.K_test, kern.Theta_cross
     k = y.shape[1]
@@ -325,7 +326,7 @@ def _one_minus_decay(a: np.ndarray, t: float) -> np.ndarray:
     return np.where(pos, smooth, oscillating)
 
 
-def gp_posterior(kernels: TrainTestKernels, y_train, *, noise: float = 0.0) -> GPPosterior:
+def gp_posterior(kernels: TrainTestKernels, y_train: ArrayLike, *, noise: float = 0.0) -> GPPosterior:
     """Exact Bayesian inference with the NNGP kernel K and observation-noise variance ``noise`` >= 0
     (module docstring).  With noise = 0 the inverse is the pseudo-inverse on K_DD's range (duplicated
     training inputs are fine when their targets agree)."""

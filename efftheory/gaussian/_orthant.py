@@ -33,7 +33,7 @@ values of its coefficients; rounding is estimated as 32 eps times the sum of the
 Degenerate conditional laws (a member whose conditional variance vanishes: possible for a rank-3
 set of four inputs after conditioning on three of them) are taken in their limit: the centred
 indicator 1{y_j > 0} of a vanishing y_j counts 1/2 and y_j^m (m > 0) zero.  Exactly collinear members
-and members of zero variance never reach this module (:func:`efftheory.products` merges them first).
+and members of zero variance never reach this module (:func:`efftheory.gaussian._sources` merges them first).
 """
 
 from __future__ import annotations
@@ -78,7 +78,6 @@ def _plackett_integrand(R, pair, u):
     jac = 2.0 * tmax * (1.0 - u)
     safe = np.where(rho == 0.0, 1.0, rho)
     t = np.where(rho == 0.0, 0.0, np.sin(theta) / safe)
-    a = np.sin(theta)
     sg = np.where(rho >= 0.0, 1.0, -1.0)  # the near factor is 1 - sg a
     near = 2.0 * np.sin(np.pi / 4 - sg * theta / 2) ** 2
     far = 2.0 - near

@@ -41,7 +41,8 @@ dS_aa = <sigma'^2> is the one-dimensional rule itself.
 
 One-dimensional rule: the midpoint rule of :func:`efftheory.gaussian.normal_rule` on [-13, 13]
 (by Cramer's inequality |h_k(x)| <= 1.09 exp(x^2/4), so the integrand f h_k phi decays like
-|f| exp(-x^2/4), below 5e-19 |f| beyond the cut), with a step that resolves both sigma (singularities at distance pi/(2 sqrt(K)), as in
+|f| exp(-x^2/4), below 5e-19 |f| beyond the cut), with a step that resolves both sigma (singularities at distance
+pi/(2 sqrt(K)), as in
 :func:`efftheory.gaussian.nodes_for`) and h_k (which grows like exp(sqrt(2k)|Im x|) off the real
 axis).  Kinked activations (``smooth=False``) get eight times the nodes, as in
 :func:`efftheory.gaussian.rule_size`.
@@ -57,13 +58,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .gaussian import _expect2_multi, derivative, normal_rule, rule_size
+from ._constants import MEHLER_TAIL, MEHLER_TOL
+from ._rules import derivative, expect2_multi, normal_rule, rule_size
 
-__all__ = ["hermite_functions", "coefficients", "series", "pair_moments", "expect_pairs", "MehlerInfo",
+__all__ = ["hermite_functions", "coefficients", "series", "pair_moments_mehler", "expect_pairs", "MehlerInfo",
            "TOL", "MAX_TERMS"]
 
-TAIL = 13.0          # the 1-d rule spans |x| <= 13: the integrand h_k^2 phi is below exp(-x^2/4) ~ 5e-19 there
-TOL = 1e-11          # default bound (B), relative to sqrt(<f_a^2> <f_b^2>)
+TAIL = MEHLER_TAIL   # 13: the 1-d rule spans |x| <= 13: the integrand h_k^2 phi is below exp(-x^2/4) ~ 5e-19 there
+TOL = MEHLER_TOL     # 1e-11: default bound (B), relative to sqrt(<f_a^2> <f_b^2>)
 MAX_TERMS = 256      # longest series; pairs that need more go to the 2-d rule
 _CHUNK = 16          # Horner terms per fused elementwise pass (longer fusions were measured to slow down)
 TERM_LADDER = tuple(range(_CHUNK, MAX_TERMS + 1, _CHUNK))  # series lengths n (terms k < n)
@@ -220,7 +222,7 @@ def _fallback_fn(fn, order: int):
     def f(z1, z2):
         return jnp.stack([fn(z1) * fn(z2), dfn(z1) * dfn(z2)])
 
-    return jax.jit(lambda k11, k22, k12: _expect2_multi(f, k11, k22, k12, order=order))
+    return jax.jit(lambda k11, k22, k12: expect2_multi(f, k11, k22, k12, order=order))
 
 
 def expect_pairs(act, k11, k22, k12, *, order: int | None = None):
@@ -306,7 +308,7 @@ def _rejected_fraction(K, ia, ib, tc, td):
     return jnp.mean(bad, axis=1)
 
 
-def pair_moments(act, K, *, tol: float = TOL, max_terms: int = MAX_TERMS, return_info: bool = False):
+def pair_moments_mehler(act, K, *, tol: float = TOL, max_terms: int = MAX_TERMS, return_info: bool = False):
     """(S, dS) with S_ab = <sigma(z_a) sigma(z_b)>_K and dS_ab = <sigma'(z_a) sigma'(z_b)>_K, K (N, N).
 
     Mehler series (M) wherever the bound (B) is below ``tol`` times sqrt(<sigma_a^2><sigma_b^2>)
