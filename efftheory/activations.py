@@ -31,6 +31,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import jax.scipy.special as jsp
+from jax.typing import ArrayLike
 
 from . import _validate
 from ._precision import enable_x64 as _enable_x64
@@ -71,7 +72,7 @@ class Activation:
         if not isinstance(self.smooth, bool):
             raise ValueError(f"smooth: expected True or False, got {type(self.smooth).__name__}")
 
-    def __call__(self, z):
+    def __call__(self, z: ArrayLike) -> jax.Array:
         return self.fn(z)
 
     @property
@@ -249,41 +250,41 @@ def _angle(k11, k22, k12):
     return s, rho, jnp.arccos(rho)
 
 
-def relu_nngp(k11, k22, k12):
+def relu_nngp(k11: ArrayLike, k22: ArrayLike, k12: ArrayLike) -> jax.Array:
     s, rho, t = _angle(k11, k22, k12)
     return s * (jnp.sqrt(jnp.maximum(1.0 - rho**2, 0.0)) + (jnp.pi - t) * rho) / (2 * jnp.pi)
 
 
-def relu_dnngp(k11, k22, k12):
+def relu_dnngp(k11: ArrayLike, k22: ArrayLike, k12: ArrayLike) -> jax.Array:
     _, _, t = _angle(k11, k22, k12)
     return (jnp.pi - t) / (2 * jnp.pi)
 
 
-def abs_nngp(k11, k22, k12):
+def abs_nngp(k11: ArrayLike, k22: ArrayLike, k12: ArrayLike) -> jax.Array:
     s, rho, t = _angle(k11, k22, k12)
     return 2 * s * (jnp.sqrt(jnp.maximum(1.0 - rho**2, 0.0)) + (jnp.pi / 2 - t) * rho) / jnp.pi
 
 
-def abs_dnngp(k11, k22, k12):
+def abs_dnngp(k11: ArrayLike, k22: ArrayLike, k12: ArrayLike) -> jax.Array:
     _, rho, _ = _angle(k11, k22, k12)
     return 2 * jnp.arcsin(rho) / jnp.pi
 
 
-def erf_nngp(k11, k22, k12):
+def erf_nngp(k11: ArrayLike, k22: ArrayLike, k12: ArrayLike) -> jax.Array:
     d = jnp.sqrt((1 + 2 * k11) * (1 + 2 * k22))
     return 2 * jnp.arcsin(jnp.clip(2 * k12 / d, -1.0, 1.0)) / jnp.pi
 
 
-def erf_dnngp(k11, k22, k12):
+def erf_dnngp(k11: ArrayLike, k22: ArrayLike, k12: ArrayLike) -> jax.Array:
     det = 1 + 2 * (k11 + k22) + 4 * (k11 * k22 - k12**2)  # exact on the diagonal, no cancellation at K ~ 1e12
     return 4 / (jnp.pi * jnp.sqrt(det))
 
 
-def sin_nngp(k11, k22, k12):
+def sin_nngp(k11: ArrayLike, k22: ArrayLike, k12: ArrayLike) -> jax.Array:
     return jnp.exp(-(k11 + k22) / 2) * jnp.sinh(k12)
 
 
-def sin_dnngp(k11, k22, k12):
+def sin_dnngp(k11: ArrayLike, k22: ArrayLike, k12: ArrayLike) -> jax.Array:
     return jnp.exp(-(k11 + k22) / 2) * jnp.cosh(k12)
 
 

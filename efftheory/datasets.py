@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from . import _validate
 from ._pytree import result
@@ -58,13 +59,13 @@ class Dataset:
         return int(self.y_train.shape[1])
 
 
-def circle_inputs(s) -> np.ndarray:
+def circle_inputs(s: ArrayLike) -> np.ndarray:
     """x(s) = sqrt(2) (cos s, sin s): (N, 2) for coordinates s of shape (N,)."""
     s = np.asarray(s, np.float64).reshape(-1)
     return math.sqrt(2.0) * np.stack([np.cos(s), np.sin(s)], axis=1)
 
 
-def circle_target(s, outputs: int = 1) -> np.ndarray:
+def circle_target(s: ArrayLike, outputs: int = 1) -> np.ndarray:
     """f_j(s) = sin((j+1) s + j) + cos((j+2) s - j/2)/2 for j < outputs: (N, outputs)."""
     k = _validate.positive_int("outputs", outputs)
     s = np.asarray(s, np.float64).reshape(-1)

@@ -30,16 +30,23 @@ import functools
 import json
 import math
 import os
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import ndtr
+from numpy.typing import ArrayLike, DTypeLike
 
 from .. import _validate
 from .._pytree import result
 from ..network import MLP
 from .networks import check_dtype, check_net, check_x, conditional_forward
+
+if TYPE_CHECKING:
+    from ..theory.distribution import OutputDistribution
+    from ..theory.finite import FiniteWidth
 
 __all__ = ["OutputSamples", "sample_outputs", "ks_distances", "tv_distances", "histogram", "histogram2d",
            "distribution_sweep", "plot_distribution", "plot_distances", "distance_table", "compare_distribution",
@@ -94,8 +101,8 @@ def _chunk_fn(net: MLP, dtype_name: str, chunk: int):
     return jax.jit(run)
 
 
-def sample_outputs(net: MLP, x, n_networks: int, seed: int, *, layer: int = -1, neurons: int = 1,
-                   width: int | None = None, dtype=jnp.float64, chunk: int = 4096) -> OutputSamples:
+def sample_outputs(net: MLP, x: ArrayLike, n_networks: int, seed: int, *, layer: int = -1, neurons: int = 1,
+                   width: int | None = None, dtype: DTypeLike = jnp.float64, chunk: int = 4096) -> OutputSamples:
     """Draw ``n_networks`` networks (exact conditional law, :mod:`.networks`) and return the preactivations of
     ``neurons`` neurons of ``layer`` and their conditional covariance (:class:`OutputSamples`).
 
@@ -203,8 +210,8 @@ def _mixture_cdf(z, G):
     return jnp.mean(jnp.where(G[:, None] > 0, ndtr(z[None, :] / jnp.sqrt(Gs)), step), axis=0)
 
 
-def ks_distances(samples: OutputSamples, dist, *, input: int = 0, groups: int = 20, estimator: str = "conditional",
-                 grid: int = 2001) -> dict:
+def ks_distances(samples: OutputSamples, dist: OutputDistribution, *, input: int = 0, groups: int = 20,
+                 estimator: str = "conditional", grid: int = 2001) -> dict:
     """Kolmogorov-Smirnov distances of one input's sampled law to the three predictions (module docstring).
 
     Returns {model: {"distance", "stderr", "floor", "corrected", "resolved"}} for the models in :data:`MODELS`.
@@ -267,8 +274,8 @@ def _edges(d2, bins, span):
                         bins + 1) for i in range(2)]
 
 
-def tv_distances(samples: OutputSamples, dist, *, inputs=(0, 1), groups: int = 20, estimator: str = "conditional",
-                 bins: int = 20, span: float = 4.0) -> dict:
+def tv_distances(samples: OutputSamples, dist: OutputDistribution, *, inputs: Sequence[int] = (0, 1), groups: int = 20,
+                 estimator: str = "conditional", bins: int = 20, span: float = 4.0) -> dict:
     """Binned total-variation distances of two inputs' sampled joint law to the three predictions.
 
     Bins: ``bins`` x ``bins`` equal cells over |z_a| <= span sqrt(Sigma_aa) plus the outside as one bin.
@@ -329,7 +336,8 @@ def tv_distances(samples: OutputSamples, dist, *, inputs=(0, 1), groups: int = 2
 # histograms
 
 
-def histogram(samples: OutputSamples, *, input: int = 0, bins: int = 60, range=None):
+def histogram(samples: OutputSamples, *, input: int = 0, bins: int = 60,
+              range: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(edges, density, stderr): histogram of one input's sampled neurons, normalised to a density, with the
     standard error of each bin over networks (networks independent, a network's k neurons kept together)."""
     s = _check_samples(samples)
@@ -351,7 +359,8 @@ def histogram(samples: OutputSamples, *, input: int = 0, bins: int = 60, range=N
     return edges, dens, se
 
 
-def histogram2d(samples: OutputSamples, *, inputs=(0, 1), bins: int = 40, span: float = 4.0):
+def histogram2d(samples: OutputSamples, *, inputs: Sequence[int] = (0, 1), bins: int = 40,
+                span: float = 4.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(edges_a, edges_b, density) of two inputs' sampled neurons over |z| <= span sqrt(mean G_aa)."""
     s = _check_samples(samples)
     N = s.z.shape[2]
@@ -385,8 +394,9 @@ def _slope(widths, stats):
     return {"slope": float(beta[1]), "stderr": float(math.sqrt(cov[1, 1])), "widths": n.tolist()}
 
 
-def distribution_sweep(net: MLP, x, widths, n_networks: int, seed: int, *, input: int = 0, inputs2=None,
-                       groups: int = 20, estimator: str = "conditional", finite=None, neurons: int = 1,
+def distribution_sweep(net: MLP, x: ArrayLike, widths: int | Sequence[int], n_networks: int, seed: int, *,
+                       input: int = 0, inputs2: Sequence[int] | None = None, groups: int = 20,
+                       estimator: str = "conditional", finite: FiniteWidth | None = None, neurons: int = 1,
                        samples_out: dict | None = None, chunk: int = 4096) -> dict:
     """KS (one input) and binned TV (two inputs, when ``inputs2`` is given) distances of the output layer's
     sampled law to the three predictions, per width, and their log-log slopes over the resolved widths.
@@ -419,7 +429,8 @@ def distribution_sweep(net: MLP, x, widths, n_networks: int, seed: int, *, input
             "ks": ks, "tv": tv or None, "slopes": slopes}
 
 
-def plot_distribution(samples: OutputSamples, dist, path_prefix: str, *, input: int = 0, bins: int = 60) -> list[str]:
+def plot_distribution(samples: OutputSamples, dist: OutputDistribution, path_prefix: str, *, input: int = 0,
+                      bins: int = 60) -> list[str]:
     """Histogram of one input's sampled output with the three predicted densities, on a linear and a log
     scale (``{path_prefix}_linear.png``, ``{path_prefix}_log.png``); returns the paths written."""
     import matplotlib
@@ -520,8 +531,8 @@ def plot_distances(report: dict, path: str) -> str:
     return path
 
 
-def compare_distribution(net: MLP, x, widths, n_networks: int, seed: int, out_dir: str, *, plots: bool = True,
-                         groups: int = 20, log=None) -> dict:
+def compare_distribution(net: MLP, x: ArrayLike, widths: int | Sequence[int], n_networks: int, seed: int, out_dir: str,
+                         *, plots: bool = True, groups: int = 20, log: Callable[[str], object] | None = None) -> dict:
     """Everything ``efftheory compare --distribution`` needs: the output layer's distribution at each width
     against the three predictions (one input: KS; the first two inputs: binned TV), written to
     ``{out_dir}/distribution.json``, and with ``plots`` the histograms with the three densities

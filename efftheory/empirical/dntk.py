@@ -33,13 +33,16 @@ prediction of :func:`efftheory.theory.dntk.dntk_statistics`).
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 from .. import _validate
 from .._pytree import result
+from ..network import MLP
 from .networks import check_dtype, check_net, check_params, check_x, forward, init_layers, learning_rates
 from .statistics import Estimate, mean_and_stderr
 
@@ -120,7 +123,7 @@ def _tensors(net, params, x, lr):
                        ddH_II=ddII.reshape(shp * 4))
 
 
-def network_dntk(net, params, x) -> NetworkDNTK:
+def network_dntk(net: MLP, params: Sequence[dict[str, jax.Array]], x: ArrayLike) -> NetworkDNTK:
     """Exact dNTK and ddNTKs of one network (module docstring), by autodiff; no parameter Hessian."""
     net = check_net(net)
     x = check_x(x)
@@ -180,7 +183,8 @@ def _chunk(net, base_key, start, x, size, lr):
     return jax.lax.map(one, start + jnp.arange(size, dtype=jnp.uint32))
 
 
-def dntk_estimates(net, x, n_networks: int, seed: int, *, chunk: int = 8, dtype=jnp.float64) -> DNTKEstimates:
+def dntk_estimates(net: MLP, x: ArrayLike, n_networks: int, seed: int, *, chunk: int = 8,
+                   dtype: DTypeLike = jnp.float64) -> DNTKEstimates:
     """Sample ``n_networks`` networks (init_params draws, network m from ``fold_in(key(seed), m)``,
     so results do not depend on ``chunk``) and estimate P..U and the combinations at the output layer.
 

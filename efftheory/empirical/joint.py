@@ -16,14 +16,17 @@ joint chi^2 over its 21 entries at 283/21).  This module gives
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.stats import chi2 as _chi2
 
 __all__ = ["JointFit", "jackknife_covariance", "joint_width_fit"]
 
 
-def jackknife_covariance(f, *per_network_values, block: int = 1):
+def jackknife_covariance(f: Callable[..., ArrayLike], *per_network_values: ArrayLike,
+                         block: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Value and covariance of f(mean_1, mean_2, ...) by the (block) delete-one jackknife over networks.
 
     Args:
@@ -90,7 +93,8 @@ class JointFit:
         return self.cov[E:2 * E, E:2 * E]
 
 
-def joint_width_fit(widths, values, covariances, *, first_order=None, rcond: float = 1e-12) -> JointFit:
+def joint_width_fit(widths: ArrayLike, values: ArrayLike, covariances: ArrayLike, *, first_order: ArrayLike | None = None,
+                    rcond: float = 1e-12) -> JointFit:
     """Fit m_e(n) = a_e + c1_e/n + c2_e/n^2 to all entries e at once (generalised least squares).
 
     Args:

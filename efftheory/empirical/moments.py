@@ -27,6 +27,9 @@ Output-layer NTK moments (H_{ij;a1a2} = H^(L), k = n_L output neurons, z = z^(L)
 
 from __future__ import annotations
 
+from collections.abc import Container, Iterable, Sequence
+
+import jax
 import jax.numpy as jnp
 
 __all__ = ["STATISTICS", "FORWARD_ONLY", "resolve", "layer_moments", "ntk_moments", "arrays_for"]
@@ -46,7 +49,7 @@ _ARRAYS = {
 }
 
 
-def resolve(statistics, name: str = "statistics") -> tuple[str, ...]:
+def resolve(statistics: str | Iterable[str], name: str = "statistics") -> tuple[str, ...]:
     """Canonical, dependency-closed tuple of statistic groups (in the order of :data:`STATISTICS`)."""
     if isinstance(statistics, str):
         statistics = (statistics,)
@@ -74,7 +77,7 @@ def _cross(n, prod_of_means, same):
     return (n * prod_of_means - same) / (n - 1)
 
 
-def layer_moments(zs, statistics) -> dict:
+def layer_moments(zs: Sequence[jax.Array], statistics: Container[str]) -> dict[str, jax.Array]:
     """Layer moments (module docstring) of one network from its preactivations z^(l) (N, n_l)."""
     out = {}
     zz = [jnp.einsum("ai,bi->ab", z, z) / z.shape[1] for z in zs]
@@ -88,7 +91,7 @@ def layer_moments(zs, statistics) -> dict:
     return out
 
 
-def ntk_moments(H, z, statistics) -> dict:
+def ntk_moments(H: jax.Array, z: jax.Array, statistics: Container[str]) -> dict[str, jax.Array]:
     """Output-layer NTK moments (module docstring) from H (k, k, N, N) and z^(L) (N, k)."""
     k = H.shape[0]
     Hd = jnp.einsum("iiab->iab", H)

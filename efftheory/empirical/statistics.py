@@ -44,9 +44,12 @@ any width, while cross_cov and offdiag carry the O(1/n^2) corrections of the fir
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .. import _validate
 from .._pytree import result
@@ -65,15 +68,15 @@ class Estimate:
     value: np.ndarray
     stderr: np.ndarray
 
-    def pull(self, prediction):
+    def pull(self, prediction: ArrayLike) -> np.ndarray:
         """(value - prediction) / stderr: how many standard errors the estimate sits from a prediction."""
         return (np.asarray(self.value) - np.asarray(prediction)) / np.asarray(self.stderr)
 
-    def agrees(self, prediction, nsigma: float = 3.0):
+    def agrees(self, prediction: ArrayLike, nsigma: float = 3.0) -> np.ndarray:
         """|value - prediction| <= nsigma * stderr, elementwise."""
         return np.abs(self.pull(prediction)) <= nsigma
 
-    def scaled(self, factor) -> "Estimate":
+    def scaled(self, factor: ArrayLike) -> Estimate:
         """value x factor with stderr x |factor| (factor broadcast against value): e.g. ``scaled(n)`` turns
         a statistic measured at width n into an estimate of its 1/n coefficient."""
         f = np.asarray(factor, np.float64)
@@ -119,7 +122,7 @@ def _per_network(values, name: str) -> np.ndarray:
     return arr
 
 
-def mean_and_stderr(per_network_values) -> Estimate:
+def mean_and_stderr(per_network_values: ArrayLike) -> Estimate:
     """Mean over networks (axis 0) and its standard error std(ddof=1)/sqrt(M) (NaN when M = 1)."""
     v = _per_network(per_network_values, "per_network_values")
     M = v.shape[0]
@@ -127,7 +130,7 @@ def mean_and_stderr(per_network_values) -> Estimate:
     return Estimate(value=v.mean(0), stderr=se)
 
 
-def jackknife(f, *per_network_values) -> Estimate:
+def jackknife(f: Callable[..., ArrayLike], *per_network_values: ArrayLike) -> Estimate:
     """Delete-one jackknife over networks of f(mean_1, mean_2, ...), bias-corrected.
 
     Args:

@@ -21,7 +21,10 @@ tests all use :func:`verdict` and :func:`slope_consistent` from here.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .. import _validate
 from .._pytree import result
@@ -88,7 +91,7 @@ class WidthFit:
         return len(self.widths) - (self.order + 1)
 
     @property
-    def status(self):
+    def status(self) -> str | np.ndarray:
         """'resolved' or 'unresolved' for the residual slope (an array of them for array statistics)."""
         s = np.where(self.slope_resolved, "resolved", "unresolved")
         return str(s) if s.ndim == 0 else s
@@ -155,7 +158,8 @@ def _wls(x: np.ndarray, y: np.ndarray, s: np.ndarray):
     return beta, cov, chi2, se, bad
 
 
-def residual_scaling(widths, values, stderrs, a_pred, c1_pred):
+def residual_scaling(widths: ArrayLike, values: ArrayLike, stderrs: ArrayLike, a_pred: ArrayLike, c1_pred: ArrayLike
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Residual r(n) = m(n) - a_pred - c1_pred/n and its log-log slope where resolved (module docstring).
 
     Returns:
@@ -183,7 +187,8 @@ def residual_scaling(widths, values, stderrs, a_pred, c1_pred):
     return r, resolved, slope.reshape(S), slope_se.reshape(S), ok.reshape(S)
 
 
-def width_sweep_fit(widths, values, stderrs, infinite=None, first_order=None, *, order: int = 2) -> WidthFit:
+def width_sweep_fit(widths: ArrayLike, values: ArrayLike, stderrs: ArrayLike, infinite: ArrayLike | None = None,
+                    first_order: ArrayLike | None = None, *, order: int = 2) -> WidthFit:
     """Fit m(n) = a + c1/n + c2/n^2 by weighted least squares, elementwise over a statistic's entries.
 
     Args:
@@ -230,8 +235,8 @@ def width_sweep_fit(widths, values, stderrs, infinite=None, first_order=None, *,
                     order=order, unavailable=bad.reshape(S))
 
 
-def slope_consistent(slope, slope_stderr, slope_resolved=True, tolerance: float = SLOPE_TOLERANCE,
-                     nsigma: float = SLOPE_NSIGMA):
+def slope_consistent(slope: ArrayLike, slope_stderr: ArrayLike, slope_resolved: ArrayLike = True,
+                     tolerance: float = SLOPE_TOLERANCE, nsigma: float = SLOPE_NSIGMA) -> bool | np.ndarray:
     """The residual-slope rule, the one place it is written: where the slope was fitted
     (``slope_resolved``), |slope + 2| <= tolerance + nsigma * slope_stderr; True where it was not.
 
@@ -253,7 +258,7 @@ def slope_consistent(slope, slope_stderr, slope_resolved=True, tolerance: float 
     return bool(ok) if np.ndim(ok) == 0 else ok
 
 
-def c1_scale(a_pred, c1_pred, n_min) -> float:
+def c1_scale(a_pred: ArrayLike, c1_pred: ArrayLike, n_min: float) -> float:
     """The scale of one tensor's 1/n coefficients, for the resolution floor of :func:`verdict`:
     the largest |c1_pred| over its entries (one tensor at one layer), or, when all of them vanish,
     n_min x the largest |a_pred| (n_min the smallest width); 0 when both vanish."""
@@ -265,8 +270,9 @@ def c1_scale(a_pred, c1_pred, n_min) -> float:
     return float(_validate.real("n_min", n_min, positive=True)) * float(np.max(a, initial=0.0))
 
 
-def verdict(fit: WidthFit, a_pred, c1_pred=None, *, scale=None, nsigma: float = 3.0, resolution: float = 0.5,
-            floor: float = 0.05, slope_tolerance: float = SLOPE_TOLERANCE, slope_nsigma: float = SLOPE_NSIGMA):
+def verdict(fit: WidthFit, a_pred: ArrayLike, c1_pred: ArrayLike | None = None, *, scale: float | None = None,
+            nsigma: float = 3.0, resolution: float = 0.5, floor: float = 0.05, slope_tolerance: float = SLOPE_TOLERANCE,
+            slope_nsigma: float = SLOPE_NSIGMA) -> str | np.ndarray:
     """docs/theory.md's three verdicts for a width-sweep fit against (a_pred, c1_pred), elementwise:
 
     * "disagrees": |a - a_pred| > nsigma a_stderr, or |c1 - c1_pred| > nsigma c1_stderr, or a resolved
@@ -330,7 +336,7 @@ def verdict(fit: WidthFit, a_pred, c1_pred=None, *, scale=None, nsigma: float = 
     return str(out) if out.ndim == 0 else out
 
 
-def count_verdicts(verdicts) -> dict:
+def count_verdicts(verdicts: Iterable[str] | np.ndarray) -> dict[str, int]:
     """{verdict: count} over an iterable (or array) of verdict strings, in the order of :data:`VERDICTS`."""
     if isinstance(verdicts, (str, bytes)) or verdicts is None:
         raise ValueError(f"verdicts: expected an iterable of verdicts among {VERDICTS}, "
@@ -347,7 +353,8 @@ def count_verdicts(verdicts) -> dict:
     return {v: vs.count(v) for v in VERDICTS}
 
 
-def agrees(fit: WidthFit, a_pred, c1_pred=None, nsigma: float = 3.0, slope_tolerance: float | None = SLOPE_TOLERANCE):
+def agrees(fit: WidthFit, a_pred: ArrayLike, c1_pred: ArrayLike | None = None, nsigma: float = 3.0,
+           slope_tolerance: float | None = SLOPE_TOLERANCE) -> bool | np.ndarray:
     """Within the error bars: |a - a_pred| <= nsigma a_stderr, |c1 - c1_pred| <= nsigma c1_stderr and,
     where the residual m(n) - a_pred - c1_pred/n is resolved, :func:`slope_consistent`
     (|slope + 2| <= slope_tolerance + 2 slope_stderr).

@@ -16,6 +16,7 @@ fluctuates by O(n^{-1/2}) (frozen: the NTK's fluctuations at initialization) and
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .. import _validate
 from .training import Training
@@ -36,7 +37,7 @@ def _check_pi(Pi, n_test: int, n_train: int) -> np.ndarray:
     return Pi
 
 
-def frozen_ntk_estimator(H, Pi, y) -> np.ndarray:
+def frozen_ntk_estimator(H: ArrayLike, Pi: ArrayLike, y: ArrayLike) -> np.ndarray:
     """(M, N_T) frozen = H_xD H_DD^{-1} y - Pi y from initial NTKs H (M, N, N), training inputs first.
 
     Args:
@@ -54,7 +55,7 @@ def frozen_ntk_estimator(H, Pi, y) -> np.ndarray:
     return _gain(H, y.size) @ y - Pi @ y
 
 
-def trained_mean_estimators(training, Pi, *, component: int = 0) -> np.ndarray:
+def trained_mean_estimators(training: Training, Pi: ArrayLike, *, component: int = 0) -> np.ndarray:
     """(M, 3, N_T) frozen, motion and total per network (module docstring) for one output component.
 
     Args:

@@ -121,7 +121,7 @@ class FiniteWidthPosterior:
     fan_in: float | None = None
     width_ratio: float = 1.0
 
-    def at_width(self, n=None) -> PosteriorAtWidth:
+    def at_width(self, n: float | None = None) -> PosteriorAtWidth:
         """Posterior at the network's own widths (n=None) or with hidden widths rescaled so that n_1 = n.
 
         For :func:`posterior_from_statistics` results, n is the n of the statistics (K + G1/n, V/n)
@@ -242,7 +242,8 @@ def posterior_from_statistics(K: ArrayLike, G1: ArrayLike, V: ArrayLike, y_train
     return FiniteWidthPosterior(mean=mean, cov=cov, mean1=mean1, cov1=cov1, noise=s2, fan_in=None, width_ratio=1.0)
 
 
-def posterior(net: MLP, x_train, y_train, x_test, *, noise: float, tol: float = 1e-9) -> FiniteWidthPosterior:
+def posterior(net: MLP, x_train: ArrayLike, y_train: ArrayLike, x_test: ArrayLike, *, noise: float,
+              tol: float = 1e-9) -> FiniteWidthPosterior:
     """Posterior of ``net``'s outputs on x_test given targets y_train on x_train, to first order in 1/n.
 
     Args:

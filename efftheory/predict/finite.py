@@ -89,14 +89,14 @@ class TrainedMeanFirstOrder:
         """The 1/n coefficient of the computed parts (all four when ``complete``)."""
         return self.frozen if self.motion is None else self.frozen + self.motion
 
-    def at_width(self, n=None) -> np.ndarray:
+    def at_width(self, n: float | None = None) -> np.ndarray:
         """mean_infinite + total / n at n_{L-1} = n (default: the network's own)."""
         n = self.width if n is None else _validate.real("n", n, positive=True)
         return self.mean_infinite + self.total / n
 
 
 # ------------------------------------------------------------------------------------------ tensors
-def ntk_covariance_tensor(A, B, k: int) -> np.ndarray:
+def ntk_covariance_tensor(A: ArrayLike, B: ArrayLike, k: int) -> np.ndarray:
     """n E[dH_{I1 I2} dH_{I3 I4}] over I = (i, a) flattened as i N + a, from A, B (N, N, N, N) of finite_width."""
     A, B = np.asarray(A, np.float64), np.asarray(B, np.float64)
     e = np.eye(k)
@@ -107,7 +107,7 @@ def ntk_covariance_tensor(A, B, k: int) -> np.ndarray:
     return t.reshape(m, m, m, m)
 
 
-def dntk_moment_tensor(P, Q, k: int) -> np.ndarray:
+def dntk_moment_tensor(P: ArrayLike, Q: ArrayLike, k: int) -> np.ndarray:
     """n E[dH_{I0 I1 I2} z_{I3}] flattened (docs/dntk.md: P for d01 d23 and d02 d13, Q for d03 d12)."""
     P, Q = np.asarray(P, np.float64), np.asarray(Q, np.float64)
     e = np.eye(k)
@@ -118,7 +118,7 @@ def dntk_moment_tensor(P, Q, k: int) -> np.ndarray:
     return t.reshape(m, m, m, m)
 
 
-def ddntk_mean_tensors(R, S, T, U, k: int) -> tuple[np.ndarray, np.ndarray]:
+def ddntk_mean_tensors(R: ArrayLike, S: ArrayLike, T: ArrayLike, U: ArrayLike, k: int) -> tuple[np.ndarray, np.ndarray]:
     """n E[ddH^I_{I0..I3}] and n E[ddH^II_{I1..I4}] flattened (docs/dntk.md layout)."""
     R, S, T, U = (np.asarray(a, np.float64) for a in (R, S, T, U))
     e = np.eye(k)
@@ -147,7 +147,8 @@ def _check_train_kernel(Theta_DD: np.ndarray):
     return lam, Qv
 
 
-def frozen_ntk_parts(Theta, H1, cov, y, n_train: int):
+def frozen_ntk_parts(Theta: ArrayLike, H1: ArrayLike, cov: ArrayLike, y: np.ndarray,
+                     n_train: int) -> tuple[np.ndarray, np.ndarray]:
     """(m_H1, m_AB), each (N_T, k): the 1/n coefficients of E[H_xD H_DD^{-1}] y for a frozen random NTK
     H = Theta + (H1 + sqrt(n) dH)/n with n E[dH dH] = ``cov`` (:func:`ntk_covariance_tensor`, combined indices)."""
     Theta, H1 = np.asarray(Theta, np.float64), np.asarray(H1, np.float64)
@@ -165,7 +166,8 @@ def frozen_ntk_parts(Theta, H1, cov, y, n_train: int):
     return m_h1, m_ab
 
 
-def ntk_motion_parts(Theta, n_train: int, k: int, learning_rate: float, m2, ddI, ddII, e3):
+def ntk_motion_parts(Theta: ArrayLike, n_train: int, k: int, learning_rate: float, m2: ArrayLike, ddI: ArrayLike,
+                     ddII: ArrayLike, e3: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """(m_dNTK, m_ddNTK), each (N_T, k): the first-order change of z_inf(x) from the NTK's motion.
 
     Inputs on combined indices I = (i, a) flattened as i N + a (N = N_D + N_T, training inputs first),

@@ -100,27 +100,27 @@ class TrainTestKernels:
         return A[:d, :d], A[d:, :d], A[d:, d:]
 
     @property
-    def K_train(self):
+    def K_train(self) -> np.ndarray:
         return self._blocks(self.K)[0]
 
     @property
-    def K_cross(self):
+    def K_cross(self) -> np.ndarray:
         return self._blocks(self.K)[1]
 
     @property
-    def K_test(self):
+    def K_test(self) -> np.ndarray:
         return self._blocks(self.K)[2]
 
     @property
-    def Theta_train(self):
+    def Theta_train(self) -> np.ndarray:
         return self._blocks(self.Theta)[0]
 
     @property
-    def Theta_cross(self):
+    def Theta_cross(self) -> np.ndarray:
         return self._blocks(self.Theta)[1]
 
     @property
-    def Theta_test(self):
+    def Theta_test(self) -> np.ndarray:
         return self._blocks(self.Theta)[2]
 
 

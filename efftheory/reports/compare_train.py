@@ -49,14 +49,20 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 from .. import _validate
 from .._io import atomic_write
 from .._precision import wrap_module
 from ..network import MLP
 from ._table import clean, g, net_config, num, pm, render
+
+if TYPE_CHECKING:
+    from ..empirical.training import Training
 
 __all__ = ["TrainingSweep", "TrainingReport", "PosteriorCheck", "training_sweep", "compare_training",
            "loglog_slope", "posterior_check", "train_and_compare"]
@@ -71,7 +77,7 @@ class TrainingSweep:
     widths: tuple
     seed: int
 
-    def __getitem__(self, width: int):
+    def __getitem__(self, width: int) -> Training:
         if width not in self.widths:
             raise KeyError(f"width {width} not in this sweep's widths {self.widths}")
         return self.trainings[self.widths.index(width)]
@@ -155,7 +161,7 @@ class TrainingReport:
         return np.repeat(v[:, None], self.theory.mean.shape[-1], axis=1)
 
     @property
-    def mean_verdict(self):
+    def mean_verdict(self) -> str | np.ndarray | None:
         """(N_T, k) verdicts of the mean's extrapolation a against n = inf (:func:`efftheory.empirical.verdict`
         without a first-order prediction: disagrees beyond 3 standard errors; agrees when a is also
         resolved, a_stderr <= 0.025 x the largest |theory mean|; else consistent, unresolved); None with
@@ -167,7 +173,7 @@ class TrainingReport:
         return verdict(self.mean_fit, self.theory_mean)
 
     @property
-    def variance_verdict(self):
+    def variance_verdict(self) -> str | np.ndarray | None:
         """(N_T, k) verdicts of the variance's extrapolation (as :attr:`mean_verdict`); None with one width."""
         if self.variance_fit is None:
             return None
@@ -331,7 +337,7 @@ class TrainingReport:
         """Deterministic JSON (same configuration -> the same string); NaN/inf written as null."""
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
-    def save(self, out_dir) -> dict:
+    def save(self, out_dir: str | os.PathLike) -> dict:
         """Write ``report.json`` and ``table.txt`` into ``out_dir``; returns {name: path}."""
         os.makedirs(out_dir, exist_ok=True)
         paths = {"report": os.path.join(out_dir, "report.json"), "table": os.path.join(out_dir, "table.txt")}
@@ -384,9 +390,11 @@ def _check_sweep_args(net, widths, n_networks):
     return ws, tuple(Ms[w] for w in ws)
 
 
-def training_sweep(net: MLP, x_train, y_train, x_test, widths, n_networks, *, steps: int, learning_rate: float,
-                   seed: int = 0, record_every: int | None = None, dtype="float32", cache_dir=None,
-                   progress: bool = True, log=None) -> TrainingSweep:
+def training_sweep(net: MLP, x_train: ArrayLike, y_train: ArrayLike, x_test: ArrayLike, widths: int | Sequence[int],
+                   n_networks: int | Sequence[int], *, steps: int, learning_rate: float, seed: int = 0,
+                   record_every: int | None = None, dtype: DTypeLike = "float32",
+                   cache_dir: str | os.PathLike | None = None, progress: bool = True,
+                   log: Callable[[str], object] | None = None) -> TrainingSweep:
     """Train networks at each hidden width (``net.with_width(n)``), independent across widths.
 
     ``n_networks`` is the number of networks per width (>= 2), or a sequence with one per width (narrow
@@ -411,7 +419,7 @@ def training_sweep(net: MLP, x_train, y_train, x_test, widths, n_networks, *, st
     return TrainingSweep(trainings=tuple(trainings), widths=ws, seed=seed)
 
 
-def loglog_slope(widths, values, stderrs) -> tuple[float, float]:
+def loglog_slope(widths: ArrayLike, values: ArrayLike, stderrs: ArrayLike) -> tuple[float, float]:
     """Weighted least-squares slope of log(value) against log(n), errors stderr/value (delta method).
 
     Uses the widths where the value is resolved (value >= 2 stderr); (nan, nan) with fewer than two.
@@ -442,8 +450,8 @@ def _rms_deviation(f, *arrays):
     return d, se
 
 
-def compare_training(sweep: TrainingSweep, *, config_extra: dict | None = None, s_train=None,
-                     s_test=None) -> TrainingReport:
+def compare_training(sweep: TrainingSweep, *, config_extra: dict | None = None, s_train: ArrayLike | None = None,
+                     s_test: ArrayLike | None = None) -> TrainingReport:
     """Measured statistics of a :class:`TrainingSweep` beside the infinite-width predictions (module docstring)."""
     import jax.numpy as jnp
 
@@ -547,10 +555,12 @@ def compare_training(sweep: TrainingSweep, *, config_extra: dict | None = None, 
         timings={"estimates": time.perf_counter() - t0})
 
 
-def train_and_compare(net: MLP, x_train, y_train, x_test, widths, n_networks, *, steps: int,
-                      learning_rate: float | None = None, seed: int = 0, record_every: int | None = None,
-                      dtype="float32", cache_dir=None, progress: bool = True, log=None, s_train=None, s_test=None,
-                      config_extra: dict | None = None) -> TrainingReport:
+def train_and_compare(net: MLP, x_train: ArrayLike, y_train: ArrayLike, x_test: ArrayLike, widths: int | Sequence[int],
+                      n_networks: int | Sequence[int], *, steps: int, learning_rate: float | None = None, seed: int = 0,
+                      record_every: int | None = None, dtype: DTypeLike = "float32",
+                      cache_dir: str | os.PathLike | None = None, progress: bool = True,
+                      log: Callable[[str], object] | None = None, s_train: ArrayLike | None = None,
+                      s_test: ArrayLike | None = None, config_extra: dict | None = None) -> TrainingReport:
     """:func:`training_sweep` then :func:`compare_training`; ``learning_rate=None`` takes half the
     infinite-width stability bound, 1/lambda_max(Theta_train).  The learning rate is checked against the
     bound before any network trains (ValueError naming it)."""
@@ -570,7 +580,7 @@ def train_and_compare(net: MLP, x_train, y_train, x_test, widths, n_networks, *,
     return report
 
 
-def posterior_check(training) -> PosteriorCheck:
+def posterior_check(training: Training) -> PosteriorCheck:
     """Each network trained only in its last layer (λ = 0 below, λ^(L) = C^(L)), from the prior, to
     convergence, is a sample of the zero-noise posterior of the Bayesian linear model on its own features:
 

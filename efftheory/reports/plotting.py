@@ -17,12 +17,21 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.figure import Figure
+from numpy.typing import ArrayLike
 
 from .._precision import wrap_module
+
+if TYPE_CHECKING:
+    from ..activations import Activation
+    from ..network import MLP
+    from ..theory.finite import FiniteWidth
+    from ..theory.infinite import InfiniteWidth
+    from .compare import DepthProfile, Report, StatisticComparison
 
 __all__ = ["plot_kernels", "plot_criticality", "plot_universality", "plot_width_sweep", "plot_depth_profile",
            "plot_four_point_depth", "default_panels"]
@@ -37,7 +46,8 @@ def _figure(ncols: int, nrows: int = 1, size=(4.2, 3.4)) -> tuple[Figure, np.nda
 
 
 # ------------------------------------------------------------------------------------------ infinite width
-def plot_kernels(kernels, x=None, *, max_pairs: int = 6) -> Figure:
+def plot_kernels(kernels: InfiniteWidth | FiniteWidth | MLP, x: ArrayLike | None = None, *,
+                 max_pairs: int = 6) -> Figure:
     """K^(l)_aa, correlations rho^(l)_ab = K_ab / sqrt(K_aa K_bb), and Theta^(l)_aa against the layer l.
 
     Args:
@@ -103,7 +113,7 @@ def _sig2_grid(act, K):
     from ..gaussian import expect1, rule_size
 
     with enable_x64(True):
-        order = rule_size(act, float(np.max(K)))
+        order = rule_size(act, float(np.max(K)), check=False)  # a figure over K up to 1e5: ~1e-3 there is fine
         return np.asarray(expect1(lambda z: act.fn(z) ** 2, jnp.asarray(K, jnp.float64), order=order))
 
 
@@ -164,7 +174,8 @@ def _criticality_curves(act, C_W, C_b, K0=1.0):
     return chi_par, chi_per, Ks
 
 
-def plot_criticality(activation, C_b: float | None = None, C_W=None, *, K0: float = 1.0) -> Figure:
+def plot_criticality(activation: str | Activation | Callable, C_b: float | None = None, C_W: ArrayLike | None = None,
+                     *, K0: float = 1.0) -> Figure:
     r"""chi_parallel and chi_perp at the fixed point, and the fixed point K*, against C_W (PDLT ch. 5).
 
     Args:
@@ -225,8 +236,8 @@ def plot_criticality(activation, C_b: float | None = None, C_W=None, *, K0: floa
     return fig
 
 
-def plot_universality(activations: Sequence = ("relu", "tanh", "gelu"), *, depth: int = 100, K1: float = 1.0,
-                      K_range=(1e-3, 1e2)) -> Figure:
+def plot_universality(activations: str | Sequence[str | Activation | Callable] = ("relu", "tanh", "gelu"), *,
+                      depth: int = 100, K1: float = 1.0, K_range: tuple[float, float] = (1e-3, 1e2)) -> Figure:
     r"""Universality classes at criticality: chi_parallel(K), chi_perp(K), and the flow of K^(l).
 
     For each activation at its :func:`efftheory.critical_init`: left, the two susceptibilities against K
@@ -282,7 +293,7 @@ def plot_universality(activations: Sequence = ("relu", "tanh", "gelu"), *, depth
 
 
 # ------------------------------------------------------------------------------------------ finite width
-def default_panels(report) -> list[tuple[str, int, tuple]]:
+def default_panels(report: Report) -> list[tuple[str, int, tuple]]:
     """Representative (statistic, layer, entry) panels of a :class:`efftheory.compare.Report`."""
     comps = report.comparisons
     L = comps["metric"].layers[-1]
@@ -299,7 +310,8 @@ def default_panels(report) -> list[tuple[str, int, tuple]]:
     return panels
 
 
-def plot_width_sweep(report, panels=None, *, ncols: int | None = None) -> Figure:
+def plot_width_sweep(report: Report | Mapping[str, StatisticComparison],
+                     panels: Sequence[tuple[str, int, tuple]] | None = None, *, ncols: int | None = None) -> Figure:
     r"""A statistic against 1/n: sampled values with error bars, the infinite-width value a (dashed),
     the first-order prediction a + c1/n (solid) and the weighted fit a + c1/n + c2/n^2 (dotted).
 
@@ -381,7 +393,7 @@ def _fmt(v):
     return f"{v:.4g}" if isinstance(v, (int, float)) else "per layer"
 
 
-def plot_depth_profile(profile, *, collapse: bool = True, logy: bool = False) -> Figure:
+def plot_depth_profile(profile: DepthProfile, *, collapse: bool = True, logy: bool = False) -> Figure:
     r"""A :class:`efftheory.compare.DepthProfile` against depth.
 
     Left: the first-order theory line for each width (solid) and the sampled networks at that width
@@ -432,7 +444,7 @@ def plot_depth_profile(profile, *, collapse: bool = True, logy: bool = False) ->
     return fig
 
 
-def plot_four_point_depth(report) -> Figure:
+def plot_four_point_depth(report: Report | DepthProfile) -> Figure:
     """V_(aa)(aa)/(n K_aa^2) against depth from a :class:`efftheory.compare.Report` (or a DepthProfile)."""
     return plot_depth_profile(getattr(report, "depth_profile", report))
 

@@ -17,11 +17,16 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.figure import Figure
 
 from .._precision import wrap_module
+
+if TYPE_CHECKING:
+    from .compare_train import TrainingReport, TrainingSweep
 
 __all__ = ["plot_predictions", "plot_deviation", "plot_ntk_change", "plot_training_curves"]
 
@@ -50,7 +55,7 @@ def _title(report) -> str:
             f"eta = {c['learning_rate']:.3g}")
 
 
-def plot_predictions(report, *, widths=None, max_outputs: int = 3) -> Figure:
+def plot_predictions(report: TrainingReport, *, widths: Iterable[int] | None = None, max_outputs: int = 3) -> Figure:
     """Test predictions after training against the data coordinate (one panel per output component).
 
     Args:
@@ -108,7 +113,7 @@ def _line_through_origin(inv, d, s):
     return float(np.sum(w * inv[ok] * d[ok]) / np.sum(w * inv[ok] ** 2))
 
 
-def plot_deviation(report) -> Figure:
+def plot_deviation(report: TrainingReport) -> Figure:
     """The measured ensemble's deviation from the infinite-width prediction against 1/n.
 
     Left and middle: rms over test inputs of (measured - n = inf) for the mean and the variance, with
@@ -165,7 +170,7 @@ def plot_deviation(report) -> Figure:
     return fig
 
 
-def plot_ntk_change(report) -> Figure:
+def plot_ntk_change(report: TrainingReport) -> Figure:
     """||H_T - H_0||_F / ||H_0||_F against the width, log-log: per network (mean over networks) and of the
     ensemble-mean NTK, with fitted power laws and the reference slopes -1/2 and -1."""
     rep = _check(report)
@@ -199,7 +204,7 @@ def plot_ntk_change(report) -> Figure:
     return fig
 
 
-def plot_training_curves(report, sweep=None) -> Figure:
+def plot_training_curves(report: TrainingReport, sweep: TrainingSweep | None = None) -> Figure:
     """The loss over training: the infinite-width expectation E[L_t] at the recorded steps, and (given the
     :class:`efftheory.compare_train.TrainingSweep`) the measured mean loss at every width."""
     rep = _check(report)

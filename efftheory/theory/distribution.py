@@ -47,13 +47,13 @@ _LOG2PI = math.log(2 * math.pi)
 # pure functions
 
 
-def same_neuron_cumulant(V, n):
+def same_neuron_cumulant(V: ArrayLike, n: ArrayLike) -> jax.Array:
     """kappa_{abcd} = (V_(ab)(cd) + V_(ac)(bd) + V_(ad)(bc)) / n: the connected E[z_a z_b z_c z_d] of one neuron."""
     V = jnp.asarray(V)
     return (V + V.transpose(0, 2, 1, 3) + V.transpose(0, 2, 3, 1)) / n  # [a,b,c,d]: V_(ab)(cd), V_(ac)(bd), V_(ad)(bc)
 
 
-def joint_cumulant(V, n, k: int):
+def joint_cumulant(V: ArrayLike, n: ArrayLike, k: int) -> jax.Array:
     """The fourth cumulant of k neurons as a (kN)^4 tensor over the flattened index I = i N + a.
 
     kappa(z_{i a}, z_{j b}, z_{k c}, z_{l d}) = (1/n) [d_ij d_kl V_(ab)(cd) + d_ik d_jl V_(ac)(bd) + d_il d_jk V_(ad)(bc)].
@@ -85,7 +85,7 @@ def _correction_from(z, S, M2, c0, kappa):
     return (quartic - 6.0 * quadratic + 3.0 * c0) / 24.0
 
 
-def edgeworth_factor(z, cov, kappa):
+def edgeworth_factor(z: ArrayLike, cov: jax.Array | np.ndarray, kappa: ArrayLike) -> jax.Array:
     """(1/24) kappa_{IJKL} He^{IJKL}(z): the first-order relative correction, for z of shape (..., D)."""
     z = jnp.asarray(z, jnp.float64)
     _, S, M2, c0 = _contractions(cov, kappa)
@@ -98,7 +98,7 @@ def _gauss_logpdf(z, Lc):
     return -0.5 * jnp.sum(w * w, axis=0) - jnp.sum(jnp.log(jnp.diag(Lc))) - 0.5 * D * _LOG2PI
 
 
-def edgeworth_logpdf(z, cov, kappa):
+def edgeworth_logpdf(z: ArrayLike, cov: jax.Array | np.ndarray, kappa: ArrayLike) -> tuple[jax.Array, jax.Array]:
     """(log N(z; cov), correction c(z)) for z of shape (..., D): p = exp(log N) (1 + c)."""
     z = jnp.asarray(z, jnp.float64)
     Lc, S, M2, c0 = _contractions(cov, kappa)
@@ -223,7 +223,7 @@ class OutputDistribution:
         return joint_cumulant(self.V, self.n, self.neurons)
 
     # ----------------------------------------------------------------- views
-    def marginal(self, inputs) -> "OutputDistribution":
+    def marginal(self, inputs: int | Sequence[int] | np.ndarray) -> OutputDistribution:
         """The distribution on a subset of the inputs (e.g. ``[a]`` or ``[a, b]``; an int means ``[a]``)."""
         idx = np.atleast_1d(np.asarray(inputs))
         if idx.ndim != 1 or idx.size == 0 or idx.dtype.kind not in "iu" or np.any(idx < 0) \
@@ -234,7 +234,7 @@ class OutputDistribution:
                                   V=self.V[jnp.ix_(ix, ix, ix, ix)], n=self.n, neurons=self.neurons,
                                   layer=self.layer)
 
-    def joint(self, neurons: int) -> "OutputDistribution":
+    def joint(self, neurons: int) -> OutputDistribution:
         """The joint distribution of ``neurons`` neurons of the same layer (correlated at O(1/n) through V)."""
         k = _validate.positive_int("neurons", neurons, maximum=64)
         return OutputDistribution(K=self.K, G1=self.G1, V=self.V, n=self.n, neurons=k, layer=self.layer)
@@ -260,13 +260,13 @@ class OutputDistribution:
             raise ValueError("x: the covariance K + G1/n on these inputs is singular or not positive definite "
                              f"(eigenvalues {d}); drop repeated or collinear inputs (marginal) or use a larger width")
 
-    def correction(self, z) -> jax.Array:
+    def correction(self, z: ArrayLike) -> jax.Array:
         """c(z) = (1/24) kappa_{IJKL} He^{IJKL}(z), the relative first-order correction: p = N(z; Sigma) (1 + c)."""
         zf = self._flat(z)
         self._check_cov()
         return _pdf_parts(zf, self.joint_covariance(), self.joint_cumulant())[1]
 
-    def pdf(self, z, *, clip: bool = False) -> jax.Array:
+    def pdf(self, z: ArrayLike, *, clip: bool = False) -> jax.Array:
         """First-order density N(z; Sigma) (1 + c(z)) at z (..., N) or (..., k, N).
 
         It may be negative where c(z) < -1 (docs/distribution.md, "Positivity"); ``clip=True`` returns
@@ -280,7 +280,7 @@ class OutputDistribution:
             return p
         return jnp.maximum(p, 0.0) / self.clipped_mass()
 
-    def logpdf(self, z, *, clip: bool = False) -> jax.Array:
+    def logpdf(self, z: ArrayLike, *, clip: bool = False) -> jax.Array:
         """log of :meth:`pdf`: log N(z; Sigma) + log1p(c(z)); -inf where the first-order density is <= 0
         (``clip=True``: minus the log of the clipped mass, so that exp(logpdf) integrates to 1)."""
         zf = self._flat(z)
@@ -291,13 +291,13 @@ class OutputDistribution:
             out = out - jnp.log(self.clipped_mass())
         return out
 
-    def gaussian_pdf(self, z, *, corrected: bool = True) -> jax.Array:
+    def gaussian_pdf(self, z: ArrayLike, *, corrected: bool = True) -> jax.Array:
         """Gaussian density with covariance K + G1/n (``corrected=True``) or the infinite-width K."""
         zf = self._flat(z)
         cov = self.covariance if _validate.flag("corrected", corrected) else self.K
         return jnp.exp(_gauss_only(zf, jnp.kron(jnp.eye(self.neurons), cov)))
 
-    def gaussian_logpdf(self, z, *, corrected: bool = True) -> jax.Array:
+    def gaussian_logpdf(self, z: ArrayLike, *, corrected: bool = True) -> jax.Array:
         zf = self._flat(z)
         cov = self.covariance if _validate.flag("corrected", corrected) else self.K
         return _gauss_only(zf, jnp.kron(jnp.eye(self.neurons), cov))
@@ -337,7 +337,7 @@ class OutputDistribution:
         """Whether the first-order density is >= 0 everywhere (one input: excess kurtosis <= 4)."""
         return self.min_factor() >= 0.0
 
-    def negative_region(self) -> list:
+    def negative_region(self) -> list[tuple[float, float]]:
         """One input, one neuron: the z intervals where the first-order density is negative (a list of
         (lo, hi); empty when gamma = kappa_4/Sigma^2 <= 4; 1 + gamma He4(u)/24 < 0 for u^2 in 3 -+ sqrt(6 - 24/gamma))."""
         self._one("negative_region")
@@ -382,7 +382,7 @@ class OutputDistribution:
             raise ValueError(f"{what}: defined for one input and one neuron; take marginal([a]) of a single neuron "
                              f"(this distribution has {self.n_inputs} inputs, {self.neurons} neurons)")
 
-    def cdf(self, z, *, corrected_gaussian: bool | None = None) -> jax.Array:
+    def cdf(self, z: ArrayLike, *, corrected_gaussian: bool | None = None) -> jax.Array:
         """One input: F(z) = Phi(u) - (gamma/24) He3(u) phi(u), u = z/sqrt(Sigma), gamma = kappa_4/Sigma^2
         (closed form).  ``corrected_gaussian=True``/``False`` gives instead the Gaussian CDF with K + G1/n / K."""
         self._one("cdf")
@@ -393,7 +393,7 @@ class OutputDistribution:
         s2 = self.covariance[0, 0] if corrected_gaussian else self.K[0, 0]
         return ndtr(z / jnp.sqrt(s2))
 
-    def quantile(self, p) -> jax.Array:
+    def quantile(self, p: ArrayLike) -> jax.Array:
         """One input: z with F(z) = p (bisection; F is monotone when the density is positive, otherwise the
         root found is one of several).  p in (0, 1)."""
         self._one("quantile")
@@ -406,7 +406,7 @@ class OutputDistribution:
         s = jnp.sqrt(s2)
         return _bisect(lambda z: _cdf1(z, s2, k4), jnp.asarray(p), -40.0 * s, 40.0 * s)
 
-    def interval(self, level: float = 0.95):
+    def interval(self, level: float = 0.95) -> tuple[float, float]:
         """One input: the central interval (quantile((1-level)/2), quantile((1+level)/2))."""
         level = _validate.real("level", level)
         if not 0 < level < 1:

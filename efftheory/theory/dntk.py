@@ -55,6 +55,8 @@ of :func:`efftheory.gaussian.nodes_for`): :func:`efftheory.gaussian.derivative_m
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,7 +99,8 @@ def _slot_derivative(first, second):
     return first[:, :, None] * eye[:, None, :] + second[:, :, None] * eye[None, :, :]
 
 
-def bf_step(C_W, r, Theta, B, F, M4, E2):
+def bf_step(C_W: float, r: float, Theta: np.ndarray, B: np.ndarray, F: np.ndarray, M4: Mapping[str, np.ndarray],
+            E2: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """One step l -> l+1 of B and F (module docstring; the recursions of finite.py)."""
     C, Th, E11 = C_W, Theta, E2["11"]
     B_new = C**2 * Th[:, None, :, None] * Th[None, :, None, :] * M4["1111"] \
@@ -107,7 +110,10 @@ def bf_step(C_W, r, Theta, B, F, M4, E2):
     return B_new, F_new
 
 
-def dntk_step(C_W, lam_W, r, K, Theta, B, F, P, Q, R, S, T, U, M4, E2):
+def dntk_step(C_W: float, lam_W: float, r: float, K: np.ndarray, Theta: np.ndarray, B: np.ndarray, F: np.ndarray,
+              P: np.ndarray, Q: np.ndarray, R: np.ndarray, S: np.ndarray, T: np.ndarray, U: np.ndarray,
+              M4: Mapping[str, np.ndarray], E2: Mapping[str, np.ndarray]
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One step l -> l+1 of the six recursions (module docstring); numpy float64 in and out."""
     C, lam, Th = C_W, lam_W, Theta
     E11, E20, E22, E31 = (E2[p] for p in DERIVATIVE_PAIRS)
