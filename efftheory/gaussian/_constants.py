@@ -23,6 +23,9 @@ Tolerances (default target accuracy):
 * ``RULE_TOL = 1e-13``: one and two inputs, relative (cheap: rounding-level is affordable).
 * ``MEHLER_TOL = 1e-11``: the bound (B) on a truncated Mehler series, relative to
   sqrt(<f_a^2> <f_b^2>); pairs that miss it go to the two-input rule.
+* ``RESOLVE_TOL = 1e-8``: the accuracy below which the capped one- and two-input rules refuse a
+  variance (``_rules.rule_size``): past K ~ 3.4e3 they stop adding nodes, and a variance where they
+  measure worse than this raises instead of returning a silently wrong kernel.
 * ``SOURCE_TOL = 1e-9``: three and four inputs (finite_width's and dntk_statistics' ``tol``), where
   every digit costs nodes in four dimensions.
 """
@@ -37,3 +40,4 @@ FIXED_TAIL = 7.5
 RULE_TOL = 1e-13
 MEHLER_TOL = 1e-11
 SOURCE_TOL = 1e-9
+RESOLVE_TOL = 1e-8

@@ -38,12 +38,13 @@ closed forms of :mod:`efftheory.activations`, or converge algebraically (O(h^2))
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._constants import RULE_TAIL, RULE_TOL
+from ._constants import RESOLVE_TOL, RULE_TAIL, RULE_TOL
 
 __all__ = ["normal_rule", "expect1", "expect2", "expectk", "pair_moments_quadrature", "derivative"]
 
@@ -73,14 +74,110 @@ def nodes_for(K_max: float, tol: float = TOL, *, cap: int = 4097) -> int:
     return int(min(n, cap))
 
 
-def rule_size(act, K_max: float) -> int:
+class UnresolvedVariance(ValueError):
+    """A variance so large that the capped one- and two-input rules cannot resolve sigma there.
+
+    Attributes: ``K`` (the variance asked for), ``limit`` (the largest variance the rules resolve for
+    this activation, :func:`resolvable_variance`), ``error`` (the estimated relative error at ``K``).
+    """
+
+    def __init__(self, message: str, *, K: float, limit: float, error: float):
+        super().__init__(message)
+        self.K, self.limit, self.error = K, limit, error
+
+
+def rule_size(act, K_max: float, *, check: bool = True) -> int:
     """Nodes per dimension for an activation: :func:`nodes_for`, times 8 across a kink.
 
     A kinked sigma (``act.smooth`` False, and no closed form) converges only like h^2, so the
     step is refined eightfold (error / 64); give user callables with kinks ``smooth=False``.
+
+    Past K_max ~ 3.4e3 the node count stops growing (``cap``: 4097 nodes on |u| <= 9), and the
+    features of sigma(sqrt(K) u) of width ~1/sqrt(K) (the peak of sigma') end up between nodes.
+    There, with ``check``, the rule's error at K_max is measured (:func:`rule_error`) and a variance
+    the rule resolves worse than ``RESOLVE_TOL`` (1e-8, relative) raises :class:`UnresolvedVariance`
+    naming the variance and the largest one that is resolved (:func:`resolvable_variance`).
+    ``check=False`` is for callers that tolerate the loss (figures over a wide range of K).
     """
     n = nodes_for(K_max)
-    return n if act.smooth else min(8 * n, 2048)
+    if not act.smooth:
+        return min(8 * n, 2048)
+    if check and nodes_for(K_max, cap=1 << 40) > n:
+        err = rule_error(act, float(K_max), n)
+        if not err <= RESOLVE_TOL:
+            limit = resolvable_variance(act, n)
+            raise UnresolvedVariance(
+                f"the preactivation variance reaches K = {float(K_max):.4g}, where sigma = {act.name}'s "
+                f"Gaussian averages (one- and two-input trapezoid rules, at most {n} nodes) are resolved only "
+                f"to {err:.1e} relative, short of {RESOLVE_TOL:.0e}: sigma'(sqrt(K) u) is a peak of width "
+                f"~1/sqrt(K) that falls between nodes.  For {act.name} the rules resolve K <= {limit:.3g}; "
+                "scale the inputs down (or C_W, C_b), see docs/theory.md, 'Large variances'.  "
+                "chi_parallel, chi_perp, fixed_point and the closed-form kernels (relu, abs, erf, ...) "
+                "have no such limit.", K=float(K_max), limit=limit, error=err)
+    return n
+
+
+@functools.lru_cache(maxsize=4096)
+def _rule_error(fn, K: float, n: int, tail: float) -> float:
+    from .._precision import enable_x64
+
+    d = derivative(fn)
+    with enable_x64(True):
+        h = 2.0 * tail / n
+        out = []
+        for u in (-tail + (np.arange(n) + 0.5) * h, -tail + np.arange(n + 1) * h):
+            w = np.exp(-0.5 * u * u)
+            w /= w.sum()
+            z = jnp.asarray(np.sqrt(K) * u, jnp.float64)
+            out.append([float(np.sum(w * np.asarray(f(z), np.float64) ** 2)) for f in (fn, d)])
+    (s_mid, ds_mid), (s_end, ds_end) = out
+    rel = [abs(a - b) / max(abs(a), abs(b), 1e-300) for a, b in ((s_mid, s_end), (ds_mid, ds_end))]
+    return max(rel) if all(np.isfinite(rel)) else float("inf")
+
+
+def rule_error(act, K: float, n: int, tail: float = TAIL) -> float:
+    """Estimated relative error of the ``n``-node rule on |u| <= ``tail`` at variance ``K`` for sigma.
+
+    The rule is compared with itself shifted by half a step (midpoint nodes against end nodes) on
+    <sigma^2>_K and on <sigma'^2>_K, the sharpest average the recursions take: for an integrand analytic
+    in a strip the two rules' errors are equal and opposite at leading order, so the difference is
+    about twice the error of either.  Returns the larger of the two relative differences.
+    """
+    return _rule_error(act.fn, float(K), int(n), float(tail))
+
+
+@functools.lru_cache(maxsize=256)
+def _resolvable(fn, n: int) -> float:
+    def bad(K):
+        return not _rule_error(fn, K, n, TAIL) <= RESOLVE_TOL
+
+    lo = 1.0
+    hi = 1e16
+    if not bad(hi):
+        return float("inf")
+    if bad(lo):
+        return 0.0
+    for _ in range(60):  # bisection in log K to 1%
+        mid = math.sqrt(lo * hi)
+        if not bad(mid):
+            lo = mid
+        else:
+            hi = mid
+        if hi / lo < 1.01:
+            break
+    return lo
+
+
+def resolvable_variance(act, n: int | None = None) -> float:
+    """The largest variance K at which the ``n``-node rule (default: the capped one of :func:`nodes_for`)
+    resolves sigma's averages to ``RESOLVE_TOL`` by :func:`rule_error` (bisection in log K, to 1%).
+
+    With the capped rule: tanh 6.3e3, erf 1.3e4, sigmoid 2.5e4, gelu 3.2e4, silu 4.0e4, softplus 6.5e4;
+    sin: no limit (docs/theory.md, 'Large variances').  ``inf`` for activations the rule resolves at every K
+    (polynomials), 0 for ones it does not resolve even at K = 1.
+    """
+    n = nodes_for(1e300) if n is None else int(n)
+    return _resolvable(act.fn, n)
 
 
 @functools.lru_cache(maxsize=None)
