@@ -172,6 +172,9 @@ def load(path, cls):
             raise ValueError(f"path: {path!r} holds a {meta.get('kind')}, not a {cls.__qualname__}; "
                              f"load it with {meta.get('kind')}.load")
         arrays = {k: z[k] for k in z.files if k != _META}
+    raw = sorted(k for k, v in arrays.items() if not isinstance(v, np.ndarray))
+    if raw:  # np.load hands back the bytes of a member whose .npy header or zip entry is damaged
+        raise ValueError(f"path: {path!r} is damaged: member(s) {raw} are not .npy arrays")
     obj = _unpack(meta["object"], arrays)
     if not isinstance(obj, cls):
         raise ValueError(f"path: {path!r} holds a {type(obj).__name__}, not a {cls.__qualname__}")

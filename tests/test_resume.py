@@ -219,6 +219,20 @@ def chunk_file(tmp_path_factory):
     return pathlib.Path(path).read_bytes(), arrays, digest, expected
 
 
+def test_a_zeroed_directory_entry_is_detected(chunk_file, tmp_path):
+    """Zeroing the last member's CRC and sizes in the zip's central directory (18 bytes, 69 before the
+    end: found by the hypothesis test below) makes np.load hand back that member as empty bytes whose
+    CRC matches: reported as corrupted, not an AttributeError."""
+    blob, _, digest, expected = chunk_file
+    b = bytearray(blob)
+    at = b.rindex(b"PK\x01\x02")  # the last central-directory entry
+    b[at + 16:at + 28] = bytes(12)  # its CRC-32, compressed and uncompressed sizes
+    path = tmp_path / "w4_seed0_0000000010-0000000015.npz"
+    path.write_bytes(bytes(b))
+    with pytest.raises(em.CacheMismatchError, match="corrupted"):
+        cache_mod.load_chunk(str(path), digest, 10, 15, expected)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.data())
 def test_any_damage_to_a_chunk_file_is_detected(chunk_file, tmp_path_factory, data):

@@ -93,6 +93,9 @@ def load_chunk(path: str, digest: str, start: int, stop: int, expected: dict) ->
             if not isinstance(data, np.lib.npyio.NpzFile):
                 raise ValueError("not an .npz archive")
             contents = {k: data[k] for k in data.files}
+        raw = sorted(k for k, v in contents.items() if not isinstance(v, np.ndarray))
+        if raw:  # np.load hands back the bytes of a member whose .npy magic is damaged
+            raise ValueError(f"member(s) {raw} are not .npy arrays")
     except _READ_ERRORS as e:
         raise CacheMismatchError(f"cache_dir: chunk file {path} is corrupted ({type(e).__name__}: {e}); delete it "
                                  "to recompute") from None
