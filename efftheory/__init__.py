@@ -93,7 +93,7 @@ _wrap_modules()
 from . import bayes, datasets, predict, predict_finite
 from .activations import Activation, get_activation
 from .bayes import FiniteWidthPosterior, PosteriorAtWidth, posterior_from_statistics
-from .network import MLP
+from .network import MLP, Layer
 from .predict import (
     GPPosterior,
     GradientDescentPrediction,
@@ -127,6 +127,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Activation",
     "MLP",
+    "Layer",
     "InfiniteWidth",
     "FiniteWidth",
     "Prediction",

@@ -54,7 +54,8 @@ def has_tracer(obj, _depth: int = 0) -> bool:
     if isinstance(obj, dict):
         return any(has_tracer(v, _depth + 1) for v in obj.values())
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type) and type(obj).__name__ == "MLP":
-        return any(has_tracer(getattr(obj, f), _depth + 1) for f in ("C_Ws", "C_bs", "lambda_Ws", "lambda_bs"))
+        return any(has_tracer(getattr(obj, f, ()), _depth + 1)
+                   for f in ("C_Ws", "C_bs", "lambda_Ws", "lambda_bs", "skips", "branches"))
     return False
 
 

@@ -31,6 +31,7 @@ import stat
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 
 from . import _io
 from ._validate import MAX_DEPTH, MAX_NETWORKS, MAX_WIDTH
@@ -114,6 +115,15 @@ def _add_network(p, depth_default=None, with_depth=True):
     p.add_argument("--critical", action="store_true", help="use the critical initialization (critical_init)")
 
 
+def _add_residual(p):
+    p.add_argument("--skip", type=_float, default=None, metavar="XI",
+                   help="residual MLP: skip weight xi of every hidden layer 2..L-1, z -> xi z + gamma [b + W sigma(z)] "
+                        "(default 0: plain)")
+    p.add_argument("--branch", type=_float, default=None, metavar="GAMMA",
+                   help="residual MLP: branch weight gamma > 0 of every hidden layer 2..L-1 (default 1); with "
+                        "--critical, C_W is critical at this xi, gamma")
+
+
 def _add_inputs(p):
     g = p.add_mutually_exclusive_group()
     g.add_argument("--inputs", type=_int_at_least(1, "--inputs"), default=None, metavar="N",
@@ -139,6 +149,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "and PNG plots. Chunks are cached in DIR/cache: rerunning the same command "
                                    "resumes an interrupted run and gives the identical report.")
     _add_network(c, depth_default=None)
+    _add_residual(c)
     c.add_argument("--widths", type=_positive_int_list, default=[16, 32, 64, 128],
                    help="comma-separated hidden widths (default 16,32,64,128)")
     c.add_argument("--networks", type=_int_at_least(1, "--networks", MAX_NETWORKS), default=500, metavar="M",
@@ -169,6 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     k = sub.add_parser("kernels", help="infinite-width kernels K and Theta per layer",
                        description="Infinite-width NNGP kernel K and NTK Theta of every layer on a few inputs.")
     _add_network(k, depth_default=None)
+    _add_residual(k)
     _add_inputs(k)
     k.add_argument("--out", default=None, metavar="DIR", help="write kernels.png and kernels.json here")
     k.set_defaults(func=_cmd_kernels)
@@ -261,11 +273,23 @@ def _network(args, depth: int, width: int = 1, output_width: int = 1):
     from .theory.criticality import critical_init
 
     act = get_activation(args.activation, "--activation")
+    skip = getattr(args, "skip", None)
+    branch = getattr(args, "branch", None)
+    residual = {}
+    if skip is not None:
+        residual["skip"] = skip
+    if branch is not None:
+        if branch <= 0:
+            raise UsageError(f"--branch: expected a positive number (> 0), got {branch:g}")
+        residual["branch"] = branch
     crit = None
     if args.critical:
         if args.C_W is not None or args.C_b is not None:
             raise UsageError("--critical chooses C_W and C_b itself; drop --C_W/--C_b or --critical")
-        crit = critical_init(act)
+        try:
+            crit = critical_init(act, **residual)
+        except ValueError as e:
+            raise UsageError(f"--critical: {e}".replace(": skip:", " with --skip:")) from None
         if not math.isfinite(crit.C_W):
             raise UsageError(f"--critical: {act.name} has no critical initialization (universality class 'none')")
         C_W, C_b = crit.C_W, crit.C_b
@@ -276,7 +300,13 @@ def _network(args, depth: int, width: int = 1, output_width: int = 1):
             raise UsageError(f"--C_W: expected a positive number, got {C_W:g}")
         if C_b < 0:
             raise UsageError(f"--C_b: expected a non-negative number, got {C_b:g}")
-    net = MLP(depth, width, act, C_W=C_W, C_b=C_b, output_width=output_width)
+    try:
+        net = MLP(depth, width, act, C_W=C_W, C_b=C_b, output_width=output_width, **residual)
+    except ValueError as e:
+        msg = str(e)
+        if msg.startswith(("skip", "branch")):  # the residual arguments, named as the options
+            raise UsageError("--" + msg) from None
+        raise
     return net, crit
 
 
@@ -327,6 +357,8 @@ def _inputs(args):
 
 def _describe(net, crit) -> str:
     s = f"{net.sigma.name}, depth {net.depth}, C_W = {net.C_Ws[0]:.6g}, C_b = {net.C_bs[0]:.6g}"
+    if net.residual:
+        s += f", skip = {net.skips[1]:.6g}, branch = {net.branches[1]:.6g} (layers 2..{net.depth - 1})"
     if crit is not None:
         s += f" (critical, {crit.universality_class} class)"
     return s
@@ -346,6 +378,10 @@ def _cmd_compare(args) -> int:
         raise UsageError(f"--depth: compare needs a hidden layer to vary (depth >= 2), got {args.depth}")
     widths = sorted(args.widths)
     net, crit = _network(args, args.depth, widths[0], args.output_width)
+    if net.residual:
+        raise UsageError("--skip/--branch: compare needs the first-order (1/n) theory, which is not implemented for "
+                         "residual MLPs yet; 'efftheory kernels --skip ... --branch ...' gives their infinite-width "
+                         "kernels")
     x, input_desc = _inputs(args)
     out = _out_dir(args.out)
     cache = _out_dir(args.cache, "--cache") if args.cache is not None else os.path.join(out, "cache")
@@ -358,6 +394,8 @@ def _cmd_compare(args) -> int:
     if crit is not None:
         extra["criticality"] = {"universality_class": crit.universality_class, "C_W": crit.C_W, "C_b": crit.C_b,
                                 "K_star": crit.K_star}
+        if net.residual:
+            extra["criticality"].update(skip=crit.skip, branch=crit.branch)
     if not (len(widths) >= 4 and widths[-1] >= 8 * widths[0]):
         _log("note: docs/theory.md's protocol asks for at least 4 widths spanning a factor of 8; fits are indicative only")
     _log(f"{PROG} compare: {_describe(net, crit)}; widths {','.join(map(str, widths))}; "
@@ -447,6 +485,10 @@ def _argv_for_report(args) -> list[str]:
         out += ["--C_W", repr(args.C_W)]
     if args.C_b is not None:
         out += ["--C_b", repr(args.C_b)]
+    if getattr(args, "skip", None) is not None:
+        out += ["--skip", repr(args.skip)]
+    if getattr(args, "branch", None) is not None:
+        out += ["--branch", repr(args.branch)]
     if args.inputs is not None:
         out += ["--inputs", str(args.inputs)]
     if args.inputs_file is not None:
@@ -630,7 +672,7 @@ def _cache_of(args) -> str:
     return cache if cache else os.path.join(getattr(args, "out", "") or ".", "cache")
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 bad arguments or cache mismatch)."""
     parser = _parser()
     try:

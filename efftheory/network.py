@@ -10,6 +10,15 @@ default lambda = C, under which the NTK equals neural-tangents' "ntk" parameteri
 Layer l = 1..L is stored at index l-1 of every per-layer tuple.  ``width`` gives the hidden widths
 n_1..n_{L-1}; the output width n_L is ``output_width`` (1 by default).  The input width n_0 is a
 property of the data, not of the network.
+
+Residual MLPs (docs/theory.md, "Residual MLPs"): with ``skip`` = xi and ``branch`` = gamma, a hidden
+layer l = 2..L-1 whose input and output widths are equal (n_{l-1} = n_l) computes
+
+    z^(l)_{i;a} = xi^(l) z^(l-1)_{i;a} + gamma^(l) [ b^(l)_i + sum_j W^(l)_{ij} sigma(z^(l-1)_{j;a}) ];
+
+the first layer, the output layer and any change of width are plain (xi = 0, gamma = 1), and xi = 0,
+gamma = 1 everywhere is the plain MLP above.  :meth:`MLP.layers` describes each layer with one
+:class:`Layer` record, which the theory and the empirical code iterate over.
 """
 
 from __future__ import annotations
@@ -17,13 +26,107 @@ from __future__ import annotations
 import dataclasses
 import pickle
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from . import _validate
 from .activations import Activation, get_activation
 
-__all__ = ["MLP"]
+__all__ = ["MLP", "Layer"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One layer l of an :class:`MLP`: z^(l) = skip z^(l-1) + branch [b^(l) + W^(l) sigma(z^(l-1))]
+    (layer 1 reads the inputs x instead of sigma(z^(0)) and has skip = 0).
+
+    Attributes:
+      index: l, 1..L.
+      n_in, n_out: n_{l-1} and n_l.
+      C_W, C_b: the initialization variances, W_ij ~ N(0, C_W / n_in), b ~ N(0, C_b).
+      lambda_W, lambda_b: the learning-rate tensor (weights move with lambda_W / n_in).
+      skip, branch: xi^(l) and gamma^(l) (0 and 1 for a plain layer).
+    Under a JAX transformation the hyperparameters may be tracers (see :class:`MLP`).
+    """
+
+    index: int
+    n_in: int
+    n_out: int
+    C_W: float
+    C_b: float
+    lambda_W: float
+    lambda_b: float
+    skip: float = 0.0
+    branch: float = 1.0
+
+    @property
+    def residual(self) -> bool:
+        """True unless the layer is plain (skip = 0 and branch = 1 as numbers; traced values count as residual)."""
+        return _is_residual(self.skip, self.branch)
+
+
+def _is_traced(v) -> bool:
+    return _validate._tracer(v)
+
+
+def _is_residual(skip, branch) -> bool:
+    if _is_traced(skip) or _is_traced(branch):
+        return True
+    return skip != 0.0 or branch != 1.0
+
+
+def _residual_eligible(widths: tuple[int, ...], L: int) -> tuple[bool, ...]:
+    """Per layer l = 1..L: True when l is a hidden layer 2..L-1 with n_{l-1} = n_l (widths: hidden n_1..n_{L-1})."""
+    return tuple(2 <= l <= L - 1 and widths[l - 2] == widths[l - 1] for l in range(1, L + 1))
+
+
+def _why_plain(l: int, L: int, widths: tuple[int, ...]) -> str:
+    if l == 1:
+        return "the first layer reads the inputs"
+    if l == L:
+        return "the output layer is plain"
+    return f"its widths differ (n_{l - 1} = {widths[l - 2]}, n_{l} = {widths[l - 1]})"
+
+
+def _residual_per_layer(name: str, value, L: int, widths: tuple[int, ...], plain: float, **kw) -> tuple:
+    """skip or branch as L per-layer values: a scalar applies to the hidden layers 2..L-1 (which must then
+    all keep their width), a sequence gives every layer (``plain`` on layers that cannot be residual)."""
+    eligible = _residual_eligible(widths, L)
+    if _is_traced(value) and getattr(value, "ndim", 0) == 0:
+        v = _validate.real(name, value, **kw)
+        return tuple(v if e else plain for e in eligible)
+    if isinstance(value, (list, tuple)):
+        scalar = False
+    elif isinstance(value, (str, bytes)) or value is None:
+        scalar = True  # refused by the check below, naming the argument
+    else:
+        try:
+            scalar = np.ndim(value) == 0
+        except Exception:  # noqa: BLE001 - not array-like: refused by the check below
+            scalar = True
+    vals = _validate.per_layer(name, value, L, **kw)
+    if scalar:
+        v = vals[0]
+        if v == plain:
+            return (plain,) * L
+        if L < 3:
+            raise ValueError(f"{name}: a depth-{L} MLP has no hidden-to-hidden layer (layers 2..L-1) for a skip "
+                             f"connection; got {name}={v!r} (use the default {plain!r})")
+        bad = [l for l in range(2, L) if not eligible[l - 1]]
+        if bad:
+            l = bad[0]
+            raise ValueError(f"{name}: a scalar {name} applies to every hidden layer 2..{L - 1}, but layer {l} cannot be "
+                             f"residual: {_why_plain(l, L, widths)}; give {name} per layer "
+                             f"({plain!r} on layers whose widths differ) or use equal hidden widths")
+        return tuple(v if e else plain for e in eligible)
+    out = []
+    for l, (v, e) in enumerate(zip(vals, eligible), start=1):
+        if not e and not _is_traced(v) and v != plain:
+            raise ValueError(f"{name}[{l - 1}]: layer {l} is plain ({_why_plain(l, L, widths)}), so its {name} must be "
+                             f"{plain!r}; got {v!r}")
+        out.append(v if e else plain)
+    return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -44,9 +147,18 @@ class MLP:
         place of the traced values (no tracer outlives its trace).
       lambda_W, lambda_b: learning-rate tensor; default to C_W and C_b.
       output_width: n_L, 1 by default.
+      skip, branch: the residual hyperparameters xi (any finite real) and gamma (> 0) (docs/theory.md,
+        "Residual MLPs"): a hidden layer l = 2..L-1 whose input and output widths are equal computes
+        z^(l) = xi^(l) z^(l-1) + gamma^(l) [b^(l) + W^(l) sigma(z^(l-1))].  A scalar applies to every
+        hidden layer 2..L-1 (refused when one of them changes width, or when depth < 3 has none); a
+        sequence gives L per-layer values, and a plain layer (the first, the output layer, a change of
+        width) given skip != 0 or branch != 1 is refused.  Defaults 0 and 1: the plain MLP, bit for
+        bit.  Traced like C_W: a traced scalar applies to layers 2..L-1; in a traced (L,) array the
+        entries of plain layers cannot be checked and are replaced by 0 and 1.
 
     Attributes (normalised): ``hidden_widths`` (L-1 ints), ``C_Ws``, ``C_bs``, ``lambda_Ws``,
-    ``lambda_bs`` (L floats each), ``sigma`` (the resolved Activation).
+    ``lambda_bs``, ``skips``, ``branches`` (L floats each), ``sigma`` (the resolved Activation).
+    :meth:`layers` gives the same per layer as :class:`Layer` records.
 
     Two MLPs are equal when their widths and hyperparameters are and their activations are the same
     registry activation (``leaky_relu(a)``: the same slope a) or the same Activation object.
@@ -64,6 +176,8 @@ class MLP:
     lambda_Ws: tuple[float, ...]
     lambda_bs: tuple[float, ...]
     output_width: int
+    skips: tuple[float, ...]
+    branches: tuple[float, ...]
 
     def __init__(
         self,
@@ -75,6 +189,8 @@ class MLP:
         lambda_W: float | Sequence[float] | None = None,
         lambda_b: float | Sequence[float] | None = None,
         output_width: int = 1,
+        skip: float | Sequence[float] = 0.0,
+        branch: float | Sequence[float] = 1.0,
     ):
         L = _validate.positive_int("depth", depth, maximum=_validate.MAX_DEPTH)
         if isinstance(width, np.ndarray) and width.ndim == 0:
@@ -106,6 +222,8 @@ class MLP:
         set_(self, "lambda_Ws", lW)
         set_(self, "lambda_bs", lb)
         set_(self, "output_width", _validate.positive_int("output_width", output_width, maximum=_validate.MAX_WIDTH))
+        set_(self, "skips", _residual_per_layer("skip", skip, L, widths, 0.0))
+        set_(self, "branches", _residual_per_layer("branch", branch, L, widths, 1.0, positive=True))
 
     # ------------------------------------------------------------------ derived views
     @property
@@ -116,6 +234,30 @@ class MLP:
     @property
     def activation(self) -> Activation:
         return self.sigma
+
+    @property
+    def residual(self) -> bool:
+        """True when some layer has skip != 0 or branch != 1 (or a traced skip or branch)."""
+        return any(_is_residual(x, g) for x, g in zip(self.skips, self.branches))
+
+    def require_plain(self, what: str) -> "MLP":
+        """``self`` if it is a plain MLP, else ValueError: ``what`` (the first-order theory, until its residual
+        recursions exist) does not support skip connections yet."""
+        if not self.residual:
+            return self
+        bad = next(la for la in self.layers(1) if la.residual)
+        shown = "traced" if _is_traced(bad.skip) or _is_traced(bad.branch) else f"skip={bad.skip!r}, branch={bad.branch!r}"
+        raise ValueError(
+            f"net: {what} does not support residual MLPs yet (skip/branch: layer {bad.index} has {shown}): the "
+            "first-order (1/n) theory of residual MLPs is not implemented.  infinite_width, the criticality "
+            "functions, sampling, the exact NTK and training support them.  (skip = 0 with branch != 1 is the plain "
+            "MLP with C_W, C_b, lambda_W, lambda_b multiplied by branch^2 in those layers.)")
+
+    def layers(self, input_dim: int) -> tuple[Layer, ...]:
+        """One :class:`Layer` record per layer l = 1..L for inputs of dimension ``input_dim`` (n_0)."""
+        ns = self.layer_widths(input_dim)
+        return tuple(Layer(l + 1, ns[l], ns[l + 1], self.C_Ws[l], self.C_bs[l], self.lambda_Ws[l], self.lambda_bs[l],
+                           self.skips[l], self.branches[l]) for l in range(self.depth))
 
     def layer_widths(self, input_dim: int) -> tuple[int, ...]:
         """(n_0, n_1, ..., n_L) for inputs of dimension ``input_dim``."""
@@ -133,15 +275,19 @@ class MLP:
     def with_width(self, width: int | Sequence[int]) -> "MLP":
         """The same network at another hidden width."""
         return MLP(self.depth, width, self.sigma, self.C_Ws, self.C_bs, self.lambda_Ws, self.lambda_bs,
-                   self.output_width)
+                   self.output_width, self.skips, self.branches)
 
-    def replace(self, **changes) -> "MLP":
+    def replace(self, **changes: Any) -> "MLP":
         """A copy with constructor arguments changed (depth, width, activation, C_W, ...)."""
         args = dict(depth=self.depth, width=self.hidden_widths if self.depth > 1 else 1,
                     activation=self.sigma, C_W=self.C_Ws, C_b=self.C_bs, lambda_W=self.lambda_Ws,
-                    lambda_b=self.lambda_bs, output_width=self.output_width)
+                    lambda_b=self.lambda_bs, output_width=self.output_width, skip=self.skips,
+                    branch=self.branches)
         if "depth" in changes and "width" not in changes:
             args["width"] = self.hidden_widths[0] if self.hidden_widths else 1
+        for k, plain in (("skip", 0.0), ("branch", 1.0)):
+            if ("depth" in changes or "width" in changes) and k not in changes:
+                args[k] = _residual_short(args[k], plain)
         for k in ("C_W", "C_b", "lambda_W", "lambda_b"):
             if "depth" in changes and k not in changes:
                 vals = args[k]
@@ -161,6 +307,8 @@ class MLP:
             act = activation_name(self.sigma)
             key = (self.depth, self.hidden_widths, self.sigma if act is None else act, self.C_Ws, self.C_bs,
                    self.lambda_Ws, self.lambda_bs, self.output_width)
+            if self.residual:  # a plain MLP keeps the key it had before residual MLPs existed
+                key = key + (self.skips, self.branches)
             object.__setattr__(self, "_cached_key", key)
         return key
 
@@ -179,7 +327,9 @@ class MLP:
              "lambda_W": 2.0, "lambda_b": 0.0, "output_width": 1}
 
         Per-layer values are one number when uniform, else a list of L; ``width`` is one int when
-        every hidden layer has it, else the list of L-1 hidden widths.  Raises ValueError for an
+        every hidden layer has it, else the list of L-1 hidden widths.  ``skip`` and ``branch`` are
+        written only for a residual MLP (a plain MLP's dict is the one it had before they existed): one
+        number when every hidden layer 2..L-1 has it, else the list of L.  Raises ValueError for an
         activation that is not in the registry (a user callable has no name to write down), unless
         ``named_only=False``: then its display name stands there (a record, not for :meth:`from_dict`).
         """
@@ -194,17 +344,23 @@ class MLP:
             return cast(t[0]) if len(set(t)) == 1 else [cast(v) for v in t]
 
         ws = self.hidden_widths
-        return {"depth": self.depth, "width": short(ws, int) if ws else 1, "activation": act,
-                "C_W": short(self.C_Ws, float), "C_b": short(self.C_bs, float),
-                "lambda_W": short(self.lambda_Ws, float), "lambda_b": short(self.lambda_bs, float),
-                "output_width": self.output_width}
+        out = {"depth": self.depth, "width": short(ws, int) if ws else 1, "activation": act,
+               "C_W": short(self.C_Ws, float), "C_b": short(self.C_bs, float),
+               "lambda_W": short(self.lambda_Ws, float), "lambda_b": short(self.lambda_bs, float),
+               "output_width": self.output_width}
+        if self.residual:
+            for k, vals, plain in (("skip", self.skips, 0.0), ("branch", self.branches, 1.0)):
+                v = _residual_short(vals, plain)
+                out[k] = float(v) if not isinstance(v, tuple) else [float(e) for e in v]
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "MLP":
         """The MLP of a :meth:`to_dict` dict (missing keys take the constructor's defaults)."""
         if not isinstance(d, dict):
             raise ValueError(f"d: expected a dict of MLP arguments, got {type(d).__name__}")
-        known = ("depth", "width", "activation", "C_W", "C_b", "lambda_W", "lambda_b", "output_width")
+        known = ("depth", "width", "activation", "C_W", "C_b", "lambda_W", "lambda_b", "output_width", "skip",
+                 "branch")
         extra = sorted(set(d) - set(known))
         if extra:
             raise ValueError(f"d: unknown MLP arguments {extra}; expected some of {list(known)}")
@@ -222,7 +378,8 @@ class MLP:
                 "registry name, or define sigma with a module-level def") from None
         args = dict(depth=self.depth, width=list(self.hidden_widths) if self.hidden_widths else 1,
                     activation=self.sigma, C_W=self.C_Ws, C_b=self.C_bs, lambda_W=self.lambda_Ws,
-                    lambda_b=self.lambda_bs, output_width=self.output_width)
+                    lambda_b=self.lambda_bs, output_width=self.output_width, skip=self.skips,
+                    branch=self.branches)
         return (_build, (args,))
 
     def __copy__(self) -> "MLP":
@@ -238,9 +395,27 @@ class MLP:
             except TypeError:  # traced hyperparameters (jax.jit/vmap/grad) are not hashable
                 return t
         w = short(self.hidden_widths) if self.hidden_widths else "-"
+        res = ""
+        if self.residual:  # a plain MLP's repr is the one it had before residual MLPs (cache fingerprints)
+            res = (f", skip={_residual_short(self.skips, 0.0)}, "
+                   f"branch={_residual_short(self.branches, 1.0)}")
         return (f"MLP(depth={self.depth}, width={w}, activation={self.sigma.name!r}, "
                 f"C_W={short(self.C_Ws)}, C_b={short(self.C_bs)}, lambda_W={short(self.lambda_Ws)}, "
-                f"lambda_b={short(self.lambda_bs)}, output_width={self.output_width})")
+                f"lambda_b={short(self.lambda_bs)}, output_width={self.output_width}{res})")
+
+
+def _residual_short(vals: tuple, plain: float):
+    """skip or branch as the MLP argument that rebuilds it: one number when every hidden layer 2..L-1 has
+    the same value (the plain layers have ``plain``), else the tuple of L."""
+    L = len(vals)
+    if any(_is_traced(v) for v in vals):
+        return tuple(vals)
+    hidden = vals[1:L - 1]
+    if all(v == plain for v in vals):
+        return plain
+    if L >= 3 and len(set(hidden)) == 1 and vals[0] == plain and vals[-1] == plain:
+        return hidden[0]
+    return tuple(vals)
 
 
 def _build(args: dict) -> MLP:

@@ -249,3 +249,83 @@ def test_activation_mapping_is_by_function_not_name():
     assert np.max(rel_err(real.nngp, ref.nngp)) > 1e-3
     with pytest.warns(UserWarning, match="not smooth"):
         ntm.activation_layer(efftheory.Activation("relu6", lambda z: jnp.clip(z, 0.0, 6.0), smooth=False))
+
+
+# ------------------------------------------------------------------ residual MLPs (-m nt)
+RESIDUAL_RTOL = 1e-10  # closed-form NT layers: both sides are exact formulas
+
+
+def _residual_case(seed, activation):
+    """A random residual MLP (depth 3-6, per-layer skip of either sign and branch, widths with a change
+    so that some hidden layers stay plain) and N = 5 random non-normalised inputs."""
+    rng = np.random.default_rng(seed)
+    L = int(rng.integers(3, 7))
+    widths = [32] * (L - 1)
+    if L >= 5:
+        widths[2:] = [48] * (L - 3)  # layer 3 changes width: plain
+    eligible = [2 <= l <= L - 1 and widths[l - 2] == widths[l - 1] for l in range(1, L + 1)]
+    skip = [float(rng.uniform(-1.1, 1.1)) if e else 0.0 for e in eligible]
+    branch = [float(rng.uniform(0.3, 1.5)) if e else 1.0 for e in eligible]
+    C_W, C_b = tuple(rng.uniform(0.4, 1.8, L)), tuple(rng.uniform(0.0, 0.5, L))
+    x = rng.standard_normal((5, 4)) * rng.uniform(0.5, 1.5)
+    return efftheory.MLP(L, widths, activation, C_W=C_W, C_b=C_b, skip=skip, branch=branch), x
+
+
+@pytest.mark.nt
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("activation", ["relu", "erf", "gelu", "abs", "linear"])
+def test_live_residual_closed_form(activation, seed):
+    ntm = _nt()
+    net, x = _residual_case(300 + 10 * seed + len(activation), activation)
+    assert net.residual
+    ref = ntm.kernels(net, x)
+    out = efftheory.infinite_width(net, x)
+    assert np.max(rel_err(out.K, ref.nngp)) <= RESIDUAL_RTOL, (net, rel_err(out.K, ref.nngp))
+    assert np.max(rel_err(out.Theta, ref.ntk)) <= RESIDUAL_RTOL, (net, rel_err(out.Theta, ref.ntk))
+
+
+@pytest.mark.nt
+def test_live_residual_numerical():
+    """tanh through NT's ElementwiseNumerical (deg 400): NT's quadrature limits the agreement (RTOL)."""
+    ntm = _nt()
+    net, x = _residual_case(77, "tanh")
+    x = x / np.sqrt(np.max(np.sum(x * x, axis=1) / x.shape[1]))
+    out = efftheory.infinite_width(net, x)
+    assert float(np.max(out.K)) <= NUMERICAL_K_MAX
+    ref = ntm.kernels(net, x, deg=DEG)
+    assert np.max(rel_err(out.K, ref.nngp)) <= RTOL, (net, rel_err(out.K, ref.nngp))
+    assert np.max(rel_err(out.Theta, ref.ntk)) <= RTOL, (net, rel_err(out.Theta, ref.ntk))
+
+
+@pytest.mark.nt
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_residual_stax_round_trip(activation):
+    """The residual stax network is efftheory's residual MLP: with NT's parameters mapped to PDLT ones
+    (W = sqrt(C_W / n_in) W_NT^T, b = sqrt(C_b) b_NT), the same outputs and the same empirical NTK
+    (efftheory's layer-structure NTK against NT's autodiff one) to 1e-10 in float64."""
+    ntm = _nt()
+    import jax
+    import jax.numpy as jnp
+    import neural_tangents as nt
+
+    from efftheory import empirical
+
+    net = efftheory.MLP(5, 16, activation, C_W=(1.5, 1.2, 0.9, 1.1, 1.3), C_b=(0.1, 0.2, 0.0, 0.3, 0.1),
+                        skip=[0, 0.7, -0.4, 0.9, 0], branch=[1, 0.5, 1.3, 0.6, 1], output_width=2)
+    x = np.random.default_rng(3).standard_normal((4, 6))
+    init_fn, apply_fn, _ = ntm.stax_mlp(net, deg=DEG)
+    _, params_nt = init_fn(jax.random.PRNGKey(2), x.shape)
+    dense = [p for p in jax.tree_util.tree_leaves(params_nt, is_leaf=lambda p: isinstance(p, tuple) and len(p) == 2
+                                                  and hasattr(p[0], "ndim") and p[0].ndim == 2)
+             if isinstance(p, tuple)]
+    assert [W.shape for W, _ in dense] == [(6, 16), (16, 16), (16, 16), (16, 16), (16, 2)]
+    sizes = (6,) + net.widths
+    params = tuple({"W": jnp.asarray(math.sqrt(net.C_Ws[l] / sizes[l]) * np.asarray(W).T),
+                    "b": jnp.asarray(math.sqrt(net.C_bs[l]) * np.asarray(b).reshape(-1))}
+                   for l, (W, b) in enumerate(dense))
+    np.testing.assert_allclose(np.asarray(empirical.apply(net, params, x)), np.asarray(apply_fn(params_nt, x)),
+                               rtol=1e-10, atol=1e-12)
+    ntk_nt = np.asarray(nt.empirical_ntk_fn(apply_fn, trace_axes=(), vmap_axes=0)(x, None, params_nt))
+    ours = np.asarray(empirical.ntk_full(net, params, x))  # (k, k, N, N); NT: (N, N, k, k)
+    err = np.max(np.abs(ours - ntk_nt.transpose(2, 3, 0, 1))) / np.max(np.abs(ntk_nt))
+    assert err < 1e-10, err

@@ -77,8 +77,11 @@ class OutputSamples:
 def _truncate(net: MLP, layer: int, k: int) -> MLP:
     """The first ``layer`` layers of ``net`` with ``k`` neurons in the last one."""
     l = layer
+    if net.skips[l - 1] != 0.0 or net.branches[l - 1] != 1.0:
+        raise ValueError(f"layer: layer {l} of {net!r} is a residual layer; sampling its preactivations as the output "
+                         "of a truncated network is not supported for residual layers yet")
     return MLP(l, net.hidden_widths[: l - 1], net.sigma, net.C_Ws[:l], net.C_bs[:l], net.lambda_Ws[:l],
-               net.lambda_bs[:l], output_width=k)
+               net.lambda_bs[:l], output_width=k, skip=net.skips[:l], branch=net.branches[:l])
 
 
 @functools.lru_cache(maxsize=32)

@@ -47,12 +47,14 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.typing import ArrayLike, DTypeLike
 
 from .. import _io, _validate
 from .._progress import tqdm
@@ -129,7 +131,7 @@ class Sweep:
         return (f"Sweep(widths={self.widths}, n_networks={e.n_networks}, statistics={e.statistics}, "
                 f"method={e.method!r}, dtype={e.dtype!r}, seed={e.seed})")
 
-    def estimate(self, estimator, *args, **kwargs):
+    def estimate(self, estimator: Callable, *args: Any, **kwargs: Any) -> Any:
         """Apply ``estimator(ensemble, ...)`` at every width and stack the results: leading axis = width."""
         if not callable(estimator):
             raise ValueError(f"estimator: expected a callable estimator(ensemble, ...), "
@@ -163,8 +165,8 @@ def _per_network_bytes(net: MLP, N: int, n0: int, statistics, method, itemsize: 
     return itemsize * (3 * params + (4 + 2 * k) * acts + 2 * stats)
 
 
-def default_chunk(net: MLP, N: int, n0: int, statistics=("metric", "four_point"), method: str = "weights",
-                  dtype=jnp.float64) -> int:
+def default_chunk(net: MLP, N: int, n0: int, statistics: str | Sequence[str] = ("metric", "four_point"),
+                  method: str = "weights", dtype: DTypeLike = jnp.float64) -> int:
     """Networks per chunk so that one chunk's working memory stays near 128 MiB (at most 1024)."""
     check_net(net)
     N = _validate.positive_int("N", N, maximum=_validate.MAX_WIDTH)
@@ -177,7 +179,7 @@ def default_chunk(net: MLP, N: int, n0: int, statistics=("metric", "four_point")
 
 
 # --------------------------------------------------------------------------------------- sampling
-def network_mesh(devices=None) -> Mesh:
+def network_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """The 1-d mesh ("networks",) over ``devices`` (default: all of ``jax.devices()``, every host's)."""
     devs = jax.devices() if devices is None else list(devices)
     if not devs or not all(isinstance(d, jax.Device) for d in devs):
@@ -228,7 +230,7 @@ def _chunk_fn(net: MLP, statistics: tuple, method: str, dtype_name: str, chunk: 
                    compiler_options=opts)
 
 
-def to_host(a) -> np.ndarray:
+def to_host(a: jax.Array) -> np.ndarray:
     """A (possibly sharded, possibly multi-host) array as one numpy array on this process."""
     if getattr(a, "is_fully_addressable", True):
         return np.asarray(a)
@@ -411,9 +413,11 @@ def _prepare(net, x, n_networks, seed, statistics, method, chunk, dtype, cache_d
     return x, M, seed, statistics, method, chunk, dtype_name, cache_dir
 
 
-def sample_ensemble(net: MLP, x, n_networks: int, seed: int, *, statistics=("metric", "four_point"),
-                    method: str = "weights", chunk: int | None = None, dtype=jnp.float64, progress: bool = True,
-                    cache_dir=None, devices=None) -> Ensemble:
+def sample_ensemble(net: MLP, x: ArrayLike, n_networks: int, seed: int, *,
+                    statistics: str | Sequence[str] = ("metric", "four_point"), method: str = "weights",
+                    chunk: int | None = None, dtype: DTypeLike = jnp.float64, progress: bool = True,
+                    cache_dir: str | os.PathLike | None = None,
+                    devices: Sequence[jax.Device] | None = None) -> Ensemble:
     """Sample ``n_networks`` networks of the architecture ``net`` and collect per-network statistics.
 
     Args:
@@ -477,9 +481,10 @@ def _device_chunk(chunk, net, x, M, mesh, statistics, method, dtype_name) -> int
     return max(1, min(c, -(-M // mesh.size)))
 
 
-def sample(net: MLP, x, widths: int | Sequence[int], n_networks: int, seed: int, *,
-           statistics=("metric", "four_point"), method: str = "weights", chunk: int | None = None,
-           dtype=jnp.float64, progress: bool = True, cache_dir=None, devices=None) -> Sweep:
+def sample(net: MLP, x: ArrayLike, widths: int | Sequence[int], n_networks: int, seed: int, *,
+           statistics: str | Sequence[str] = ("metric", "four_point"), method: str = "weights",
+           chunk: int | None = None, dtype: DTypeLike = jnp.float64, progress: bool = True,
+           cache_dir: str | os.PathLike | None = None, devices: Sequence[jax.Device] | None = None) -> Sweep:
     """Sample ``n_networks`` networks at each hidden width in ``widths`` (``net.with_width(n)``).
 
     Width n's network m uses key fold_in(fold_in(PRNGKey(seed), n), m), so widths are independent

@@ -4,15 +4,24 @@ r"""Finite MLPs: parameters drawn from the PDLT initialization and the forward p
     z^(l+1)_{i;a} = b^(l+1)_i + sum_j W^(l+1)_{ij} sigma(z^(l)_{j;a})
     b^(l)_i ~ N(0, C_b^(l)),   W^(l)_{ij} ~ N(0, C_W^(l) / n_{l-1})
 
+and in a residual MLP (skip xi, branch gamma: docs/theory.md, "Residual MLPs") a residual layer computes
+
+    z^(l+1)_{i;a} = xi^(l+1) z^(l)_{i;a} + gamma^(l+1) [ b^(l+1)_i + sum_j W^(l+1)_{ij} sigma(z^(l)_{j;a}) ]
+
+with the same W and b (:meth:`efftheory.MLP.layers` says which layers are residual).
+
 Parameters are a tuple with one dict per layer, ``params[l-1] = {"W": (n_l, n_{l-1}), "b": (n_l,)}``.
 Inputs ``x`` have shape (N, n_0) (one row per input x_a); preactivations of layer l have shape (N, n_l).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike, DTypeLike
 
 from .. import _validate
 from ..network import MLP
@@ -23,13 +32,13 @@ __all__ = ["init_params", "apply", "apply_all", "forward", "conditional_forward"
 _DTYPES = {np.dtype(np.float32): jnp.float32, np.dtype(np.float64): jnp.float64}
 
 
-def check_net(net) -> MLP:
+def check_net(net: Any) -> MLP:
     if not isinstance(net, MLP):
         raise ValueError(f"net: expected an efftheory.MLP, got {type(net).__name__}")
     return net
 
 
-def check_dtype(dtype, name: str = "dtype"):
+def check_dtype(dtype: DTypeLike, name: str = "dtype") -> Any:
     """Return jnp.float32 or jnp.float64, or raise ValueError naming ``name``."""
     if dtype is None:  # np.dtype(None) would be float64: say it
         raise ValueError(f"{name}: expected float32 or float64, got None")
@@ -42,7 +51,7 @@ def check_dtype(dtype, name: str = "dtype"):
     return _DTYPES[dt]
 
 
-def check_x(x, name: str = "x"):
+def check_x(x: ArrayLike, name: str = "x") -> ArrayLike:
     """Check inputs of shape (N, n_0): rank 2, non-empty, finite.  Tracers are checked for rank only."""
     if isinstance(x, jax.core.Tracer):
         if x.ndim != 2:
@@ -51,7 +60,7 @@ def check_x(x, name: str = "x"):
     return _validate.inputs(name, x)
 
 
-def check_key(key, name: str = "key"):
+def check_key(key: jax.Array, name: str = "key") -> jax.Array:
     """A single jax PRNG key: a typed key (jax.random.key) or a raw uint32 key (jax.random.PRNGKey)."""
     dtype = getattr(key, "dtype", None)
     shape = getattr(key, "shape", None)
@@ -64,7 +73,7 @@ def check_key(key, name: str = "key"):
                      f"got {type(key).__name__} with dtype {dtype} and shape {shape}")
 
 
-def check_params(net: MLP, params, input_dim: int | None = None, name: str = "params"):
+def check_params(net: MLP, params: Any, input_dim: int | None = None, name: str = "params") -> Any:
     """Check that ``params`` is a tuple of ``net.depth`` dicts {"W", "b"} with consistent shapes."""
     if not isinstance(params, (tuple, list)) or len(params) != net.depth:
         got = len(params) if isinstance(params, (tuple, list)) else type(params).__name__
@@ -83,7 +92,7 @@ def check_params(net: MLP, params, input_dim: int | None = None, name: str = "pa
     return params
 
 
-def init_params(net: MLP, key, input_dim: int, dtype=jnp.float64) -> tuple[dict, ...]:
+def init_params(net: MLP, key: jax.Array, input_dim: int, dtype: DTypeLike = jnp.float64) -> tuple[dict, ...]:
     """Draw one network's parameters: W^(l) ~ N(0, C_W^(l)/n_{l-1}), b^(l) ~ N(0, C_b^(l)).
 
     All numbers come from one standard-normal draw ``jax.random.normal(key, (P,), dtype)``, P the
@@ -108,7 +117,7 @@ def init_params(net: MLP, key, input_dim: int, dtype=jnp.float64) -> tuple[dict,
     return _init_jit(net, key, n0, np.dtype(dt).name)
 
 
-def init_layers(net: MLP, key, n0: int, dtype) -> tuple[dict, ...]:
+def init_layers(net: MLP, key: jax.Array, n0: int, dtype: DTypeLike) -> tuple[dict, ...]:
     sizes = (n0,) + net.widths
     shapes = [((n_out, n_in), (n_out,)) for n_in, n_out in zip(sizes[:-1], sizes[1:])]
     xi = _standard_normals(key, shapes, dtype)
@@ -134,16 +143,20 @@ def _standard_normals(key, shapes, dtype):
     return jax.tree_util.tree_unflatten(treedef, parts)
 
 
-def forward(net: MLP, params, x) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+def forward(net: MLP, params: Any, x: ArrayLike) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
     """Unchecked forward pass: (layer inputs a_0..a_{L-1}, preactivations z^(1)..z^(L)).
 
-    a_0 = x (N, n_0), z^(l) = a_{l-1} W^(l)T + b^(l) (N, n_l), a_l = sigma(z^(l)).
+    a_0 = x (N, n_0), z^(l) = a_{l-1} W^(l)T + b^(l) (N, n_l), a_l = sigma(z^(l)); a residual layer
+    z^(l) = xi^(l) z^(l-1) + gamma^(l) (a_{l-1} W^(l)T + b^(l)).
     """
     a = jnp.asarray(x, params[0]["W"].dtype)
     inputs, zs = [], []
+    layers = net.layers(a.shape[1])
     for l, layer in enumerate(params):
         inputs.append(a)
         z = a @ layer["W"].T + layer["b"]
+        if layers[l].residual:
+            z = layers[l].skip * zs[-1] + layers[l].branch * z
         zs.append(z)
         if l + 1 < len(params):
             a = net.sigma(z)
@@ -153,7 +166,7 @@ def forward(net: MLP, params, x) -> tuple[tuple[jax.Array, ...], tuple[jax.Array
 _forward_jit = jax.jit(forward, static_argnums=0)
 
 
-def apply_all(net: MLP, params, x) -> tuple[jax.Array, ...]:
+def apply_all(net: MLP, params: Any, x: ArrayLike) -> tuple[jax.Array, ...]:
     """Every layer's preactivations: a tuple of L arrays z^(l) of shape (N, n_l) (index 0 = layer 1)."""
     check_net(net)
     x = check_x(x)
@@ -161,7 +174,7 @@ def apply_all(net: MLP, params, x) -> tuple[jax.Array, ...]:
     return _forward_jit(net, params, x)[1]
 
 
-def apply(net: MLP, params, x) -> jax.Array:
+def apply(net: MLP, params: Any, x: ArrayLike) -> jax.Array:
     """The network output z^(L), shape (N, n_L)."""
     return apply_all(net, params, x)[-1]
 
@@ -176,7 +189,7 @@ def learning_rates(net: MLP, input_dim: int) -> tuple[dict, ...]:
     return tuple({"W": net.lambda_Ws[l] / sizes[l], "b": net.lambda_bs[l]} for l in range(net.depth))
 
 
-def householder_r(A) -> jax.Array:
+def householder_r(A: jax.Array) -> jax.Array:
     """The triangular factor R (min(m, N), N) of the thin QR factorization A = Q R of A (m, N).
 
     LAPACK's geqrf convention (reflector v with v_k = 1, R_kk = -sign(A_kk) |column|, no reflection
@@ -203,7 +216,7 @@ def householder_r(A) -> jax.Array:
     return jnp.triu(jax.lax.fori_loop(0, r, reflect, A)[:r])
 
 
-def conditional_forward(net: MLP, key, x, dtype) -> tuple[jax.Array, ...]:
+def conditional_forward(net: MLP, key: jax.Array, x: ArrayLike, dtype: DTypeLike) -> tuple[jax.Array, ...]:
     r"""Preactivations z^(1)..z^(L) at the N inputs drawn layer by layer from their exact conditional law.
 
     Given the layer inputs a_{l-1} (N, n_{l-1}), the rows z^(l)_i = b_i + W_i a_{l-1}^T are independent
@@ -216,9 +229,12 @@ def conditional_forward(net: MLP, key, x, dtype) -> tuple[jax.Array, ...]:
     per layer instead of O(n^2).  The numbers come from one draw ``jax.random.normal(key, (P,))`` cut
     in the order xi^(1), b^(1), xi^(2), ...: other numbers than :func:`init_params` draws, so its
     networks are equal in law to those, not realization by realization.
-    No weights exist, so NTK statistics cannot be taken this way.
+    No weights exist, so NTK statistics cannot be taken this way.  A residual layer adds its skip path:
+    z^(l) = xi z^(l-1) + gamma [b^(l) + sqrt(C_W/n_{l-1}) (xi R)^T] (given z^(l-1) the branch is the
+    same Gaussian).
     """
     a = jnp.asarray(x, dtype)
+    layers = net.layers(a.shape[1])
     sizes = (a.shape[1],) + net.widths
     ranks = [min(a.shape[0], n_in) for n_in in sizes[:-1]]
     xis = _standard_normals(key, [((n_out, r), (n_out,)) for n_out, r in zip(net.widths, ranks)], dtype)
@@ -227,6 +243,8 @@ def conditional_forward(net: MLP, key, x, dtype) -> tuple[jax.Array, ...]:
         R = householder_r(a.T)
         z = jnp.sqrt(jnp.asarray(net.C_Ws[l] / sizes[l], dtype)) * (xi @ R).T \
             + jnp.sqrt(jnp.asarray(net.C_bs[l], dtype)) * xb
+        if layers[l].residual:
+            z = layers[l].skip * zs[-1] + layers[l].branch * z
         zs.append(z)
         if l + 1 < net.depth:
             a = net.sigma(z)

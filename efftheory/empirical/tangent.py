@@ -15,6 +15,14 @@ so that
     H_{i1 i2; a1 a2} = sum_l (g^(l)_{i1;a1} . g^(l)_{i2;a2})
                        [ lambda_b^(l) + (lambda_W^(l)/n_{l-1}) (a_{l-1;a1} . a_{l-1;a2}) ].
 
+In a residual MLP (docs/theory.md, "Residual MLPs") layer l+1 computes
+z^(l+1) = xi^(l+1) z^(l) + gamma^(l+1) [b^(l+1) + W^(l+1) sigma(z^(l))], so the chain rule gains the skip path
+and every parameter derivative of layer l carries gamma^(l):
+
+    g^(l) = xi^(l+1) g^(l+1) + gamma^(l+1) (g^(l+1) W^(l+1)) * sigma'(z^(l)),
+    H_{i1 i2; a1 a2} = sum_l (gamma^(l))^2 (g^(l)_{i1;a1} . g^(l)_{i2;a2})
+                       [ lambda_b^(l) + (lambda_W^(l)/n_{l-1}) (a_{l-1;a1} . a_{l-1;a2}) ].
+
 That is a handful of matmuls per layer; no Jacobian is materialized.  :func:`ntk_autodiff` is the
 generic (and much slower) path for any ``apply_fn``: it contracts ``jax.jacrev`` Jacobians with a
 learning-rate tree.
@@ -23,10 +31,15 @@ learning-rate tree.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
+from ..network import MLP
+from ..network import _is_residual as _residual
 from .networks import check_net, check_params, check_x, forward
 
 __all__ = ["ntk", "ntk_full", "ntk_autodiff"]
@@ -37,22 +50,28 @@ def _sigma_prime(sigma, z):
     return jax.jvp(sigma, (z,), (jnp.ones_like(z),))[1]
 
 
-def backward_vectors(net, params, zs, outputs: jax.Array) -> tuple[jax.Array, ...]:
+def backward_vectors(net: MLP, params: Any, zs: tuple[jax.Array, ...], outputs: jax.Array) -> tuple[jax.Array, ...]:
     """g^(l)_{i;a,k} = dz^(L)_{outputs[i];a} / dz^(l)_{k;a}: a tuple of L arrays (len(outputs), N, n_l)."""
     N = zs[-1].shape[0]
     gL = jnp.broadcast_to(jax.nn.one_hot(outputs, net.widths[-1], dtype=zs[-1].dtype)[:, None, :],
                           (outputs.shape[0], N, net.widths[-1]))
     gs = [gL]
+    skips, branches = net.skips, net.branches
     for l in range(net.depth - 2, -1, -1):
-        gs.append((gs[-1] @ params[l + 1]["W"]) * _sigma_prime(net.sigma, zs[l]))
+        g = (gs[-1] @ params[l + 1]["W"]) * _sigma_prime(net.sigma, zs[l])
+        if _residual(skips[l + 1], branches[l + 1]):  # layer l+2 (1-based) is residual
+            g = skips[l + 1] * gs[-1] + branches[l + 1] * g
+        gs.append(g)
     return tuple(reversed(gs))
 
 
-def ntk_from_layers(net, inputs, gs) -> jax.Array:
+def ntk_from_layers(net: MLP, inputs: tuple[jax.Array, ...], gs: tuple[jax.Array, ...]) -> jax.Array:
     """H_{i1 i2; a1 a2} (k, k, N, N) from layer inputs a_{l-1} (N, n_{l-1}) and backward vectors (k, N, n_l)."""
     H = 0.0
     for l, (a, g) in enumerate(zip(inputs, gs)):
         gg = jnp.einsum("iac,jbc->ijab", g, g)
+        if _residual(net.skips[l], net.branches[l]):  # d z / d theta^(l) carries gamma^(l)
+            gg = (net.branches[l] * net.branches[l]) * gg
         H = H + gg * (net.lambda_bs[l] + (net.lambda_Ws[l] / a.shape[1]) * (a @ a.T))
     return H
 
@@ -69,7 +88,7 @@ def _check_output(net, output):
     return output
 
 
-def ntk(net, params, x, *, output: int = 0) -> jax.Array:
+def ntk(net: MLP, params: Any, x: ArrayLike, *, output: int = 0) -> jax.Array:
     """Exact NTK H_{ii; a1 a2} of one finite network for output neuron i = ``output``, shape (N, N).
 
     Uses the learning-rate tensor lambda_b^(l), lambda_W^(l)/n_{l-1} of ``net`` (docs/theory.md) and the
@@ -82,7 +101,7 @@ def ntk(net, params, x, *, output: int = 0) -> jax.Array:
     return _ntk_outputs(net, params, x, jnp.asarray([output]))[0, 0]
 
 
-def ntk_full(net, params, x) -> jax.Array:
+def ntk_full(net: MLP, params: Any, x: ArrayLike) -> jax.Array:
     """Exact NTK for every pair of output neurons: H_{i1 i2; a1 a2}, shape (n_L, n_L, N, N)."""
     check_net(net)
     x = check_x(x)
@@ -90,7 +109,8 @@ def ntk_full(net, params, x) -> jax.Array:
     return _ntk_outputs(net, params, x, jnp.arange(net.widths[-1]))
 
 
-def ntk_autodiff(apply_fn, params, x, *, learning_rates=None, output: int | None = 0) -> jax.Array:
+def ntk_autodiff(apply_fn: Callable, params: Any, x: ArrayLike, *, learning_rates: Any = None,
+                 output: int | None = 0) -> jax.Array:
     """NTK of any model by autodiff: H = sum_leaves lambda_leaf J_leaf J_leaf^T with J = jax.jacrev.
 
     Args:

@@ -46,11 +46,13 @@ import functools
 import math
 import os
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.typing import ArrayLike, DTypeLike
 
 from .. import _io, _validate
 from .._progress import tqdm
@@ -165,7 +167,7 @@ def _per_network_bytes(net: MLP, n0: int, N: int, R: int, itemsize: int) -> int:
     return itemsize * (5 * params + 4 * acts + 2 * records)
 
 
-def default_train_chunk(net: MLP, n0: int, N: int, R: int = 2, dtype=jnp.float64) -> int:
+def default_train_chunk(net: MLP, n0: int, N: int, R: int = 2, dtype: DTypeLike = jnp.float64) -> int:
     """Networks per chunk: working memory near 128 MiB (at most 1024 networks), and on a CPU at most
     about 1 MiB of parameters per chunk.
 
@@ -373,9 +375,10 @@ def _config(net, x_train, y_train, x_test, key, eta, steps, record_every, dtype_
             "steps": int(steps), "record_every": int(record_every), "dtype": dtype_name}
 
 
-def train(net: MLP, x_train, y_train, x_test, *, steps: int, learning_rate: float, n_networks: int, key,
-          record_every: int | None = None, chunk: int | None = None, dtype=jnp.float64, cache_dir=None,
-          progress: bool = True, checkpoint_every: float = 60.0, devices=None) -> Training:
+def train(net: MLP, x_train: ArrayLike, y_train: ArrayLike, x_test: ArrayLike, *, steps: int, learning_rate: float,
+          n_networks: int, key: jax.Array, record_every: int | None = None, chunk: int | None = None,
+          dtype: DTypeLike = jnp.float64, cache_dir: str | os.PathLike | None = None, progress: bool = True,
+          checkpoint_every: float = 60.0, devices: Sequence[jax.Device] | None = None) -> Training:
     """Train ``n_networks`` independently initialized networks by full-batch gradient descent.
 
     Args:

@@ -14,6 +14,20 @@ kernels agree for any learning-rate tensor; the NTKs agree only when lambda_W = 
 lambda_b = C_b, because NT's "ntk" parameterization trains every parameter at unit rate.
 :func:`stax_mlp` therefore refuses any other lambda.
 
+A residual layer (skip xi, branch gamma; docs/theory.md, "Residual MLPs"),
+z^(l) = xi z^(l-1) + gamma [b^(l) + W^(l) sigma(z^(l-1))], is the block
+
+    stax.serial(stax.FanOut(2),
+                stax.parallel(stax.DotGeneral(rhs=xi),
+                              stax.serial(act, Dense(n_l, W_std=sqrt(C_W), b_std=sqrt(C_b)), stax.DotGeneral(rhs=gamma))),
+                stax.FanInSum())
+
+``DotGeneral(rhs=c)`` multiplies by the constant c (no parameters): its kernels are c^2 times its
+input's.  NT's FanInSum adds the kernels of its branches, i.e. treats them as uncorrelated, which the
+two branches here are at infinite width (b and W have mean zero and are independent of z^(l-1)):
+K^(l) = xi^2 K^(l-1) + gamma^2 [C_b + C_W <sigma sigma>], and likewise Theta, the recursion of
+:func:`efftheory.infinite_width`.
+
 Activations map by registry name to NT's closed-form layers
 
     relu -> Relu()   erf -> Erf()   gelu -> Gelu(approximate=False)   abs -> Abs()
@@ -30,9 +44,15 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
+from numpy.typing import ArrayLike
+
+if TYPE_CHECKING:
+    from ..activations import Activation
+    from ..network import MLP
 
 _INSTALL_HINT = (
     "neural-tangents is not installed; install the pinned extra: see .ci/nt_env.sh / "
@@ -95,7 +115,7 @@ def _same_function(fn, ref) -> bool:
     return a.shape == b.shape and np.allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
-def activation_layer(sigma, *, deg: int = DEFAULT_DEG):
+def activation_layer(sigma: Activation | Callable, *, deg: int = DEFAULT_DEG) -> tuple[Any, Any, Any]:
     """The NT stax layer computing ``sigma`` (an :class:`~efftheory.Activation`).
 
     Closed-form NT layers are used when ``sigma.name`` names one and ``sigma.fn`` agrees with it on
@@ -146,23 +166,37 @@ def _check_lambda(net) -> None:
         )
 
 
-def _layers(net, deg: int) -> list:
+def _blocks(net, deg: int) -> list[list]:
+    """One list of stax layers per MLP layer l = 1..L (module docstring): [Dense] for layer 1, [act, Dense]
+    for a plain layer, [residual block] for a residual one."""
     _check_lambda(net)
     widths = tuple(net.hidden_widths) + (int(net.output_width),)
     act = activation_layer(net.sigma, deg=deg)
-    layers = []
-    for l in range(net.depth):
-        if l > 0:
-            layers.append(act)
-        layers.append(stax.Dense(int(widths[l]), W_std=math.sqrt(net.C_Ws[l]), b_std=math.sqrt(net.C_bs[l])))
-    return layers
+    blocks = []
+    for layer in net.layers(1):  # n_0 does not enter the stax layers
+        l = layer.index - 1
+        dense = stax.Dense(int(widths[l]), W_std=math.sqrt(layer.C_W), b_std=math.sqrt(layer.C_b))
+        if l == 0:
+            blocks.append([dense])
+        elif layer.residual:
+            xi, gamma = float(layer.skip), float(layer.branch)
+            branch = stax.serial(act, dense, stax.DotGeneral(rhs=gamma))
+            blocks.append([stax.serial(stax.FanOut(2), stax.parallel(stax.DotGeneral(rhs=xi), branch), stax.FanInSum())])
+        else:
+            blocks.append([act, dense])
+    return blocks
 
 
-def stax_mlp(net, *, deg: int = DEFAULT_DEG):
+def _layers(net, deg: int) -> list:
+    return [layer for block in _blocks(net, deg) for layer in block]
+
+
+def stax_mlp(net: MLP, *, deg: int = DEFAULT_DEG) -> tuple[Any, Any, Any]:
     """The NT network equal to ``net`` (docs/theory.md, "The network"): ``(init_fn, apply_fn, kernel_fn)``.
 
     ``stax.serial(Dense(n_1), act, Dense(n_2), act, ..., Dense(n_L))`` with
-    ``Dense(n_l, W_std=sqrt(C_W^(l)), b_std=sqrt(C_b^(l)))`` in NT's "ntk" parameterization.
+    ``Dense(n_l, W_std=sqrt(C_W^(l)), b_std=sqrt(C_b^(l)))`` in NT's "ntk" parameterization; a residual
+    layer's ``act, Dense`` is the FanOut / parallel / FanInSum block of the module docstring.
     ``kernel_fn(x, None, ('nngp', 'ntk'))`` gives layer L's K and Theta; NT's own ``init_fn``
     draws the standard-normal parameters that ``apply_fn`` scales.
 
@@ -176,7 +210,7 @@ def stax_mlp(net, *, deg: int = DEFAULT_DEG):
     return stax.serial(*_layers(net, deg))
 
 
-def kernels(net, x, *, deg: int = DEFAULT_DEG) -> NTKernels:
+def kernels(net: MLP, x: ArrayLike, *, deg: int = DEFAULT_DEG) -> NTKernels:
     """NT's per-layer NNGP and NTK of ``net`` on inputs ``x`` of shape (N, n_0).
 
     Layer l's kernels are those of the prefix network ending at its Dense layer, so
@@ -189,11 +223,13 @@ def kernels(net, x, *, deg: int = DEFAULT_DEG) -> NTKernels:
     x = jnp.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"x: expected shape (N, n_0), got {x.shape}")
-    layers = _layers(net, deg)
+    blocks = _blocks(net, deg)
     nngp, ntk = [], []
     for l in range(net.depth):
-        _, _, kernel_fn = stax.serial(*layers[: 2 * l + 1])
-        k = kernel_fn(x, None, ("nngp", "ntk"))
+        _, _, kernel_fn = stax.serial(*[layer for block in blocks[: l + 1] for layer in block])
+        with warnings.catch_warnings():  # FanInSum's branches are uncorrelated here (module docstring)
+            warnings.filterwarnings("ignore", message="`FanIn` layers assume independent inputs")
+            k = kernel_fn(x, None, ("nngp", "ntk"))
         nngp.append(np.asarray(k.nngp))
         ntk.append(np.asarray(k.ntk))
     return NTKernels(np.stack(nngp), np.stack(ntk))

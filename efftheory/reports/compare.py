@@ -43,15 +43,21 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .. import _validate
 from .._io import atomic_write
 from .._precision import wrap_module
 from ..network import MLP
 from ._table import clean, finite_or_none, g, net_config, num, pm, render
+
+if TYPE_CHECKING:
+    from ..empirical.ensemble import Sweep
+    from ..theory.finite import FiniteWidth
 
 __all__ = [
     "Row",
@@ -191,7 +197,7 @@ class StatisticComparison:
     rows: tuple[Row, ...]
     fits: tuple[Fit, ...]
 
-    def prediction(self, n) -> np.ndarray:
+    def prediction(self, n: float) -> np.ndarray:
         """a + c1/n at hidden width n: (nl, *S)."""
         return self.infinite + self.first_order / float(n)
 
@@ -201,7 +207,7 @@ class StatisticComparison:
                 return f
         return None
 
-    def series(self, layer: int, entry: Sequence[int]):
+    def series(self, layer: int, entry: Sequence[int]) -> tuple[np.ndarray, np.ndarray, float, float]:
         """(measured (W,), stderr (W,), a, c1) of one entry at one layer."""
         i = self.layers.index(layer)
         idx = (slice(None), i) + tuple(entry)
@@ -320,7 +326,7 @@ class Report:
         """Deterministic JSON (same inputs, same seed -> the same string); NaN/inf written as null."""
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
-    def save(self, out_dir) -> dict:
+    def save(self, out_dir: str | os.PathLike) -> dict:
         """Write ``report.json``, ``table.txt`` and ``report.npz`` into ``out_dir``; returns {name: path}.
 
         ``report.npz`` holds the whole report (arrays in the npz, everything else as JSON inside it,
@@ -337,7 +343,7 @@ class Report:
         return paths
 
     @classmethod
-    def load(cls, path) -> "Report":
+    def load(cls, path: str | os.PathLike) -> "Report":
         """Read a report written by :meth:`save`: ``path`` is its directory or its ``report.npz``.
 
         Arrays come back bitwise, rows and fits as saved, ``theory`` as a :class:`efftheory.FiniteWidth`.
@@ -369,7 +375,7 @@ def versions() -> dict:
             "python": platform.python_version()}
 
 
-def verdict_counts(fits) -> dict:
+def verdict_counts(fits: Sequence[Fit]) -> dict:
     """{"agrees": k, "consistent, unresolved": k, "disagrees": k} over fits (:class:`Fit`)."""
     from ..empirical import count_verdicts
 
@@ -381,14 +387,14 @@ def verdict_counts(fits) -> dict:
     return count_verdicts([f.verdict for f in fits])
 
 
-def verdict_summary(fits, what: str = "width-sweep fits") -> str:
+def verdict_summary(fits: Sequence[Fit], what: str = "width-sweep fits") -> str:
     """One line: "N width-sweep fits: a agree, u consistent but unresolved, d disagree"."""
     c = verdict_counts(fits)
     return (f"{sum(c.values())} {what}: {c['agrees']} agree (c1 resolved), {c['consistent, unresolved']} "
             f"consistent but unresolved, {c['disagrees']} disagree")
 
 
-def entry_label(entry) -> str:
+def entry_label(entry: Sequence[int]) -> str:
     e = tuple(entry)
     if len(e) == 2:
         return f"({e[0]},{e[1]})"
@@ -500,7 +506,7 @@ def _theory_arrays(theory, L: int | None = None):
 
 
 # ------------------------------------------------------------------------------------------ comparisons
-def metric_comparison(sweep, theory) -> StatisticComparison:
+def metric_comparison(sweep: Sweep, theory: FiniteWidth) -> StatisticComparison:
     """E[z_{i;a1} z_{i;a2}] at every layer against K + G1/n (docs/theory.md, first order)."""
     from .. import empirical as em
 
@@ -512,7 +518,7 @@ def metric_comparison(sweep, theory) -> StatisticComparison:
                   deepest_v=_deepest_four_point(sweep))
 
 
-def four_point_comparison(sweep, theory) -> StatisticComparison:
+def four_point_comparison(sweep: Sweep, theory: FiniteWidth) -> StatisticComparison:
     """Connected cross-neuron four-point function at every layer against 0 + V/n.
 
     The empirical estimator returns the connected function at the sampled width (the normalisation of
@@ -529,7 +535,7 @@ def four_point_comparison(sweep, theory) -> StatisticComparison:
                   np.zeros_like(th["V"]), th["V"], L=L, N=N, deepest_v=_deepest_four_point(sweep))
 
 
-def ntk_mean_comparison(sweep, theory) -> StatisticComparison:
+def ntk_mean_comparison(sweep: Sweep, theory: FiniteWidth) -> StatisticComparison:
     """Mean output-layer NTK E[H_{ii;a1a2}] against Theta^(L) + H1^(L)/n."""
     from .. import empirical as em
 
@@ -541,7 +547,7 @@ def ntk_mean_comparison(sweep, theory) -> StatisticComparison:
                   th["H1"][-1:], L=L, N=N, deepest_v=_deepest_four_point(sweep))
 
 
-def ntk_variance_comparison(sweep, theory) -> StatisticComparison:
+def ntk_variance_comparison(sweep: Sweep, theory: FiniteWidth) -> StatisticComparison:
     """Output-layer Cov(H_{ii;a1a2}, H_{ii;a3a4}) against 0 + (A_(12)(34) + B_(13)(24) + B_(14)(23))/n."""
     from .. import empirical as em
 
@@ -555,7 +561,7 @@ def ntk_variance_comparison(sweep, theory) -> StatisticComparison:
                   np.zeros_like(c1)[None], c1[None], L=L, N=N, deepest_v=_deepest_four_point(sweep))
 
 
-def four_point_depth(sweep, theory, input: int = 0) -> DepthProfile:
+def four_point_depth(sweep: Sweep, theory: FiniteWidth, input: int = 0) -> DepthProfile:
     r"""The normalised four-point function V_(aa)(aa)^(l) / (n K_aa^(l)^2) against the layer l.
 
     Measured: E[z_{i;a}^2 z_{j;a}^2]_conn / E[z_{i;a}^2]^2 (i != j), a ratio of ensemble means,
@@ -673,9 +679,9 @@ def _check_given_theory(theory, net: MLP, x) -> None:
         raise ValueError(f"theory: computed on {theory.K.shape[1]} inputs, x has {x.shape[0]}")
 
 
-def compare(net: MLP, x, widths, n_networks: int, seed: int = 0, *, dtype="float32", cache_dir=None,
-            progress: bool = True, log=None, config_extra: dict | None = None, theory=None,
-            chunk: int | None = None) -> Report:
+def compare(net: MLP, x: ArrayLike, widths: Sequence[int], n_networks: int, seed: int = 0, *, dtype: str = "float32",
+            cache_dir: str | os.PathLike | None = None, progress: bool = True, log: Callable[[str], Any] | None = None,
+            config_extra: dict | None = None, theory: FiniteWidth | None = None, chunk: int | None = None) -> Report:
     """Sample ensembles at every width, compute the theory once, and compare (module docstring).
 
     Args:
@@ -702,6 +708,7 @@ def compare(net: MLP, x, widths, n_networks: int, seed: int = 0, *, dtype="float
     from ..theory.finite import finite_width
 
     x, ws, M = _check_compare_args(net, x, widths, n_networks)
+    net.require_plain("compare")  # its first-order theory (finite_width) does not exist for residual MLPs yet
     dt = _check_dtype(dtype)
     seed = _validate.seed("seed", seed)
     cache_dir = _validate.optional_path("cache_dir", cache_dir)
@@ -769,8 +776,9 @@ def _check_sampled(sweep, dtype_name: str) -> None:
                          "statistics); use dtype float64, or smaller C_W, C_b or inputs")
 
 
-def compare_ntk_depth(net: MLP, x, depths, widths, n_networks: int, seed: int = 0, *, input: int = 0,
-                      dtype="float32", progress: bool = True, theory=None) -> DepthProfile:
+def compare_ntk_depth(net: MLP, x: ArrayLike, depths: Sequence[int], widths: Sequence[int], n_networks: int,
+                      seed: int = 0, *, input: int = 0, dtype: str = "float32", progress: bool = True,
+                      theory: FiniteWidth | None = None) -> DepthProfile:
     r"""Relative NTK variance Var(H_{ii;aa}) / E[H_{ii;aa}]^2 of the output layer against the depth.
 
     Theory (first order): (A + 2B)^(l)_{(aa)(aa)} / (n Theta^(l)_aa^2), read off one
@@ -797,6 +805,8 @@ def compare_ntk_depth(net: MLP, x, depths, widths, n_networks: int, seed: int = 
                       for i, d in enumerate(depths)))
     if len(set(ds)) != len(ds):
         raise ValueError(f"depths: expected distinct depths, got {ds}")
+    if isinstance(net, MLP):
+        net.require_plain("compare_ntk_depth")  # no first-order theory for residual MLPs yet
     deep = net.replace(depth=ds[-1])
     x, ws, M = _check_compare_args(deep, x, widths, n_networks)
     a = _validate.positive_int("input", input, minimum=0)
@@ -830,7 +840,7 @@ def compare_ntk_depth(net: MLP, x, depths, widths, n_networks: int, seed: int = 
 
 
 # ------------------------------------------------------------------------------------------ tables
-def format_rows(rows) -> str:
+def format_rows(rows: Sequence[Any]) -> str:
     """Plain-text table: statistic, layer, entry, width, measured +- stderr, n = inf, first order, pull."""
     head = ("statistic", "layer", "entry", "width", "measured ± stderr", "theory n=∞", "theory 1st order", "pull")
     body = []
@@ -846,7 +856,7 @@ def format_rows(rows) -> str:
     return render(head, body, right=(1, 3, 4, 5, 6, 7))
 
 
-def format_fits(fits, widths=None) -> str:
+def format_fits(fits: Sequence[Fit], widths: Sequence[int] | None = None) -> str:
     head = ("statistic", "layer", "entry", "fit a", "theory a", "pull", "fit c1", "theory c1", "pull",
             "residual slope", "verdict")
     body = []

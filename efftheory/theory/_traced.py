@@ -76,7 +76,7 @@ def _tracers(obj, out):
         for v in obj.values():
             _tracers(v, out)
     elif type(obj).__name__ == "MLP":
-        for f in ("C_Ws", "C_bs", "lambda_Ws", "lambda_bs"):
+        for f in ("C_Ws", "C_bs", "lambda_Ws", "lambda_bs", "skips", "branches"):
             _tracers(getattr(obj, f), out)
     return out
 
@@ -101,16 +101,18 @@ def static_net(net):
     for k, v in net.__dict__.items():
         if k == "_cached_key":
             continue
-        if k in ("C_Ws", "C_bs", "lambda_Ws", "lambda_bs"):
+        if k in ("C_Ws", "C_bs", "lambda_Ws", "lambda_bs", "skips", "branches"):
             v = tuple(float("nan") if is_tracer(e) else float(e) for e in v)
         object.__setattr__(out, k, v)
     return out
 
 
-def hyperparameters(net, l0: int = 0):
-    """(C_W, C_b, lambda_W, lambda_b) as four float64 arrays of shape (L - l0,) (traced or not)."""
+def hyperparameters(net, l0: int = 0, *, residual: bool = False):
+    """(C_W, C_b, lambda_W, lambda_b) as four float64 arrays of shape (L - l0,) (traced or not); with
+    ``residual`` also (skip, branch)."""
+    names = ("C_Ws", "C_bs", "lambda_Ws", "lambda_bs") + (("skips", "branches") if residual else ())
     return tuple(jnp.stack([jnp.asarray(v, jnp.float64) for v in vs[l0:]]) if len(vs) > l0 else jnp.zeros(0)
-                 for vs in (net.C_Ws, net.C_bs, net.lambda_Ws, net.lambda_bs))
+                 for vs in (getattr(net, n) for n in names))
 
 
 def input_gram(x):
@@ -204,8 +206,25 @@ def kernels(net, x, keep):
     hyperparameters (lax.scan over layers)."""
     check_traced("infinite_width", net, x)
     G = input_gram(x)
-    C_W, C_b, lW, lb = hyperparameters(net)
     act = net.sigma
+    if net.residual:  # docs/theory.md, "Residual MLPs": xi^2 (layer l) + gamma^2 (the plain step)
+        C_W, C_b, lW, lb, xi, gamma = hyperparameters(net, residual=True)
+        K0, T0 = C_b[0] + C_W[0] * G, lb[0] + lW[0] * G
+
+        def step(carry, hp):
+            K, T = carry
+            cw, cb, lw, lbb, x_, g_ = hp
+            S, dS = pair_moments_traced(act, K)
+            x2, g2 = x_ * x_, g_ * g_
+            K1, T1 = x2 * K + g2 * (cb + cw * S), x2 * T + g2 * (lbb + lw * S + cw * dS * T)
+            return (K1, T1), (K1, T1)
+
+        _, (Ks, Ts) = jax.lax.scan(step, (K0, T0), (C_W[1:], C_b[1:], lW[1:], lb[1:], xi[1:], gamma[1:]))
+        Ks = jnp.concatenate([K0[None], Ks])
+        Ts = jnp.concatenate([T0[None], Ts])
+        idx = np.asarray(keep) - 1
+        return Ks[idx], Ts[idx]
+    C_W, C_b, lW, lb = hyperparameters(net)
     K0, T0 = C_b[0] + C_W[0] * G, lb[0] + lW[0] * G
 
     def step(carry, hp):

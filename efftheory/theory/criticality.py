@@ -10,6 +10,18 @@ are the limits K -> 0+: C_W [sigma'(0)^2 + sigma(0) sigma''(0)] and C_W sigma'(0
 and sigma'' averaged over the two sides of z = 0 (a kink at 0 has two one-sided slopes).
 Criticality: chi_parallel = chi_perp = 1 at a fixed point K* = C_b + C_W <sigma^2>_{K*} (PDLT ch. 5).
 
+Residual MLPs (docs/theory.md, "Residual MLPs"; keywords ``skip`` = xi, ``branch`` = gamma, defaults 0 and 1)
+iterate K -> xi^2 K + gamma^2 (C_b + C_W <sigma^2>_K), whose susceptibilities and fixed points are
+
+    chi_parallel = xi^2 + gamma^2 C_W d<sigma^2>_K/dK,    chi_perp = xi^2 + gamma^2 C_W <sigma'^2>_K,
+    (1 - xi^2) K* = gamma^2 (C_b + C_W <sigma^2>_{K*}).
+
+For xi^2 < 1 that is the plain map's fixed-point equation at (C_b, C_W) gamma^2 / (1 - xi^2), and the
+residual chi - 1 is (1 - xi^2) times the plain one's there: the same fixed points, kinds and flow
+direction.  Hence the residual critical initialization is the plain one scaled by (1 - xi^2) / gamma^2
+(the same K*), and on the family xi^2 + gamma^2 = 1 it equals the plain one.  For xi^2 >= 1 the map grows
+without bound (chi >= 1 + gamma^2 C_W <sigma'^2> > 1): no fixed point K* > 0 and no critical initialization.
+
 Universality classes (how :func:`critical_init` decides, in this order):
 
 * ``scale-invariant``: sigma(lam z) = lam sigma(z) for lam > 0, i.e. sigma(z) = c+ z above 0 and
@@ -203,36 +215,60 @@ def _dsig2_dK(act, K):
     return _moments(act, K)[1]
 
 
-def chi_parallel(activation: str | Activation | Callable, K: ArrayLike, C_W: ArrayLike = 1.0) -> jax.Array:
+def _residual_args(skip, branch):
+    """Validated (xi, gamma) and whether they are the plain MLP's (0, 1) as numbers."""
+    xi = _validate.real("skip", skip)
+    gamma = _validate.real("branch", branch, positive=True)
+    plain = not (_validate._tracer(xi) or _validate._tracer(gamma)) and xi == 0.0 and gamma == 1.0
+    return xi, gamma, plain
+
+
+def _residual_chi(chi, xi, gamma):
+    """xi^2 + gamma^2 chi: a residual layer's susceptibility from the plain one's at C_W."""
+    return xi * xi + gamma * gamma * chi
+
+
+def chi_parallel(activation: str | Activation | Callable, K: ArrayLike, C_W: ArrayLike = 1.0, *,
+                 skip: ArrayLike = 0.0, branch: ArrayLike = 1.0) -> jax.Array:
     """Parallel susceptibility C_W d<sigma^2>_K/dK at variance(s) K (PDLT eq. 5.9).
 
+    With ``skip`` = xi and ``branch`` = gamma, that of a residual layer: xi^2 + gamma^2 C_W d<sigma^2>_K/dK
+    (docs/theory.md, "Residual MLPs"; the defaults 0 and 1 give the plain value).
     K = 0 gives the limit K -> 0+ (for relu, C_W/2: the value at every K > 0).
-    A JAX function of K and C_W: under jax.jit / vmap / grad (traced K or C_W) it runs the fixed
+    A JAX function of K, C_W, skip and branch: under jax.jit / vmap / grad (traced values) it runs the fixed
     rule of :func:`efftheory.theory._traced.chi` (closed form for the scale-invariant class; 4096
     trapezoid nodes otherwise, 1e-13 for smooth sigma up to K ~ 3000) and checks shapes only.
     """
     from . import _traced
 
     act = _traced.activation(activation)
-    if _traced.traced(K, C_W):
-        return _traced.chi_checked("chi_parallel", act, K, C_W, "parallel")
+    xi, gamma, plain = _residual_args(skip, branch)
+    if _traced.traced(K, C_W, xi, gamma):
+        chi = _traced.chi_checked("chi_parallel", act, K, C_W, "parallel")
+        return chi if plain else _residual_chi(chi, xi, gamma)
     K = _variance("K", K)
     C_W = _validate.real("C_W", C_W, positive=True)
-    return np.asarray(C_W * _dsig2_dK(act, K))
+    chi = np.asarray(C_W * _dsig2_dK(act, K))
+    return chi if plain else np.asarray(_residual_chi(chi, xi, gamma))
 
 
-def chi_perp(activation: str | Activation | Callable, K: ArrayLike, C_W: ArrayLike = 1.0) -> jax.Array:
+def chi_perp(activation: str | Activation | Callable, K: ArrayLike, C_W: ArrayLike = 1.0, *,
+             skip: ArrayLike = 0.0, branch: ArrayLike = 1.0) -> jax.Array:
     """Perpendicular susceptibility C_W <sigma'(z)^2>_K (PDLT eq. 5.10); K = 0 gives the limit K -> 0+.
 
-    A JAX function of K and C_W under jax.jit / vmap / grad, as :func:`chi_parallel`."""
+    With ``skip`` = xi and ``branch`` = gamma: xi^2 + gamma^2 C_W <sigma'^2>_K (a residual layer).
+    A JAX function of K, C_W, skip and branch under jax.jit / vmap / grad, as :func:`chi_parallel`."""
     from . import _traced
 
     act = _traced.activation(activation)
-    if _traced.traced(K, C_W):
-        return _traced.chi_checked("chi_perp", act, K, C_W, "perp")
+    xi, gamma, plain = _residual_args(skip, branch)
+    if _traced.traced(K, C_W, xi, gamma):
+        chi = _traced.chi_checked("chi_perp", act, K, C_W, "perp")
+        return chi if plain else _residual_chi(chi, xi, gamma)
     K = _variance("K", K)
     C_W = _validate.real("C_W", C_W, positive=True)
-    return np.asarray(C_W * _moments(act, K)[2])
+    chi = np.asarray(C_W * _moments(act, K)[2])
+    return chi if plain else np.asarray(_residual_chi(chi, xi, gamma))
 
 
 def _sig2(act, K):
@@ -354,10 +390,17 @@ def _root(v, a, b):
                   maxiter=500)
 
 
-def fixed_point(activation: str | Activation | Callable, C_W: float, C_b: float, *, K0: float = 1.0) -> FixedPoint:
+def fixed_point(activation: str | Activation | Callable, C_W: float, C_b: float, *, K0: float = 1.0,
+                skip: float = 0.0, branch: float = 1.0) -> FixedPoint:
     """The fixed point K* = C_b + C_W <sigma^2>_{K*} that the recursion reaches from K0 (PDLT ch. 5).
 
     Returns a :class:`FixedPoint`: a float K* that says what kind of fixed point it is.
+
+    Residual layers (``skip`` = xi, ``branch`` = gamma; docs/theory.md, "Residual MLPs"): the fixed point of
+    K -> xi^2 K + gamma^2 (C_b + C_W <sigma^2>_K), (1 - xi^2) K* = gamma^2 (C_b + C_W <sigma^2>_{K*}).  For
+    xi^2 < 1 it is the plain fixed point at (C_b, C_W) gamma^2 / (1 - xi^2) (module docstring: same K*, kind
+    and flow), with chi_parallel, chi_perp the residual ones xi^2 + gamma^2 chi; for xi^2 >= 1 the flow
+    grows without bound (``"divergent"``, K* = inf).
 
     * Scale-invariant class (<sigma^2>_K = m K): in closed form with chi = C_W m.  C_b = 0: K* = 0
       (``"trivial"``) for chi < 1, inf (``"divergent"``; 0 is then an unstable fixed point) for chi > 1,
@@ -388,6 +431,16 @@ def fixed_point(activation: str | Activation | Callable, C_W: float, C_b: float,
     C_W = _validate.real("C_W", C_W, positive=True)
     C_b = _validate.real("C_b", C_b, nonnegative=True)
     K0 = _validate.real("K0", K0, positive=True)
+    xi, gamma, plain = _residual_args(skip, branch)
+    if not plain:
+        if xi * xi >= 1.0:
+            chi = C_W * _homogeneous_m(act.fn) if act.homogeneous else math.nan
+            return FixedPoint(math.inf, "divergent", _residual_chi(chi, xi, gamma), _residual_chi(chi, xi, gamma))
+        s = gamma * gamma / (1.0 - xi * xi)
+        fp = fixed_point(act, s * C_W, s * C_b, K0=K0)
+        # chi' = s chi(C_W) there: the residual chi = xi^2 + gamma^2 chi = xi^2 + (1 - xi^2) chi'
+        res = [xi * xi + (1.0 - xi * xi) * c for c in (fp.chi_parallel, fp.chi_perp)]
+        return FixedPoint(float(fp), fp.kind, res[0], res[1], fp.marginal_line)
 
     if act.homogeneous:
         chi = C_W * _homogeneous_m(act.fn)
@@ -458,9 +511,9 @@ def fixed_point(activation: str | Activation | Callable, C_W: float, C_b: float,
 
 
 # ------------------------------------------------------------------------------------------ criticality
-@result(meta=("activation", "universality_class"))
+@result(meta=("activation", "universality_class", "skip", "branch"))
 class Criticality:
-    """Critical initialization of an activation.
+    """Critical initialization of an activation (of residual layers with ``skip`` xi, ``branch`` gamma).
 
     Unpacks as ``C_b, C_W = critical_init(...)``.  ``K_star`` is None for the scale-invariant
     class (every K is a fixed point: ``marginal_line`` is True) and NaN together with C_b, C_W for
@@ -472,6 +525,8 @@ class Criticality:
     K_star: float | None
     activation: str
     universality_class: str
+    skip: float = 0.0
+    branch: float = 1.0
 
     def __iter__(self):
         return iter((self.C_b, self.C_W))
@@ -481,20 +536,35 @@ class Criticality:
         """True when every K is a fixed point at this (C_b, C_W) (the scale-invariant class)."""
         return self.universality_class == "scale-invariant"
 
-    def chi_parallel(self, K):
-        return chi_parallel(self.activation, K, self.C_W)
+    def chi_parallel(self, K: ArrayLike) -> jax.Array:
+        return chi_parallel(self.activation, K, self.C_W, skip=self.skip, branch=self.branch)
 
-    def chi_perp(self, K):
-        return chi_perp(self.activation, K, self.C_W)
+    def chi_perp(self, K: ArrayLike) -> jax.Array:
+        return chi_perp(self.activation, K, self.C_W, skip=self.skip, branch=self.branch)
 
 
-def critical_init(activation: str | Activation | Callable) -> Criticality:
+def critical_init(activation: str | Activation | Callable, *, skip: float = 0.0, branch: float = 1.0) -> Criticality:
     """(C_b, C_W) at criticality for any activation, with its universality class (PDLT ch. 5).
 
     Closed values: scale-invariant (0, 2/(c+^2 + c-^2)) exactly (relu 2, leaky_relu(a) 2/(1 + a^2),
     abs and linear 1), the K*=0 class (0, 1/sigma'(0)^2) (tanh 1); half-stable ones are found
     numerically (see module docstring).
+
+    Residual layers (``skip`` = xi with xi^2 < 1, ``branch`` = gamma; docs/theory.md, "Residual MLPs"):
+    chi_parallel = chi_perp = xi^2 + gamma^2 chi_plain = 1 at (1 - xi^2) K* = gamma^2 (C_b + C_W <sigma^2>_{K*})
+    is the plain critical (C_b, C_W) times (1 - xi^2) / gamma^2, at the same K* (relu: C_W = 2 (1 - xi^2) /
+    gamma^2; tanh: (1 - xi^2) / gamma^2).  On the family xi^2 + gamma^2 = 1 it is the plain (C_b, C_W).
+    |xi| >= 1 has none (chi > 1 for every C_W > 0): ValueError naming ``skip``.
     """
+    xi, gamma, plain = _residual_args(skip, branch)
+    if not plain:
+        if xi * xi >= 1.0:
+            raise ValueError(f"skip: a critical initialization needs |skip| < 1 (chi = skip^2 + branch^2 C_W <sigma'^2> "
+                             f"exceeds 1 for every C_W > 0 otherwise), got skip={xi!r}")
+        crit = critical_init(activation)
+        s = (1.0 - xi * xi) / (gamma * gamma)
+        return Criticality(crit.C_b * s, crit.C_W * s, crit.K_star, crit.activation, crit.universality_class,
+                           xi, gamma)
     act = get_activation(activation)
     name = activation if isinstance(activation, str) else act
     s, ds = act.fn, derivative(act.fn)
@@ -527,6 +597,6 @@ def critical_init(activation: str | Activation | Callable) -> Criticality:
     return Criticality(nan, nan, nan, name, "none")
 
 
-def universality_class(activation) -> str:
+def universality_class(activation: str | Activation | Callable) -> str:
     """The universality class name of :func:`critical_init` for ``activation``."""
     return critical_init(activation).universality_class

@@ -156,7 +156,7 @@ def dntk_statistics(net: MLP, x: ArrayLike, *, tol: float = 1e-9) -> DNTKStatist
     Args:
       tol: target accuracy of the Gaussian integrals (the step of the midpoint rule, module docstring).
     """
-    net = check_net(net)
+    net = check_net(net).require_plain("dntk_statistics")
     tol = _validate.real("tol", tol, positive=True)
     if not tol < 1e-2:
         raise ValueError(f"tol: expected a target accuracy below 1e-2, got {tol}")

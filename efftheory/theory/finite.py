@@ -422,7 +422,7 @@ def finite_width(net: MLP, x: ArrayLike, *, tol: float = 1e-9, progress: bool = 
     from .. import _validate
     from . import _traced
 
-    net = check_net(net)
+    net = check_net(net).require_plain("finite_width")
     tol = _validate.real("tol", tol, positive=True)
     if not tol < 1e-2:
         raise ValueError(f"tol: expected a target accuracy below 1e-2, got {tol}")
@@ -504,7 +504,7 @@ def finite_width_diagonal(net: MLP, x: ArrayLike) -> FiniteWidthDiagonal:
     from . import _traced
     from .infinite import input_gram  # validated x
 
-    net = check_net(net)
+    net = check_net(net).require_plain("finite_width_diagonal")
     if _traced.traced(net, x):
         _traced.input_gram(x)  # shape checks
         per = [_traced.finite_single(net, x[a:a + 1]) for a in range(x.shape[0])]

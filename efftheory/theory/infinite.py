@@ -6,13 +6,22 @@ r"""Infinite-width kernels: the NNGP kernel K and the NTK Theta, layer by layer 
     Theta^(l+1)     = lambda_b^(l+1) + lambda_W^(l+1) <sigma_a sigma_b>_{K^(l)}
                       + C_W^(l+1) <sigma'_a sigma'_b>_{K^(l)} Theta^(l)
 
+A residual layer (skip xi, branch gamma; docs/theory.md, "Residual MLPs") mixes that plain step with the
+previous layer:
+
+    K^(l+1)     = xi^2 K^(l)     + gamma^2 [ C_b + C_W <sigma_a sigma_b>_{K^(l)} ]
+    Theta^(l+1) = xi^2 Theta^(l) + gamma^2 [ lambda_b + lambda_W <sigma_a sigma_b>_{K^(l)}
+                                             + C_W <sigma'_a sigma'_b>_{K^(l)} Theta^(l) ]
+
 Shapes: x is (N, n_0); K and Theta are (L, N, N) with index 0 = layer 1.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -48,14 +57,14 @@ class InfiniteWidth:
     net: MLP
     layers: tuple | None = None
 
-    def save(self, path) -> str:
+    def save(self, path: str | os.PathLike) -> str:
         """Write to ``path`` (.npz: K, Theta; the net, layers and efftheory version as JSON); returns it."""
         from .. import _io
 
         return _io.save(self, path)
 
     @classmethod
-    def load(cls, path) -> "InfiniteWidth":
+    def load(cls, path: str | os.PathLike) -> "InfiniteWidth":
         """Read a :meth:`save` file: arrays bitwise as saved."""
         from .. import _io
 
@@ -71,7 +80,7 @@ class InfiniteWidth:
         return self.K.shape[1]
 
 
-def check_net(net) -> MLP:
+def check_net(net: Any) -> MLP:
     if not isinstance(net, MLP):
         raise ValueError(f"net: expected an efftheory.MLP, got {type(net).__name__}")
     return net
@@ -82,7 +91,7 @@ def _gram(x):
     return x @ x.T / x.shape[1]
 
 
-def input_gram(x) -> jax.Array:
+def input_gram(x: ArrayLike) -> jax.Array:
     """(1/n_0) x x^T for inputs x of shape (N, n_0), validated.
 
     Overflow is checked on the host from the diagonal (1/n_0)|x_a|^2: |G_ab| <= sqrt(G_aa G_bb), so a
@@ -231,6 +240,13 @@ def _update(S, dS, T, C_W, C_b, lam_W, lam_b):
     return C_b + C_W * S, lam_b + lam_W * S + C_W * dS * T
 
 
+@jax.jit
+def _residual(prev, plain, xi, gamma):
+    """A residual layer from the plain step: xi^2 (layer l) + gamma^2 (plain layer l+1), for K and Theta at
+    once (packed K + i Theta, folded or full: the map is linear entrywise) or for one of them."""
+    return (xi * xi) * prev + (gamma * gamma) * plain
+
+
 _HOST_STACK_BYTES = 32 * 2**20
 
 
@@ -362,10 +378,11 @@ def infinite_width(net: MLP, x: ArrayLike, *, layers: Sequence[int] | None = Non
         return InfiniteWidth(K=K, Theta=Theta, net=_traced.static_net(net),
                              layers=None if len(keep) == net.depth else keep)
     G = input_gram(x)
-    hp = [[float(v) for v in vs] for vs in (net.C_Ws, net.C_bs, net.lambda_Ws, net.lambda_bs)]
+    layers = net.layers(int(np.shape(x)[1]))
+    hp = [_hyperparameters(layer) for layer in layers]
     if net.sigma.has_closed_form:
-        return _closed_form(net, G, hp, keep)
-    K, Theta = _first_layer(G, *(v[0] for v in hp))
+        return _closed_form(net, G, layers, hp, keep)
+    K, Theta = _first_layer(G, *hp[0])
     Ks, Ts = _Layers(len(keep), K), _Layers(len(keep), Theta)
     if 1 in keep:
         Ks.append(K)
@@ -373,7 +390,12 @@ def infinite_width(net: MLP, x: ArrayLike, *, layers: Sequence[int] | None = Non
     for l in range(1, net.depth):
         _check_diagonal(K)
         S, dS = pair_moments_mehler(net.sigma, K)
-        K, Theta = _update(S, dS, Theta, *(v[l] for v in hp))
+        if layers[l].residual:
+            xi, gamma = float(layers[l].skip), float(layers[l].branch)
+            K1, T1 = _update(S, dS, Theta, *hp[l])
+            K, Theta = _residual(K, K1, xi, gamma), _residual(Theta, T1, xi, gamma)
+        else:
+            K, Theta = _update(S, dS, Theta, *hp[l])
         if l + 1 in keep:
             Ks.append(K)
             Ts.append(Theta)
@@ -420,7 +442,12 @@ def kernel_fn(net: MLP) -> Callable[..., dict[str, jax.Array]]:
     return fn
 
 
-def _closed_form(net: MLP, G, hp, keep) -> InfiniteWidth:
+def _hyperparameters(layer) -> tuple[float, float, float, float]:
+    """(C_W, C_b, lambda_W, lambda_b) of one layer as Python floats (the arguments of the jitted steps)."""
+    return (float(layer.C_W), float(layer.C_b), float(layer.lambda_W), float(layer.lambda_b))
+
+
+def _closed_form(net: MLP, G, layer_list, hp, keep) -> InfiniteWidth:
     """The packed recursion, one dispatched step per layer; each kept layer is unfolded or split (on
     the host) while the next one computes (dispatch is asynchronous).
 
@@ -432,15 +459,18 @@ def _closed_form(net: MLP, G, hp, keep) -> InfiniteWidth:
     kernel = pair_kernel(net.sigma)
     folded = 5 * len(keep) <= 2 * net.depth
     if folded:
-        C = _folded_first_layer(N, G, *(v[0] for v in hp))
+        C = _folded_first_layer(N, G, *hp[0])
         step = _closed_form_step
     else:
-        C = _packed_first_layer(G, *(v[0] for v in hp))
+        C = _packed_first_layer(G, *hp[0])
         step = _closed_form_step_full
     layers = _PackedLayers(len(keep), N, C, folded)
     pending = C if 1 in keep else None
     for l in range(1, net.depth):
-        C = step(kernel, C, *(v[l] for v in hp))
+        if layer_list[l].residual:  # the folded layout is linear, so the residual mix applies to it as it is
+            C = _residual(C, step(kernel, C, *hp[l]), float(layer_list[l].skip), float(layer_list[l].branch))
+        else:
+            C = step(kernel, C, *hp[l])
         if pending is not None:
             layers.append(pending)
         pending = C if l + 1 in keep else None
