@@ -340,7 +340,7 @@ def get_activation(activation: str | Activation | Callable, name: str = "activat
     Raises ValueError naming ``name`` for an unknown string or a non-callable.
     """
     if isinstance(activation, Activation):
-        return activation
+        return _with_homogeneous_kernels(activation)
     if isinstance(activation, str):
         key = activation.strip().lower()
         key = _ALIASES.get(key, key)
@@ -362,5 +362,33 @@ def get_activation(activation: str | Activation | Callable, name: str = "activat
     if callable(activation):
         label = getattr(activation, "__name__", None)
         _check_real(activation, name)
-        return Activation(label if isinstance(label, str) else type(activation).__name__, activation, smooth=True)
+        act = Activation(label if isinstance(label, str) else type(activation).__name__, activation, smooth=True)
+        return _with_homogeneous_kernels(act)
     raise ValueError(f"{name}: expected an activation name or a callable, got {activation!r}")
+
+
+@functools.lru_cache(maxsize=256)
+def _with_homogeneous_kernels(act: Activation) -> Activation:
+    """A positively homogeneous sigma without closed forms (a user's relu, leaky relu or abs as a
+    callable) gets the exact kernels of its class: sigma(z) = p z + m |z| with p = (c+ + c-)/2,
+    m = (c+ - c-)/2, c+ = sigma(1), c- = -sigma(-1), so <sigma sigma> = p^2 K_ab + m^2 <|z_a| |z_b|> and
+    <sigma' sigma'> = p^2 + m^2 <sign z_a sign z_b> (the odd cross terms vanish), and it is marked
+    kinked.  Same activation object for the same input (cached), so MLP equality is unaffected."""
+    if act.has_closed_form or not act.homogeneous:
+        return act
+    with _enable_x64(True):
+        c_plus = float(act.fn(jnp.asarray(1.0, jnp.float64)))
+        c_minus = -float(act.fn(jnp.asarray(-1.0, jnp.float64)))
+    nngp, dnngp = _homogeneous_kernels((c_plus + c_minus) / 2, (c_plus - c_minus) / 2)
+    return dataclasses.replace(act, nngp=nngp, dnngp=dnngp, smooth=False)
+
+
+@functools.lru_cache(maxsize=256)
+def _homogeneous_kernels(p: float, m: float):
+    def nngp(k11, k22, k12):
+        return p**2 * k12 + m**2 * abs_nngp(k11, k22, k12)
+
+    def dnngp(k11, k22, k12):
+        return p**2 + m**2 * abs_dnngp(k11, k22, k12)
+
+    return nngp, dnngp

@@ -135,3 +135,37 @@ def test_nan_statistics_are_not_returned_silently():
     x = np.array([[100.0, -80.0], [0.3, 0.2]])
     with pytest.raises(ValueError, match=r"net: \d+ of 16 sampled networks .*non-finite"):
         em.sample_ensemble(net, x, 16, 0, statistics=("metric",), progress=False)
+
+
+def test_homogeneous_callable_gets_exact_kernels():
+    """A positively homogeneous callable (here 2z above 0, -0.5z below: not in the registry) gets exact
+    kernels: K^(2) and Theta^(2) against a two-input adaptive quadrature split at the kinks (scipy)."""
+    fn = lambda z: jnp.where(z > 0, 2.0 * z, -0.5 * z)  # noqa: E731
+    f = lambda z: 2.0 * z if z > 0 else -0.5 * z  # noqa: E731
+    df = lambda z: 2.0 if z > 0 else -0.5  # noqa: E731
+    x = np.array([[1.0, 0.3, -0.5], [0.2, -1.0, 0.8]])
+    net = et.MLP(2, 8, fn, C_W=1.3, C_b=0.2)
+    assert net.sigma.has_closed_form and not net.sigma.smooth
+    K1 = 0.2 + 1.3 * x @ x.T / 3
+    a = math.sqrt(K1[0, 0])
+    b = K1[0, 1] / a
+    c = math.sqrt(K1[1, 1] - b * b)
+    phi = lambda t: math.exp(-0.5 * t * t) / math.sqrt(2 * math.pi)  # noqa: E731
+
+    def avg(g):
+        tot = 0.0
+        for ulo, uhi in ((-12.0, 0.0), (0.0, 12.0)):
+            for side in (0, 1):
+                lo = (lambda u: -12.0) if side == 0 else (lambda u: -b * u / c)
+                hi = (lambda u: -b * u / c) if side == 0 else (lambda u: 12.0)
+                tot += integrate.dblquad(lambda v, u: g(a * u, b * u + c * v) * phi(u) * phi(v), ulo, uhi, lo, hi,
+                                         epsabs=1e-13, epsrel=1e-11)[0]
+        return tot
+
+    S = avg(lambda z1, z2: f(z1) * f(z2))
+    dS = avg(lambda z1, z2: df(z1) * df(z2))
+    inf = et.infinite_width(net, x)
+    Theta1 = 0.2 + 1.3 * x @ x.T / 3
+    np.testing.assert_allclose(np.asarray(inf.K)[1, 0, 1], 0.2 + 1.3 * S, rtol=1e-9)
+    np.testing.assert_allclose(np.asarray(inf.Theta)[1, 0, 1], 0.2 + 1.3 * S + 1.3 * dS * Theta1[0, 1], rtol=1e-9)
+    assert et.get_activation(fn) == et.get_activation(fn)  # one activation for one function

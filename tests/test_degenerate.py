@@ -102,14 +102,7 @@ def test_collinear_relu_closed_forms(C_W):
                                    rtol=1e-11, atol=1e-13 * K1**2, err_msg=name)
 
 
-KINKED_CALLABLE = pytest.mark.xfail(strict=True, reason=(
-    "gaussian.py/mehler.py: infinite_width integrates a user callable (smooth=True by default) with the smooth "
-    "trapezoid/Mehler rules even when it is positively homogeneous, so a callable relu is off by ~1e-3 "
-    "(K^(3)_12 0.70238 vs 0.70178 here; kernels not exactly s^2-homogeneous); finite_width's pair "
-    "operators use the exact polar rule for such callables, infinite_width should too"))
-
-
-@pytest.mark.parametrize("activation", ["relu", pytest.param("callable", marks=KINKED_CALLABLE)])
+@pytest.mark.parametrize("activation", ["relu", "callable"])  # a callable relu: the same closed forms
 def test_opposite_inputs_relu_closed_forms(activation):
     """x and -x, C_b = 0: theta = pi at layer 1, so K^(2)_12 = Theta^(2)_12 = 0, and at layer 3 (rho = 0)
     K^(3)_12 = C_W K^(2)_11 / (2 pi), Theta^(3)_12 = lambda_W K^(2)_11 / (2 pi)  (arc-cosine kernels)."""
