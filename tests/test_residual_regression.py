@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+MEHLER = ("tanh", "gelu")  # generic activations: infinite width by the Mehler series
 
 
 def _maker():
@@ -40,4 +41,10 @@ def test_bit_identical(stored, computed):
     for name, want in stored.items():
         got = computed[name]
         assert got.shape == want.shape and got.dtype == want.dtype, name
-        np.testing.assert_array_equal(got, want, err_msg=name)
+        if name.split("/")[0] in ("infinite", "last") and name.split("/")[1] in MEHLER:
+            # the Mehler rule sizes of up to 256 inputs were rounded up after the file was written (fewer
+            # programs to compile, issue #22): a pair may change route (series or 2-d rule), so equal there
+            # within the Mehler tolerance 1e-11 (measured: 1.1e-13), bit for bit everywhere else
+            np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-13 * np.max(np.abs(want)), err_msg=name)
+        else:
+            np.testing.assert_array_equal(got, want, err_msg=name)

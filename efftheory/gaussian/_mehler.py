@@ -67,6 +67,7 @@ __all__ = ["hermite_functions", "coefficients", "series", "pair_moments_mehler",
 TAIL = MEHLER_TAIL   # 13: the 1-d rule spans |x| <= 13: the integrand h_k^2 phi is below exp(-x^2/4) ~ 5e-19 there
 TOL = MEHLER_TOL     # 1e-11: default bound (B), relative to sqrt(<f_a^2> <f_b^2>)
 MAX_TERMS = 256      # longest series; pairs that need more go to the 2-d rule
+_ROUND_N = 256       # up to this many inputs, series lengths (16 x 2^k) and node counts (2^k) are rounded up
 _CHUNK = 16          # Horner terms per fused elementwise pass (longer fusions were measured to slow down)
 TERM_LADDER = tuple(range(_CHUNK, MAX_TERMS + 1, _CHUNK))  # series lengths n (terms k < n)
 _NODE_LADDER = (128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384)
@@ -329,6 +330,8 @@ def pair_moments_mehler(act, K, *, tol: float = TOL, max_terms: int = MAX_TERMS,
     for n_max in sorted({min(64, max_terms), max_terms}):
         ns = [n for n in TERM_LADDER if n <= n_max] or [_CHUNK]
         n_nodes = _n_nodes(d_max, n_max, act.smooth)
+        if N <= _ROUND_N:  # powers of two only: layers whose variances differ a little share a program
+            n_nodes = min(_NODE_LADDER[-1], 1 << (n_nodes - 1).bit_length())
         C, D, m2, dm2 = coefficients(act.fn, d, n_max, smooth=act.smooth, n_nodes=n_nodes)
         Ch, Dh, m2h, dm2h = (np.asarray(v) for v in (C, D, m2, dm2))
         theta_c, theta_d = _thresholds(Ch, m2h, tol, ns), _thresholds(Dh, dm2h, tol, ns)
@@ -338,6 +341,9 @@ def pair_moments_mehler(act, K, *, tol: float = TOL, max_terms: int = MAX_TERMS,
         j = int(np.argmin(cost))
         if frac[j] == 0.0:
             break
+    if N <= _ROUND_N:  # few inputs: compiling a new series length costs more than the extra terms
+        target = _CHUNK << (ns[j] // _CHUNK - 1).bit_length()
+        j = next((i for i, m in enumerate(ns) if m >= target), len(ns) - 1)
     n = ns[j]
     parities = (_parity(Ch, m2h), _parity(Dh, dm2h))
     limits = jnp.asarray(np.stack([theta_c[j], theta_d[j], theta_c[-1], theta_d[-1]]))
