@@ -55,6 +55,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from .._pytree import result
+from ..activations import Activation
 from ..gaussian import HOST_SETS, SET_BLOCK, derivative, hermite_moments2, rule_size, source_moments, whiten2
 from ..network import MLP
 from . import _schedule
@@ -136,20 +137,20 @@ class FiniteWidth:
     def n_inputs(self) -> int:
         return int(self.K.shape[1])
 
-    def save(self, path) -> str:
+    def save(self, path: str | os.PathLike) -> str:
         """Write to ``path`` (.npz: arrays, and the net, tol and efftheory version as JSON); returns it."""
         from .. import _io
 
         return _io.save(self, path)
 
     @classmethod
-    def load(cls, path) -> "FiniteWidth":
+    def load(cls, path: str | os.PathLike) -> "FiniteWidth":
         """Read a :meth:`save` file: arrays bitwise as saved (K, Theta, ... as jax arrays)."""
         from .. import _io
 
         return _io.load(path, cls)
 
-    def at_width(self, n=None) -> Prediction:
+    def at_width(self, n: float | None = None) -> Prediction:
         """Predictions at the network's own widths (n=None) or with hidden widths rescaled so
         that n_1 = n (uniform networks: every hidden layer has width n)."""
         ws = np.asarray(self.net.hidden_widths, dtype=np.float64)
@@ -177,7 +178,7 @@ class FiniteWidth:
 # pair operators
 
 
-def pair_index(N):
+def pair_index(N: int) -> np.ndarray:
     a1, a2 = np.meshgrid(np.arange(N), np.arange(N), indexing="ij")
     return np.stack([a1, a2], -1)  # (N, N, 2): the inputs (a1, a2) of pair p
 
@@ -284,7 +285,7 @@ def _pair_gather(X, N):
     return X[a1, a2, np.broadcast_to(ga, (N, N, 2, 2)), np.broadcast_to(gb, (N, N, 2, 2))]
 
 
-def p_transform(P1, F):
+def p_transform(P1: np.ndarray, F: np.ndarray) -> np.ndarray:
     """sum_{g h} P_{(ab),g} P_{(cd),h} F_{a g c h}: slot g of pair (a, b) is input a (g = 0) or b (g = 1),
     so the four terms read F on its diagonals F_aacc, F_aacd, F_abcc and F itself (no gathered copies)."""
     p0, p1 = P1[..., 0], P1[..., 1]
@@ -304,14 +305,17 @@ def _pair_order(act, K):
     return None if act.homogeneous else rule_size(act, float(np.max(np.diag(K))))
 
 
-def layer_sources(act, K, *, tol: float = 1e-9, block: int = SET_BLOCK):
+def layer_sources(act: Activation, K: ArrayLike, *, tol: float = 1e-9,
+                  block: int = SET_BLOCK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The single-neuron moments Mss, Mds, Mdd of :func:`efftheory.gaussian._sources.source_moments` that
     :func:`layer_step` at kernel K needs (each (N,)*4; its 2-input rule as layer_step's)."""
     return source_moments(act, K, tol=tol, order2=_pair_order(act, K), block=block)
 
 
-def layer_step(act, C_W, lam_W, r, K, Theta, G1, V, H1, A, B, D, F, *, tol: float = 1e-9,
-               block: int = SET_BLOCK, sources=None):
+def layer_step(act: Activation, C_W: float, lam_W: float, r: float, K: np.ndarray, Theta: np.ndarray, G1: np.ndarray,
+               V: np.ndarray, H1: np.ndarray, A: np.ndarray, B: np.ndarray, D: np.ndarray, F: np.ndarray, *,
+               tol: float = 1e-9, block: int = SET_BLOCK,
+               sources: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, ...]:
     """One step l -> l+1 of every first-order recursion (module docstring); numpy float64 in/out.
     ``block``: sets of three or four inputs integrated at once (:func:`efftheory.gaussian._sources.source_moments`).
     ``sources``: :func:`layer_sources` (act, K) computed beforehand (overwritten here), or None."""
@@ -481,14 +485,14 @@ class FiniteWidthDiagonal:
     F: jax.Array
     net: MLP
 
-    def save(self, path) -> str:
+    def save(self, path: str | os.PathLike) -> str:
         """Write to ``path`` (.npz with JSON metadata, no pickle); returns it."""
         from .. import _io
 
         return _io.save(self, path)
 
     @classmethod
-    def load(cls, path) -> "FiniteWidthDiagonal":
+    def load(cls, path: str | os.PathLike) -> "FiniteWidthDiagonal":
         from .. import _io
 
         return _io.load(path, cls)
