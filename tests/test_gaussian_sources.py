@@ -263,3 +263,23 @@ def test_host_layer_step_matches_compiled_kernels(monkeypatch):
     for name in ("G1", "V", "H1", "A", "B", "D", "F"):
         a, b = np.asarray(getattr(host, name)), np.asarray(getattr(kernel, name))
         assert np.max(np.abs(a - b)) < 1e-12 * max(1.0, np.max(np.abs(b))), name
+
+
+def test_sets_of_three_compile_one_program_per_table_size(monkeypatch):
+    """Sets of three inputs run the row kernels (issue #22): the outer grid's size and the batch are
+    run-time values, so inputs of very different geometry (scales 0.2 to 6: other grids, tabulated or
+    not) compile at most one nested program and one tabulated program per table size (their values:
+    test_host_path_matches_compiled_kernels and tests/test_gaussian_tables.py, with HOST_SETS = 0)."""
+    monkeypatch.setattr(sources, "HOST_SETS", 0)
+    monkeypatch.setattr(sources, "HOST_WORK", 0)
+    made = []
+    for name in ("_nested_rows_kernel", "tabled_rows_kernel"):
+        orig = getattr(sources, name)
+        monkeypatch.setattr(sources, name, lambda *a, _o=orig: made.append(_o(*a)) or made[-1])
+    rng = np.random.default_rng(3)
+    for scale in (0.2, 1.0, 3.0, 6.0):
+        x = rng.normal(size=(3, 3))
+        K = scale * (x @ x.T / 3 + 0.05 * np.eye(3))
+        sources.source_moments(et.get_activation("tanh"), K)
+    programs = sum(f._cache_size() for f in {id(f): f for f in made}.values())
+    assert 1 <= programs <= 5, programs  # nested + the tabulated kernel's table sizes (4096 * 4^j <= 2^18)

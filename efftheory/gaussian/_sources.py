@@ -70,16 +70,21 @@ from ._hermite import polar_monomials_jnp, trapezoid_monomials_jnp, whiten2
 from ._rules import derivative, normal_rule
 from ._tables import (
     INNER_BLOCK,
+    ROW_GRID,
+    ROW_NODES,
     TABLE_CHUNK,
+    _members,
     inner_blocks,
     monomial,
     over_items,
     pattern_sums,
+    row_step,
     sd_values,
     sharded,
     table_rows,
     table_spacing,
     tabled_kernel,
+    tabled_rows_kernel,
 )
 
 __all__ = ["source_moments", "SOURCE_KINDS", "rule_for_scale", "AccuracyWarning"]
@@ -688,6 +693,48 @@ def _nested_moments(sig, pattern_key, nchunks, L, steps, X, W, xk, wk, nblocks):
     return over_items(chunk, len(pattern_key), nchunks, X, W, steps, L)
 
 
+@functools.lru_cache(maxsize=None)
+def _nested_rows_kernel(sig, pattern_key, R, mesh):
+    """The jitted :func:`_nested_rows`: items L and steps (D,) split over the D devices of
+    ``mesh``, the block count, the outer grid and the inner rule replicated."""
+    return sharded(functools.partial(_nested_rows, sig, pattern_key, R), mesh, 1, 6)
+
+
+def _nested_rows(sig, pattern_key, R, L, steps, nblk, X, W, xk, wk, nblocks):
+    """vals (I, P) of the items L (I, k, k), in which only member k-1 sees direction k-1, over the
+    outer grid X (k-1, B, g), W (B, g) in blocks of g nodes (the items use the first ``nblk``,
+    traced); ``steps``: R items times one block each (:func:`efftheory.gaussian._tables.row_step`).
+    xk, wk: the rule of the last direction in ``nblocks`` (traced) blocks of INNER_BLOCK nodes,
+    zero-weight padded (:func:`efftheory.gaussian._tables.inner_blocks`).  The last member's factors
+    are summed over xk first (conditional moments, one per exponent pair it carries), then every
+    pattern over the block's nodes.  One compiled program per set size and sigma, whatever the
+    grids, batches and N."""
+    k = L.shape[1]
+    I = L.shape[0]
+    last = sorted({pat[k - 1] for pat in pattern_key})
+
+    def step(q, out):
+        i0, b = row_step(q, R, nblk, I)
+        Lb, Xb = jax.lax.dynamic_slice_in_dim(L, i0, R), X[:, b]
+        zo = _members(Lb, Xb, range(k - 1))  # (k-1, R, g)
+        mu = _members(Lb, Xb, (k - 1,))[0]
+        sd = Lb[:, k - 1, k - 1]
+
+        def block(j, h):
+            x = jax.lax.dynamic_slice_in_dim(xk, j * INNER_BLOCK, INNER_BLOCK)
+            w = jax.lax.dynamic_slice_in_dim(wk, j * INNER_BLOCK, INNER_BLOCK)
+            zl = mu[None] + sd[None, :, None] * x[:, None, None]  # (nb, R, g)
+            sl, dl = jax.jvp(sig, (zl,), (jnp.ones_like(zl),))
+            wb = jnp.broadcast_to(w[:, None, None], zl.shape)
+            return tuple(a + jnp.sum(monomial(sl, dl, e0, e1, wb), axis=0) for a, (e0, e1) in zip(h, last))
+
+        h = jax.lax.fori_loop(0, nblocks, block, tuple(jnp.zeros_like(mu) for _ in last))
+        vals = pattern_sums(sig, pattern_key, zo, dict(zip(last, h)), W[b])
+        return jax.lax.dynamic_update_slice_in_dim(out, jax.lax.dynamic_slice_in_dim(out, i0, R) + vals, i0, 0)
+
+    return jax.lax.fori_loop(0, steps, step, jnp.zeros((I, len(pattern_key)), X.dtype))
+
+
 @functools.lru_cache(maxsize=256)
 def _first_rule(rule: tuple, half: bool):
     """The 1-d rule of the widest direction; ``half``: only its nodes x >= 0, those at x > 0 at
@@ -711,6 +758,23 @@ def _rest_grid(rules: tuple):
     return np.concatenate([np.ones((1, W.size)), X], 0), W
 
 
+@functools.lru_cache(maxsize=16)
+def _row_grid(rules: tuple):
+    """The outer grid of :func:`_rest_grid` in blocks of g = ROW_NODES[k] nodes, zero-weight padded
+    to ROW_GRID[k] nodes whatever its size (one compiled shape per set size): X (k-1, B, g),
+    W (B, g), and nblk, the blocks that hold its nodes."""
+    k = len(rules) + 2
+    X, W = _rest_grid(rules)
+    real = math.prod(_rule(r)[0].size for r in rules)
+    g, cap = ROW_NODES[k], ROW_GRID[k]
+    if real > cap:
+        raise ValueError(f"outer grid of {real} nodes: at most {cap} for sets of {k} inputs")
+    Xb, Wb = np.zeros((k - 1, cap)), np.zeros(cap)
+    Xb[:, :real], Wb[:real] = X[:, :real], W[:real]
+    return Xb.reshape(k - 1, cap // g, g), Wb.reshape(cap // g, g), -(-real // g)
+
+
+_ROW_ITEMS = 1 << 13  # items per device and call of the row kernels (their item arrays: one size)
 _CHUNK = 1 << 12         # nodes (times inner nodes) per loop step of the nested kernel
 _CHUNK_TABLED = 1 << 14  # nodes per loop step of the tabulated kernel
 _CALL = 1 << 22     # nodes per call of the nested kernel
@@ -794,6 +858,9 @@ def _smooth_sets(sig, S, patterns, tol, half: bool, setup, host: bool = False):
             res[0] = vals
             results.append((oi, wi, [n] + [0] * (D - 1), n, res))
             continue
+        if k == 3:  # the row kernels: one program per table size, whatever the grid and batch
+            _run_rows(results, sig, key, pairs, mesh, tabled, rules, Li, wi, oi, xk, wk, R, L, ntab)
+            continue
         if tabled:  # set by set: each call builds the tables of a run of sets
             o = np.argsort(oi, kind="stable")
             Li, wi, oi = Li[o], wi[o], oi[o]
@@ -815,6 +882,33 @@ def _smooth_sets(sig, S, patterns, tol, half: bool, setup, host: bool = False):
     raw = np.add.reduceat(vals, starts, axis=0)  # every set owns at least one item
     maps = _perm_maps(k)[perm[:, -1]]  # (C, P)
     return np.take_along_axis(raw, maps, axis=1)
+
+
+def _run_rows(results, sig, key, pairs, mesh, tabled, rules, Li, wi, oi, xk, wk, R, L, ntab):
+    """The items of one group of sets of three inputs through the row kernels
+    (:func:`_nested_rows`, :func:`efftheory.gaussian._tables._tabled_rows`): the grid size, the batch
+    and N are run-time values there, so sets of three compile one nested program and one tabulated
+    program per table size whatever the geometry (the per-shape kernels compiled about a dozen at
+    N = 16, depth 10).  Measured no slower than the per-shape kernels for three inputs (for four, whose
+    outer grids are 10-100x larger, they ran 1.5-2x slower: not used there)."""
+    k = Li.shape[1]
+    D = mesh.devices.size
+    rows_per_step = _rows_per_step(k, tabled)
+    Xb, Wb, nblk = _row_grid(rules[:-1])
+    grid = (jnp.asarray(Xb), jnp.asarray(Wb), nblk)
+    per_item = nblk * ROW_NODES[k] * (1 if tabled else INNER_BLOCK)
+    per_call = D * max(1, min(_ROW_ITEMS, _CALL // per_item))
+    if tabled:
+        o = np.argsort(oi, kind="stable")
+        _run_tabled_rows(results, sig, key, pairs, mesh, per_call, Li[o], wi[o], oi[o], grid, xk, wk, R, L, ntab)
+        return
+    kernel = _nested_rows_kernel(sig, key, rows_per_step, mesh)
+    inner = tuple(jnp.asarray(a) for a in inner_blocks(xk, wk))
+    for start in range(0, Li.shape[0], per_call):
+        stop = min(start + per_call, Li.shape[0])
+        (Lb,), cnts = _split_rows(D, _ROW_ITEMS, Li[start:stop])
+        _settle(results, (oi[start:stop], wi[start:stop], cnts, _ROW_ITEMS,
+                          kernel(Lb, _row_steps(cnts, nblk, rows_per_step), np.int32(nblk), grid[0], grid[1], *inner)))
 
 
 _IN_FLIGHT = 2  # kernel calls dispatched ahead of the one being collected
@@ -991,6 +1085,79 @@ def _run_tabled(results, sig, key, pairs, nchunks, mesh, cap, b, Li, wi, oi, X, 
         Lb, ab, rb, steps, cnts = _split(Li[start:stop], D, cap, b, aux, row)
         _settle(results, (oi[start:stop], wi[start:stop], cnts, cap * b,
                           kernel(Lb, ab, rb, mu.reshape(-1), sdv.reshape(-1), tchunks, steps, X, W, *inner)))
+        start = stop
+
+
+def _split_rows(D: int, I: int, *arrays):
+    """The items (n, ...) of one call spread evenly over D devices (:func:`_shares`): arrays
+    (D * I, ...) (zero padded) and the item counts per device (each at most I)."""
+    shares = _shares(arrays[0].shape[0], D)
+    cnts = [sl.stop - sl.start for sl in shares]
+    out = []
+    for a in arrays:
+        buf = np.zeros((D, I) + a.shape[1:], a.dtype)
+        for d, sl in enumerate(shares):
+            buf[d, :cnts[d]] = a[sl]
+        out.append(buf.reshape((D * I,) + a.shape[1:]))
+    return out, cnts
+
+
+def _row_steps(cnts, nblk: int, R: int):
+    """Loop steps per device for cnts items of nblk blocks, R items a step: (D,) int32."""
+    return np.array([-(-c // R) * nblk for c in cnts], dtype=np.int32)
+
+
+def _rows_per_step(k: int, tabled: bool) -> int:
+    """Items a step of the row kernels takes (each at one block of ROW_NODES[k] nodes): _CHUNK_TABLED
+    nodes a step for the tabulated kernel, _CHUNK nodes times inner nodes for the nested one."""
+    if tabled:
+        return _CHUNK_TABLED // ROW_NODES[k]
+    return max(1, _CHUNK // (ROW_NODES[k] * INNER_BLOCK))
+
+
+def _run_tabled_rows(results, sig, key, pairs, mesh, per_call, Li, wi, oi, grid, xk, wk, R, L, ntab):
+    """Calls of the tabulated kernel over the items (Li, wi, oi) of one group (owners in
+    increasing order, several items per set), appended to ``results`` (:func:`_settle`).  Each call
+    covers at most ``per_call`` items and sets with at most _TABLE_ROWS table points in all; each
+    device builds the tables of the sets its share of the items belongs to (a set split between two
+    devices is built on both) and looks them up.  ``grid``: (X, W, nblk) of :func:`_row_grid`."""
+    k = Li.shape[1]
+    D = mesh.devices.size
+    rows_per_step = _rows_per_step(k, True)
+    kernel = tabled_rows_kernel(sig, key, pairs, rows_per_step, mesh)
+    inner = tuple(jnp.asarray(a) for a in inner_blocks(xk, wk))
+    X, W, nblk = grid
+    start = 0
+    while start < Li.shape[0]:
+        stop = min(start + per_call, Li.shape[0])
+        sets, first = np.unique(oi[start:stop], return_index=True)
+        pts = ntab[sets]
+        fit = int(np.searchsorted(np.cumsum(pts), _TABLE_ROWS, side="right"))
+        if fit < sets.size:  # end the call before the first set whose table does not fit
+            stop, sets, pts = start + first[fit], sets[:fit], pts[:fit]
+        # points lo + dx j, j < pts: [-R, R] is cells 2..pts-5 (two points below, three above)
+        dx = 2.0 * R[sets] / (pts - 6)
+        lo, sd = -R[sets] - 2.0 * dx, L[sets, k - 1, k - 1]
+        local = np.searchsorted(sets, oi[start:stop])
+        aux = np.stack([lo[local], 1.0 / dx[local], (pts[local] - 5).astype(np.float64)], 1)
+        row = np.zeros(stop - start, dtype=np.int32)
+        points = []
+        for mine in _shares(stop - start, D):  # each device's items, as _split gives them
+            ds, inv = np.unique(local[mine], return_inverse=True)
+            p = pts[ds]
+            offs = np.cumsum(p) - p
+            row[mine] = offs[inv]
+            j = np.arange(int(p.sum())) - np.repeat(offs, p)
+            points.append((np.repeat(lo[ds], p) + np.repeat(dx[ds], p) * j, np.repeat(sd[ds], p)))
+        rows = table_rows(max(m.size for m, _ in points))
+        mu, sdv = np.zeros((D, rows)), np.zeros((D, rows))
+        for d, (m, v) in enumerate(points):
+            mu[d, :m.size], sdv[d, :m.size] = m, v
+        tchunks = np.array([-(-m.size // TABLE_CHUNK) for m, _ in points], dtype=np.int32)
+        (Lb, ab, rb), cnts = _split_rows(D, _ROW_ITEMS, Li[start:stop], aux, row)
+        _settle(results, (oi[start:stop], wi[start:stop], cnts, _ROW_ITEMS,
+                          kernel(Lb, ab, rb, mu.reshape(-1), sdv.reshape(-1), tchunks,
+                                 _row_steps(cnts, nblk, rows_per_step), np.int32(nblk), X, W, *inner)))
         start = stop
 
 

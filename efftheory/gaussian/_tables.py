@@ -43,7 +43,8 @@ from .._sharding import shard_map
 from ._rules import derivative, normal_rule
 
 __all__ = ["table_spacing", "build_tables", "tabled_kernel", "pattern_sums", "over_items", "sharded",
-           "monomial", "inner_blocks", "reduce_patterns", "table_rows", "TABLE_CHUNK", "INNER_MAX", "INNER_BLOCK"]
+           "monomial", "inner_blocks", "reduce_patterns", "table_rows", "tabled_rows_kernel", "row_step",
+           "TABLE_CHUNK", "INNER_MAX", "INNER_BLOCK"]
 
 _SAFETY = 1.25          # max |g^(6)| between grid points of table_spacing's scan
 INTERP_ORDER = 6             # points of the local interpolation (degree 5): cell i uses points i-2..i+3
@@ -326,6 +327,77 @@ def _tabled_moments(sig, pattern_key, pairs, nchunks, L, aux, row, mu, sd, tchun
 
     out = jnp.zeros(L.shape[:2] + (len(pattern_key),), X.dtype)
     return jax.lax.fori_loop(0, steps * nchunks, step, (out, *outer(0)))[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# row kernels (sets of three inputs): the grid size and the batch as run-time values
+
+
+ROW_NODES = {3: 8}  # nodes per block of the row kernels' outer grid (sets of three inputs)
+ROW_GRID = {3: 256}  # outer-grid nodes a program takes (k = 3: one direction of at most 256 nodes),
+#                      zero-weight padded to this size
+
+
+def row_step(q, R: int, nblk, I: int):
+    """Step q of a row kernel: its items i0 .. i0 + R - 1 (i0 = (q // nblk) R) and its block of the
+    outer grid, q % nblk (nblk: the grid's blocks of ROW_NODES nodes, traced).  A step's items share
+    one block (a broadcast, as the former kernels' items shared their grid chunk); an item past the
+    real ones (zero factors) gives values that are never read."""
+    return jnp.minimum(q // nblk, I // R - 1) * R, q % nblk
+
+
+def _tabled_rows(sig, pattern_key, pairs, R, L, aux, trow, mu, sd, tchunks, steps, nblk, X, W, xk, wk, nblocks):
+    """vals (I, P) of the items L (I, k, k) (outer members in rows 0..k-2, the last member's
+    regression coefficients in row k-1), each with ``aux`` (I, 3) = (lo, 1 / dx, last cell) and the
+    first row ``trow`` (I,) of its table, over the outer grid X (k-1, B, g), W (B, g) in blocks of g
+    nodes, of which the items use the first ``nblk`` (traced); ``steps``: R items times one block
+    each (:func:`row_step`).  The tables are built first, from their points mu, sd (rows,)
+    (``tchunks`` (1,) chunks of them in use) and the inner rule (xk, wk, nblocks)
+    (:func:`_table_coefficients`).
+
+    The grid size, the batch and N are run-time values: one compiled program per set size and table
+    size serves every group (the former kernel compiled one per (grid size, batch, table rows)).
+    sigma and sigma' of the outer members are computed one step ahead, in a pass of their own that
+    XLA vectorises (inside the fused reduction of :func:`reduce_patterns` they were scalar), and
+    carried into the step that uses them."""
+    k = L.shape[1]
+    I = L.shape[0]
+    tab = _table_coefficients(sig, pairs, mu, sd, tchunks[0], xk, wk, nblocks)
+
+    def outer(q):
+        i0, b = row_step(q, R, nblk, I)
+        z = _members(jax.lax.dynamic_slice_in_dim(L, i0, R), X[:, b], range(k - 1))
+        return jax.jvp(sig, (z,), (jnp.ones_like(z),))
+
+    def step(q, carry):
+        out, so, do = carry
+        i0, b = row_step(q, R, nblk, I)
+        Lb, ab, rb = (jax.lax.dynamic_slice_in_dim(a, i0, R) for a in (L, aux, trow))
+        u = (_members(Lb, X[:, b], (k - 1,))[0] - ab[:, 0, None]) * ab[:, 1, None]
+        i = jnp.clip(jnp.floor(u), 2.0, ab[:, 2, None])
+        t = u - i
+        coef = tab.at[rb[:, None] + i.astype(rb.dtype)].get(mode="clip")  # (R, g, 6 P)
+        h = {}
+        for j, p in enumerate(pairs):
+            a = coef[..., INTERP_ORDER * j:INTERP_ORDER * (j + 1)]
+            hp = a[..., INTERP_ORDER - 1]
+            for r in range(INTERP_ORDER - 2, -1, -1):
+                hp = a[..., r] + t * hp
+            h[p] = hp
+        vals = reduce_patterns(pattern_key, so, do, h, W[b])
+        out = jax.lax.dynamic_update_slice_in_dim(out, jax.lax.dynamic_slice_in_dim(out, i0, R) + vals, i0, 0)
+        return (out, *outer(q + 1))
+
+    out = jnp.zeros((I, len(pattern_key)), X.dtype)
+    return jax.lax.fori_loop(0, steps, step, (out, *outer(0)))[0]
+
+
+@functools.lru_cache(maxsize=None)
+def tabled_rows_kernel(sig, pattern_key, pairs, R, mesh):
+    """The jitted :func:`_tabled_rows`: items (L, aux, trow), table points (mu, sd, tchunks) and
+    steps split over the devices of ``mesh`` (each device builds the tables of its own
+    items), the block count, the outer grid and the inner rule replicated."""
+    return sharded(functools.partial(_tabled_rows, sig, pattern_key, pairs, R), mesh, 6, 6)
 
 
 def sharded(moments, mesh, n_items: int, n_shared: int):
