@@ -1058,34 +1058,43 @@ def _run_tabled(results, sig, key, pairs, nchunks, mesh, cap, b, Li, wi, oi, X, 
     start = 0
     while start < Li.shape[0]:
         stop = min(start + D * cap * b, Li.shape[0])
-        sets, first = np.unique(oi[start:stop], return_index=True)
-        pts = ntab[sets]
-        fit = int(np.searchsorted(np.cumsum(pts), _TABLE_ROWS, side="right"))
-        if fit < sets.size:  # end the call before the first set whose table does not fit
-            stop, sets, pts = start + first[fit], sets[:fit], pts[:fit]
-        # points lo + dx j, j < pts: [-R, R] is cells 2..pts-5 (two points below, three above)
-        dx = 2.0 * R[sets] / (pts - 6)
-        lo, sd = -R[sets] - 2.0 * dx, L[sets, k - 1, k - 1]
-        local = np.searchsorted(sets, oi[start:stop])
-        aux = np.stack([lo[local], 1.0 / dx[local], (pts[local] - 5).astype(np.float64)], 1)
-        row = np.zeros(stop - start, dtype=np.int32)
-        points = []
-        for mine in _shares(stop - start, D):  # each device's items, as _split gives them
-            ds, inv = np.unique(local[mine], return_inverse=True)
-            p = pts[ds]
-            offs = np.cumsum(p) - p
-            row[mine] = offs[inv]
-            j = np.arange(int(p.sum())) - np.repeat(offs, p)
-            points.append((np.repeat(lo[ds], p) + np.repeat(dx[ds], p) * j, np.repeat(sd[ds], p)))
-        rows = table_rows(max(m.size for m, _ in points))
-        mu, sdv = np.zeros((D, rows)), np.zeros((D, rows))
-        for d, (m, v) in enumerate(points):
-            mu[d, :m.size], sdv[d, :m.size] = m, v
-        tchunks = np.array([-(-m.size // TABLE_CHUNK) for m, _ in points], dtype=np.int32)
+        stop, aux, row, mu, sdv, tchunks = _call_tables(oi, start, stop, ntab, R, L, k, D)
         Lb, ab, rb, steps, cnts = _split(Li[start:stop], D, cap, b, aux, row)
         _settle(results, (oi[start:stop], wi[start:stop], cnts, cap * b,
-                          kernel(Lb, ab, rb, mu.reshape(-1), sdv.reshape(-1), tchunks, steps, X, W, *inner)))
+                          kernel(Lb, ab, rb, mu, sdv, tchunks, steps, X, W, *inner)))
         start = stop
+
+
+def _call_tables(oi, start: int, stop: int, ntab, R, L, k: int, D: int):
+    """The tables of one call of a tabulated kernel over the items start..stop (owners ``oi``): the call
+    ends before the first set whose table no longer fits in _TABLE_ROWS points.  Returns the new stop,
+    each item's aux (lo, 1 / dx, last cell) and first table row on its device, the table points mu, sd
+    (D * rows,) and the chunks of them each device uses (D,)."""
+    sets, first = np.unique(oi[start:stop], return_index=True)
+    pts = ntab[sets]
+    fit = int(np.searchsorted(np.cumsum(pts), _TABLE_ROWS, side="right"))
+    if fit < sets.size:  # end the call before the first set whose table does not fit
+        stop, sets, pts = start + first[fit], sets[:fit], pts[:fit]
+    # points lo + dx j, j < pts: [-R, R] is cells 2..pts-5 (two points below, three above)
+    dx = 2.0 * R[sets] / (pts - 6)
+    lo, sd = -R[sets] - 2.0 * dx, L[sets, k - 1, k - 1]
+    local = np.searchsorted(sets, oi[start:stop])
+    aux = np.stack([lo[local], 1.0 / dx[local], (pts[local] - 5).astype(np.float64)], 1)
+    row = np.zeros(stop - start, dtype=np.int32)
+    points = []
+    for mine in _shares(stop - start, D):  # each device's items, as _split gives them
+        ds, inv = np.unique(local[mine], return_inverse=True)
+        p = pts[ds]
+        offs = np.cumsum(p) - p
+        row[mine] = offs[inv]
+        j = np.arange(int(p.sum())) - np.repeat(offs, p)
+        points.append((np.repeat(lo[ds], p) + np.repeat(dx[ds], p) * j, np.repeat(sd[ds], p)))
+    rows = table_rows(max(m.size for m, _ in points))
+    mu, sdv = np.zeros((D, rows)), np.zeros((D, rows))
+    for d, (m, v) in enumerate(points):
+        mu[d, :m.size], sdv[d, :m.size] = m, v
+    tchunks = np.array([-(-m.size // TABLE_CHUNK) for m, _ in points], dtype=np.int32)
+    return stop, aux, row, mu.reshape(-1), sdv.reshape(-1), tchunks
 
 
 def _split_rows(D: int, I: int, *arrays):
@@ -1130,33 +1139,10 @@ def _run_tabled_rows(results, sig, key, pairs, mesh, per_call, Li, wi, oi, grid,
     start = 0
     while start < Li.shape[0]:
         stop = min(start + per_call, Li.shape[0])
-        sets, first = np.unique(oi[start:stop], return_index=True)
-        pts = ntab[sets]
-        fit = int(np.searchsorted(np.cumsum(pts), _TABLE_ROWS, side="right"))
-        if fit < sets.size:  # end the call before the first set whose table does not fit
-            stop, sets, pts = start + first[fit], sets[:fit], pts[:fit]
-        # points lo + dx j, j < pts: [-R, R] is cells 2..pts-5 (two points below, three above)
-        dx = 2.0 * R[sets] / (pts - 6)
-        lo, sd = -R[sets] - 2.0 * dx, L[sets, k - 1, k - 1]
-        local = np.searchsorted(sets, oi[start:stop])
-        aux = np.stack([lo[local], 1.0 / dx[local], (pts[local] - 5).astype(np.float64)], 1)
-        row = np.zeros(stop - start, dtype=np.int32)
-        points = []
-        for mine in _shares(stop - start, D):  # each device's items, as _split gives them
-            ds, inv = np.unique(local[mine], return_inverse=True)
-            p = pts[ds]
-            offs = np.cumsum(p) - p
-            row[mine] = offs[inv]
-            j = np.arange(int(p.sum())) - np.repeat(offs, p)
-            points.append((np.repeat(lo[ds], p) + np.repeat(dx[ds], p) * j, np.repeat(sd[ds], p)))
-        rows = table_rows(max(m.size for m, _ in points))
-        mu, sdv = np.zeros((D, rows)), np.zeros((D, rows))
-        for d, (m, v) in enumerate(points):
-            mu[d, :m.size], sdv[d, :m.size] = m, v
-        tchunks = np.array([-(-m.size // TABLE_CHUNK) for m, _ in points], dtype=np.int32)
+        stop, aux, row, mu, sdv, tchunks = _call_tables(oi, start, stop, ntab, R, L, k, D)
         (Lb, ab, rb), cnts = _split_rows(D, _ROW_ITEMS, Li[start:stop], aux, row)
         _settle(results, (oi[start:stop], wi[start:stop], cnts, _ROW_ITEMS,
-                          kernel(Lb, ab, rb, mu.reshape(-1), sdv.reshape(-1), tchunks,
+                          kernel(Lb, ab, rb, mu, sdv, tchunks,
                                  _row_steps(cnts, nblk, rows_per_step), np.int32(nblk), X, W, *inner)))
         start = stop
 

@@ -310,24 +310,32 @@ def _tabled_moments(sig, pattern_key, pairs, nchunks, L, aux, row, mu, sd, tchun
     def step(q, carry):
         out, so, do = carry
         s, c = q // nchunks, q % nchunks
-        Lb, ab, rb, Xc = L[s], aux[s], row[s], Xs[c]
-        u = (_members(Lb, Xc, (k - 1,))[0] - ab[:, 0, None]) * ab[:, 1, None]
-        i = jnp.clip(jnp.floor(u), 2.0, ab[:, 2, None])
-        t = u - i
-        coef = tab.at[rb[:, None] + i.astype(rb.dtype)].get(mode="clip")  # (b, m, 6 P)
-        h = {}
-        for j, p in enumerate(pairs):
-            a = coef[..., INTERP_ORDER * j:INTERP_ORDER * (j + 1)]
-            hp = a[..., INTERP_ORDER - 1]
-            for r in range(INTERP_ORDER - 2, -1, -1):
-                hp = a[..., r] + t * hp
-            h[p] = hp
+        h = _interpolate(tab, pairs, L[s], aux[s], row[s], Xs[c])  # (b, m) per pair
         vals = reduce_patterns(pattern_key, so, do, h, Ws[c])
         return (out.at[s].add(vals), *outer(q + 1))
 
     out = jnp.zeros(L.shape[:2] + (len(pattern_key),), X.dtype)
     return jax.lax.fori_loop(0, steps * nchunks, step, (out, *outer(0)))[0]
 
+
+
+def _interpolate(tab, pairs, Lb, ab, rb, Xc):
+    """The conditional moments of every pair at the items' outer nodes, read off their tables: the last
+    member's position u in table cells (aux ``ab`` = (lo, 1 / dx, last cell)), the table row ``rb`` + cell,
+    and the INTERP_ORDER coefficients of that cell evaluated by Horner's rule.  {pair: (b, m)}."""
+    k = Lb.shape[1]
+    u = (_members(Lb, Xc, (k - 1,))[0] - ab[:, 0, None]) * ab[:, 1, None]
+    i = jnp.clip(jnp.floor(u), 2.0, ab[:, 2, None])
+    t = u - i
+    coef = tab.at[rb[:, None] + i.astype(rb.dtype)].get(mode="clip")  # (b, m, INTERP_ORDER P)
+    h = {}
+    for j, p in enumerate(pairs):
+        a = coef[..., INTERP_ORDER * j:INTERP_ORDER * (j + 1)]
+        hp = a[..., INTERP_ORDER - 1]
+        for r in range(INTERP_ORDER - 2, -1, -1):
+            hp = a[..., r] + t * hp
+        h[p] = hp
+    return h
 
 # ---------------------------------------------------------------------------------------------
 # row kernels (sets of three inputs): the grid size and the batch as run-time values
@@ -372,18 +380,7 @@ def _tabled_rows(sig, pattern_key, pairs, R, L, aux, trow, mu, sd, tchunks, step
     def step(q, carry):
         out, so, do = carry
         i0, b = row_step(q, R, nblk, I)
-        Lb, ab, rb = (jax.lax.dynamic_slice_in_dim(a, i0, R) for a in (L, aux, trow))
-        u = (_members(Lb, X[:, b], (k - 1,))[0] - ab[:, 0, None]) * ab[:, 1, None]
-        i = jnp.clip(jnp.floor(u), 2.0, ab[:, 2, None])
-        t = u - i
-        coef = tab.at[rb[:, None] + i.astype(rb.dtype)].get(mode="clip")  # (R, g, 6 P)
-        h = {}
-        for j, p in enumerate(pairs):
-            a = coef[..., INTERP_ORDER * j:INTERP_ORDER * (j + 1)]
-            hp = a[..., INTERP_ORDER - 1]
-            for r in range(INTERP_ORDER - 2, -1, -1):
-                hp = a[..., r] + t * hp
-            h[p] = hp
+        h = _interpolate(tab, pairs, *(jax.lax.dynamic_slice_in_dim(a, i0, R) for a in (L, aux, trow)), X[:, b])
         vals = reduce_patterns(pattern_key, so, do, h, W[b])
         out = jax.lax.dynamic_update_slice_in_dim(out, jax.lax.dynamic_slice_in_dim(out, i0, R) + vals, i0, 0)
         return (out, *outer(q + 1))
