@@ -188,9 +188,13 @@ def run_layers(net: MLP, x: np.ndarray, inf, *, tol: float, memory: float | None
     block = plan_memory(N, L, memory, store is not None)
     z2, z4 = np.zeros((N, N)), np.zeros((N,) * 4)
     zero = (z2, z4, z2, z4, z4, z4, z4)
+    residual = net.residual  # the state carries the three-point tensor P (N, N, N) of residual layers
+    names = STATE + (("P", "Oa", "Ob") if residual else ())
+    if residual:
+        zero = zero + (np.zeros((N,) * 3),) * 3
     if store is not None:
         K_max = float(np.max(np.diagonal(Ks, axis1=1, axis2=2)))
-        disk = LayerStore(store, config(net, x, tol, K_max), L, N)
+        disk = LayerStore(store, config(net, x, tol, K_max), L, N, names=names)
         if disk.done == 0:
             disk.write(0, zero)
         first = disk.done
@@ -223,8 +227,9 @@ def run_layers(net: MLP, x: np.ndarray, inf, *, tol: float, memory: float | None
                 start(j)
             computed = ahead[l].result()
             del ahead[l]  # after result(): interrupted inside it, it is still cancelled below
+            extra = dict(skip=net.skips[l], branch=net.branches[l], odd=state[7:]) if residual else {}
             state = step(net.sigma, net.C_Ws[l], net.lambda_Ws[l], ratios[l - 1], Ks[l - 1], Ts[l - 1],
-                         *state, tol=tol, block=block, sources=computed)
+                         *state[:7], tol=tol, block=block, sources=computed, **extra)
             keep(l, state)
     finally:  # interrupted (or failed): stop the sources still computing before leaving
         for a in ahead.values():
@@ -236,6 +241,6 @@ def run_layers(net: MLP, x: np.ndarray, inf, *, tol: float, memory: float | None
         out["G1"], out["H1"] = jnp.asarray(out["G1"]), jnp.asarray(out["H1"])
     else:
         out = {}
-        for name in STATE:  # one kind at a time: one extra copy at most
+        for name in names:  # one kind at a time: one extra copy at most
             out[name] = jnp.asarray(held.pop(0))
     return out

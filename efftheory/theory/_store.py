@@ -52,7 +52,7 @@ from .._io import atomic_write, text_sha256
 
 FORMAT = 1
 NAMES = ("G1", "V", "H1", "A", "B", "D", "F")  # the order of finite.layer_step's state
-_RANK = {"G1": 2, "H1": 2}
+_RANK = {"G1": 2, "H1": 2, "P": 3, "Oa": 3, "Ob": 3}  # P, Oa, Ob: residual MLPs only (finite.residual_step)
 _LOCK = ".lock"
 _ASIDE = "move the directory aside (or give another store) to recompute"
 
@@ -118,7 +118,8 @@ def _header(path: str):
 class LayerStore:
     """The memory-mapped tensors of one finite_width computation in ``path`` (module docstring)."""
 
-    def __init__(self, path: str, config: dict, L: int, N: int):
+    def __init__(self, path: str, config: dict, L: int, N: int, names: tuple[str, ...] = NAMES):
+        self.names = tuple(names)  # NAMES, and P for residual MLPs
         self.path = os.fspath(path)
         self.config = dict(config, format=FORMAT, L=L, N=N)
         self.hash = text_sha256(json.dumps(self.config, sort_keys=True))
@@ -164,7 +165,7 @@ class LayerStore:
         return (self.L,) + (self.N,) * _RANK.get(name, 4)
 
     def _check_foreign(self) -> None:
-        ours = {f"{n}.npy" for n in NAMES} | {_LOCK}  # a run killed before its first manifest leaves only these
+        ours = {f"{n}.npy" for n in self.names} | {_LOCK}  # a run killed before its first manifest leaves only these
         if any(f not in ours and not f.startswith(".tmp-") for f in os.listdir(self.path)):
             raise ValueError(f"store: {self.path!r} exists and is not an efftheory store (no manifest.json); "
                              "give a new or empty directory")
@@ -172,7 +173,7 @@ class LayerStore:
     def _create(self) -> None:
         self._check_foreign()
         self.maps = {}
-        for n in NAMES:
+        for n in self.names:
             try:
                 self.maps[n] = np.lib.format.open_memmap(self._file(n), mode="w+", dtype=np.float64,
                                                          shape=self._shape(n))
@@ -205,7 +206,7 @@ class LayerStore:
     def _open(self, manifest: str, writable: bool) -> None:
         m = self._read(manifest)
         self.maps = {}
-        for n in NAMES:
+        for n in self.names:
             path = self._file(n)
             try:
                 shape, dtype, offset = _header(path)
@@ -225,7 +226,7 @@ class LayerStore:
 
     def layer(self, l: int) -> tuple:
         """The state (G1, V, H1, A, B, D, F) of finished layer l, in memory, checked against its checksum."""
-        state = tuple(np.array(self.maps[n][l]) for n in NAMES)
+        state = tuple(np.array(self.maps[n][l]) for n in self.names)
         if _checksum(state) != self.checksums[l]:
             raise ValueError(f"store: layer {l} in {self.path!r} does not match its checksum (damaged files); "
                              f"{_ASIDE}")
@@ -234,9 +235,9 @@ class LayerStore:
     def write(self, l: int, state) -> None:
         """Write layer l == done and mark it finished."""
         assert l == self.done and self.lock is not None
-        for n, a in zip(NAMES, state):
+        for n, a in zip(self.names, state):
             self.maps[n][l] = a
-        for n in NAMES:
+        for n in self.names:
             self.maps[n].flush()
         self.checksums.append(_checksum(state))
         self.done = l + 1
@@ -247,7 +248,7 @@ class LayerStore:
     def arrays(self) -> dict:
         """Every tensor, read-only memory maps (L, ...): slicing reads only the slice from disk."""
         out = {}
-        for n in NAMES:
+        for n in self.names:
             m = self.maps[n]
             out[n] = m if m.mode == "r" else np.memmap(self._file(n), dtype=np.float64, mode="r",
                                                        offset=m.offset, shape=m.shape)

@@ -188,7 +188,9 @@ def _pair_operators(sig, dsig, homogeneous, order, rtol, K):
     """Per-pair moments and derivative coefficients at kernel K (N, N); one compile per shape.
 
     Returns S, dS (N, N); R2, Rp2 (N, N, 2, 2) without the C_W/2; T4, Tp4 (N, N, 2, 2, 2, 2);
-    P1 (N, N, 2): the coefficients of R, R', T, T', P on the pair's own two inputs.
+    P1 (N, N, 2); and for residual layers U1, Up1 (N, N, 2) = <d_g (s_a1 s_a2)>, <d_g (s'_a1 s'_a2)>,
+    W3, Wp3 (N, N, 2, 2, 2) = <d^3 (s_a1 s_a2)>, <d^3 (s'_a1 s'_a2)> and Sds (N, N) = <s'_a1 s_a2>:
+    the coefficients of R, R', T, T', P, U, U', W, W' on the pair's own two inputs.
     """
     N = K.shape[0]
     d = jnp.diagonal(K)
@@ -201,7 +203,8 @@ def _pair_operators(sig, dsig, homogeneous, order, rtol, K):
 
     Hss, Hdd, Hds = moments(sig, sig, 2), moments(dsig, dsig, 0), moments(dsig, sig, 1)
     return (Hss[..., 0, 0], Hdd[..., 0, 0], _second(Hss, Lp), _second(Hdd, Lp), _fourth(Hss, Lp),
-            _fourth(Hdd, Lp), _first(Hds, Lp))
+            _fourth(Hdd, Lp), _first(Hds, Lp), _first(Hss, Lp), _first(Hdd, Lp), _third(Hss, Lp), _third(Hdd, Lp),
+            Hds[..., 0, 0])
 
 
 def _pair_operators_host(sig, homogeneous, order, rtol, K):
@@ -228,7 +231,8 @@ def _pair_operators_host(sig, homogeneous, order, rtol, K):
 
     Hss, Hdd, Hds = moments(0, 0, 2), moments(1, 1, 0), moments(1, 0, 1)
     return (Hss[..., 0, 0], Hdd[..., 0, 0], _second(Hss, Lp, np), _second(Hdd, Lp, np), _fourth(Hss, Lp, np),
-            _fourth(Hdd, Lp, np), _first(Hds, Lp, np))
+            _fourth(Hdd, Lp, np), _first(Hds, Lp, np), _first(Hss, Lp, np), _first(Hdd, Lp, np), _third(Hss, Lp, np),
+            _third(Hdd, Lp, np), Hds[..., 0, 0])
 
 
 def _second(H, Lp, xp=jnp):
@@ -243,6 +247,14 @@ def _fourth(H, Lp, xp=jnp):
         counts[idx] = sum(idx)  # number of v's
     H4 = H[..., 4 - counts, counts]  # (..., 2, 2, 2, 2)
     return xp.einsum("...ia,...jb,...kc,...ld,...ijkl->...abcd", Lp, Lp, Lp, Lp, H4)
+
+
+def _third(H, Lp, xp=jnp):
+    counts = np.zeros((2, 2, 2), dtype=np.int64)
+    for idx in np.ndindex(2, 2, 2):
+        counts[idx] = sum(idx)  # number of v's
+    H3 = H[..., 3 - counts, counts]  # (..., 2, 2, 2)
+    return xp.einsum("...ia,...jb,...kc,...ijk->...abc", Lp, Lp, Lp, H3)
 
 
 def _first(H, Lp, xp=jnp):
@@ -315,10 +327,13 @@ def layer_sources(act: Activation, K: ArrayLike, *, tol: float = 1e-9,
 def layer_step(act: Activation, C_W: float, lam_W: float, r: float, K: np.ndarray, Theta: np.ndarray, G1: np.ndarray,
                V: np.ndarray, H1: np.ndarray, A: np.ndarray, B: np.ndarray, D: np.ndarray, F: np.ndarray, *,
                tol: float = 1e-9, block: int = SET_BLOCK,
-               sources: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, ...]:
+               sources: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None, skip: float = 0.0,
+               branch: float = 1.0, odd: tuple[np.ndarray, ...] | None = None) -> tuple[np.ndarray, ...]:
     """One step l -> l+1 of every first-order recursion (module docstring); numpy float64 in/out.
     ``block``: sets of three or four inputs integrated at once (:func:`efftheory.gaussian._sources.source_moments`).
-    ``sources``: :func:`layer_sources` (act, K) computed beforehand (overwritten here), or None."""
+    ``sources``: :func:`layer_sources` (act, K) computed beforehand (overwritten here), or None.
+    ``skip``, ``branch``, ``odd``: a residual layer l+1 (xi, gamma) and layer l's three-point tensors
+    (P, Oa, Ob), each (N, N, N) (:func:`residual_step`); the state returned then has P', Oa', Ob' appended."""
     N = K.shape[0]
     hom = act.homogeneous
     order = _pair_order(act, K)
@@ -327,7 +342,7 @@ def layer_step(act: Activation, C_W: float, lam_W: float, r: float, K: np.ndarra
         ops = _pair_operators_host(act.fn, hom, order, rtol, np.asarray(K, np.float64))
     else:
         ops = _pair_operators(act.fn, derivative(act.fn), hom, order, rtol, jnp.asarray(K))
-    S, dS, R2, Rp2, T4, Tp4, P1 = (np.asarray(o) for o in ops)
+    S, dS, R2, Rp2, T4, Tp4, P1, U1, Up1, W3, Wp3, Sds = (np.asarray(o) for o in ops)
     Z = C_W * dS
     R2, Rp2 = C_W / 2 * R2, C_W / 2 * Rp2
     Q2 = (lam_W / C_W) * R2 + Theta[:, :, None, None] * Rp2  # Q = (lambda_W / C_W) R + diag(Theta) R'
@@ -385,7 +400,136 @@ def layer_step(act: Activation, C_W: float, lam_W: float, r: float, K: np.ndarra
     H1_new = r * ((lam_W / C_W) * G1_bracket
                   + Theta * (_apply(Rp2, G1.reshape(-1, 1)).reshape(N, N) + C_W / 8 * TpV)
                   + Z * H1 + RpM)
-    return G1_new, V_new, H1_new, A_new, B_new, D_new, F_new
+    if odd is None and skip == 0.0 and branch == 1.0:
+        return G1_new, V_new, H1_new, A_new, B_new, D_new, F_new
+    plain = (G1_new, V_new, H1_new, A_new, B_new, D_new, F_new)
+    ops = dict(R2=R2, Q2=Q2, Z=Z, P1=P1, U=C_W * U1, Up=C_W * Up1, W3=W3, Wp3=Wp3, Sds=Sds)
+    z3 = np.zeros((N,) * 3)
+    return residual_step(plain, ops, C_W, lam_W, r, float(skip), float(branch), K, Theta, G1, V, H1, A, B, D, F,
+                         *((z3, z3, z3) if odd is None else odd))
+
+
+def _pair_cols(N: int) -> tuple[np.ndarray, np.ndarray]:
+    """The two inputs (a1, a2) of every pair p, each (N, N)."""
+    P = pair_index(N)
+    return P[..., 0], P[..., 1]
+
+
+def residual_step(plain, ops, C_W, lam_W, r, xi, gamma, K, Theta, G1, V, H1, A, B, D, F, P, Oa, Ob):
+    """A residual layer l+1, z' = xi z + gamma y with y the plain layer's output (docs/finite_width.md,
+    "Residual layers"), from the plain step's results ``plain`` (G1, V, H1, A, B, D, F of y) and the pair
+    operators ``ops``.  Matrices over pairs as in the module docstring; X_(12)(34) = C_W cov(z_1 z_2, s_3 s_4)
+    = 2 sum_bc K_1b K_2c R_(34)(bc), X^H_(12)(34) = 2 sum_bc K_3b K_4c Q_(12)(bc), U_(12),g = C_W <d_g (s_1 s_2)>,
+    U^f = (lambda_W/C_W) U + Theta U' (U' with s'), W = <d^3 (s s)>, W' = <d^3 (s' s')>, Y_bcd = <z_b s'_c s_d>,
+    S_ab = <s'_a s_b>, and the three-point functions of layer l (zero for odd sigma), as (N^2, N) matrices:
+
+        P_(bc),a  = n E[z_{i;a} z_{k;b} z_{k;c}]          Oa_(12),3 = n E[dH_{ii;12} z_{k;3}]
+        Ob_(12),3 = n E[H_{ik;12} z_{i;3}]                 (i != k; Ot = Oa + Ob_(12) + Ob_(21) for i = k)
+
+        G1' = r xi^2 G1 + gamma^2 [G1_y + r (C_W/2) W.P]
+        V'  = r xi^4 V + xi^2 gamma^2 [X + X^T + r (V R^T + R V + P U^T + U P^T)]
+              + gamma^4 [V_y + r (R P U^T + U P^T R^T)]
+        H1' = r xi^2 H1 + gamma^2 [H1_y + r ((lambda_W/2) W.P + Theta (C_W/2) W'.P + U'.Ot)]
+        A'  = r xi^4 A + r xi^2 gamma^2 [D Q^T + Q D^T + Oa U^fT + U^f Oa^T + (Z_12 + Z_34) A]
+              + gamma^4 [A_y + r (Q P U^fT + U^f P^T Q^T + Z Oa U^fT + U^f Oa^T Z)]
+        B'  = r xi^4 B + xi^2 gamma^2 (Z_ab + Z_cd) [Theta_ac Theta_bd + r B] + gamma^4 B_y
+        D'  = r xi^4 D + xi^2 gamma^2 [X^H + r (D R^T + Oa U^T + Q V + U^f P^T + Z D)]
+              + gamma^4 [D_y + r (Q P U^T + U^f P^T R^T + Z Oa U^T)]
+        F'  = r xi^4 F + xi^2 gamma^2 C_W [Theta_ac (Y_bcd + Y_dab) + r (F.P_cd + P_ab.F + Ob_ac;b S_cd + Ob_ca;d S_ab)]
+              + gamma^4 [F_y + r C_W^2 (S_cd sum_g Ob_ac;g P_(ab),g + S_ab sum_g Ob_ca;g P_(cd),g)]
+        P'  = r xi^3 P + xi gamma^2 [U K + r R P]
+        Oa' = r xi^3 Oa + xi gamma^2 [U^f K + r (Q P + Z Oa)]
+        Ob'_(12),3 = r xi^3 Ob + xi gamma^2 C_W [Theta_12 S_13 + r sum_g Ob_(12),g P_(13),g]
+    """
+    G1_y, V_y, H1_y, A_y, B_y, D_y, F_y = plain
+    R2, Q2, Z, P1, U1, Up1, W3, Wp3, Sds = (ops[k] for k in ("R2", "Q2", "Z", "P1", "U", "Up", "W3", "Wp3", "Sds"))
+    N = K.shape[0]
+    x2, g2 = xi * xi, gamma * gamma
+    m = lambda X: X.reshape(N * N, -1)
+    t = lambda X: X.reshape(N, N, N, N)
+    c1, c2 = _pair_cols(N)
+    Kp = np.stack([K[:, c1], K[:, c2]], -1)                             # Kp[k, a1, a2, b] = K[k, (a1, a2)_b]
+    as_mat = lambda T: m(T.transpose(1, 2, 0)) if T is P else m(T)      # P[a, b, c] = P_{a;bc}; Oa, Ob [1, 2, 3]
+    from_mat = lambda M: M.reshape(N, N, N)
+
+    def wide(C1):  # (N, N, 2) coefficients on the pair's inputs -> (N^2, N)
+        out = np.zeros((N, N, N))
+        np.add.at(out, (c1, c2, c1), C1[..., 0])
+        np.add.at(out, (c1, c2, c2), C1[..., 1])
+        return m(out)
+
+    Um, Upm = wide(U1), wide(Up1)
+    Ufm = (lam_W / C_W) * Um + Theta.reshape(-1, 1) * Upm
+    Pm, Oam = as_mat(P), as_mat(Oa)
+    Zc = Z.reshape(-1, 1)
+    RP, QP = _apply(R2, Pm), _apply(Q2, Pm)                              # (N^2, N)
+    gath = _triple_gather(N)
+    Ot = Oa + Ob + Ob.transpose(1, 0, 2)
+    # G1, V
+    W3P = np.einsum("pqbcd,pqbcd->pq", W3, P[gath])
+    G1_new = r * x2 * G1 + g2 * (G1_y + r * C_W / 2 * W3P)
+    X = 2 * np.einsum("kijb,lijc,ijbc->klij", Kp, Kp, R2)                 # X[(12), (34)]
+    Vm = m(V)
+    VR = _apply(R2, Vm.T).T
+    PU = Pm @ Um.T
+    RPU = RP @ Um.T
+    V_new = (r * x2 * x2 * V + x2 * g2 * t(m(X) + m(X).T + r * (VR + VR.T + PU + PU.T))
+             + g2 * g2 * (V_y + r * t(RPU + RPU.T)))
+    # H1
+    WpP = np.einsum("pqbcd,pqbcd->pq", Wp3, P[gath])
+    UpOt = Up1[..., 0] * Ot[c1, c2, c1] + Up1[..., 1] * Ot[c1, c2, c2]
+    H1_new = r * x2 * H1 + g2 * (H1_y + r * (lam_W / 2 * W3P + Theta * C_W / 2 * WpP + UpOt))
+    # A
+    Dm = m(D)
+    DQ = _apply(Q2, Dm.T).T                                             # D Q^T
+    OU = Oam @ Ufm.T                                                    # Oa U^fT
+    Zs = Z[:, :, None, None] + Z[None, None, :, :]
+    QPU = QP @ Ufm.T + Zc * OU                                          # Q P U^fT + Z Oa U^fT
+    A_new = (r * x2 * x2 * A + r * x2 * g2 * (t(DQ + DQ.T + OU + OU.T) + Zs * A)
+             + g2 * g2 * (A_y + r * t(QPU + QPU.T)))
+    # B
+    B_new = (r * x2 * x2 * B + x2 * g2 * Zs * (Theta[:, None, :, None] * Theta[None, :, None, :] + r * B)
+             + g2 * g2 * B_y)
+    # D
+    XH = 2 * np.einsum("ijbc,kijb,lijc->ijkl", Q2, Kp, Kp)
+    DR = _apply(R2, Dm.T).T
+    QV = _apply(Q2, Vm)
+    D_res = DR + Oam @ Um.T + QV + Ufm @ Pm.T + Zc * Dm
+    D_br = QP @ Um.T + _apply(R2, (Ufm @ Pm.T).T).T + Zc * (Oam @ Um.T)
+    D_new = r * x2 * x2 * D + x2 * g2 * (XH + r * t(D_res)) + g2 * g2 * (D_y + r * t(D_br))
+    # F
+    Y = np.einsum("kijb,ijb->kij", Kp, P1)                              # Y[b, c, d] = <z_b s'_c s_d>
+    F_src = Theta[:, None, :, None] * (np.broadcast_to(Y[None], (N,) * 4)
+                                       + np.broadcast_to(Y.transpose(1, 2, 0)[:, :, None, :], (N,) * 4))
+    p0, p1 = P1[..., 0], P1[..., 1]
+    FP = (p0[None, None] * np.einsum("abcc->abc", F)[..., None] + p1[None, None] * F
+          + p0[:, :, None, None] * np.einsum("aacd->acd", F)[:, None] + p1[:, :, None, None] * F)
+    # Ob_{ac;b} S_cd + Ob_{ca;d} S_ab  at [a, b, c, d]
+    ObS = Ob.transpose(0, 2, 1)[:, :, :, None] * Sds[None, None] + Sds[:, :, None, None] * Ob.transpose(1, 0, 2)[:, None]
+    # sum_g Ob_{ac;g} P_(ab),g: g = a or b
+    # sum_g Ob_{ac;g} P_(ab),g (g = a or b) as [a, b, c]; the same array gives sum_g Ob_{ca;g} P_(cd),g as [c, d, a]
+    ObPab = p0[:, :, None] * np.einsum("aca->ac", Ob)[:, None, :] + p1[:, :, None] * Ob.transpose(0, 2, 1)
+    F_br = ObPab[:, :, :, None] * Sds[None, None] + Sds[:, :, None, None] * ObPab.transpose(2, 0, 1)[:, None]
+    F_new = (r * x2 * x2 * F + x2 * g2 * C_W * (F_src + r * (FP + ObS))
+             + g2 * g2 * (F_y + r * C_W**2 * F_br))
+    # three-point functions
+    P_new = r * x2 * xi * P + xi * g2 * from_mat(Um @ K + r * RP).transpose(2, 0, 1)
+    Oa_new = r * x2 * xi * Oa + xi * g2 * from_mat(Ufm @ K + r * (QP + Zc * Oam))
+    # sum_g Ob_{12;g} P_(13),g, g = input 1 (slot 0) or input 3 (slot 1): [1, 2, 3]
+    Ob_diag = np.einsum("aba->ab", Ob)                                   # Ob_{12;1}
+    ObP = Ob_diag[:, :, None] * p0[:, None, :] + Ob * p1[:, None, :]
+    Ob_new = r * x2 * xi * Ob + xi * g2 * C_W * (Theta[:, :, None] * Sds[:, None, :] + r * ObP)
+    return G1_new, V_new, H1_new, A_new, B_new, D_new, F_new, P_new, Oa_new, Ob_new
+
+
+def _triple_gather(N: int):
+    """Index arrays giving G[a1, a2, b, c, d] = P[g_b, g_c, g_d] with g = (a1, a2)."""
+    c1, c2 = _pair_cols(N)
+    pair = np.stack([c1, c2], -1)                                        # (N, N, 2)
+    gb = np.broadcast_to(pair[:, :, :, None, None], (N, N, 2, 2, 2))
+    gc = np.broadcast_to(pair[:, :, None, :, None], (N, N, 2, 2, 2))
+    gd = np.broadcast_to(pair[:, :, None, None, :], (N, N, 2, 2, 2))
+    return gb, gc, gd
 
 
 def finite_width(net: MLP, x: ArrayLike, *, tol: float = 1e-9, progress: bool = False, memory: float | None = None,
@@ -426,7 +570,7 @@ def finite_width(net: MLP, x: ArrayLike, *, tol: float = 1e-9, progress: bool = 
     from .. import _validate
     from . import _traced
 
-    net = check_net(net).require_plain("finite_width")
+    net = check_net(net)
     tol = _validate.real("tol", tol, positive=True)
     if not tol < 1e-2:
         raise ValueError(f"tol: expected a target accuracy below 1e-2, got {tol}")
@@ -438,6 +582,8 @@ def finite_width(net: MLP, x: ArrayLike, *, tol: float = 1e-9, progress: bool = 
     inf = infinite_width(net, x)
     out = _schedule.run_layers(net, np.asarray(x, np.float64), inf, tol=tol, memory=memory, store=store,
                                progress=progress, step=layer_step, sources=layer_sources)
+    for name in ("P", "Oa", "Ob"):
+        out.pop(name, None)
     return FiniteWidth(K=inf.K, Theta=inf.Theta, net=net, tol=tol, **out)
 
 
