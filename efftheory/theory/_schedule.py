@@ -210,6 +210,10 @@ def run_layers(net: MLP, x: np.ndarray, inf, *, tol: float, memory: float | None
 
         keep(0, zero)
     ratios = net.width_ratios()
+    if residual:  # <sigma' sigma'> of every layer, for the neuron histories of B (finite.neuron_history)
+        from .finite import neuron_history, sigma_prime_pairs
+
+        Dds = [sigma_prime_pairs(net.sigma, K) for K in Ks]
     layers = range(first, L)
     if progress:
         from .._progress import tqdm
@@ -227,7 +231,10 @@ def run_layers(net: MLP, x: np.ndarray, inf, *, tol: float, memory: float | None
                 start(j)
             computed = ahead[l].result()
             del ahead[l]  # after result(): interrupted inside it, it is still cancelled below
-            extra = dict(skip=net.skips[l], branch=net.branches[l], odd=state[7:]) if residual else {}
+            extra = {}
+            if residual:
+                hist = neuron_history(net.C_Ws, net.skips, net.branches, Ks, Ts, Dds, l)
+                extra = dict(skip=net.skips[l], branch=net.branches[l], odd=state[7:], history=hist)
             state = step(net.sigma, net.C_Ws[l], net.lambda_Ws[l], ratios[l - 1], Ks[l - 1], Ts[l - 1],
                          *state[:7], tol=tol, block=block, sources=computed, **extra)
             keep(l, state)

@@ -328,12 +328,15 @@ def layer_step(act: Activation, C_W: float, lam_W: float, r: float, K: np.ndarra
                V: np.ndarray, H1: np.ndarray, A: np.ndarray, B: np.ndarray, D: np.ndarray, F: np.ndarray, *,
                tol: float = 1e-9, block: int = SET_BLOCK,
                sources: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None, skip: float = 0.0,
-               branch: float = 1.0, odd: tuple[np.ndarray, ...] | None = None) -> tuple[np.ndarray, ...]:
+               branch: float = 1.0, odd: tuple[np.ndarray, ...] | None = None,
+               history: tuple = ()) -> tuple[np.ndarray, ...]:
     """One step l -> l+1 of every first-order recursion (module docstring); numpy float64 in/out.
     ``block``: sets of three or four inputs integrated at once (:func:`efftheory.gaussian._sources.source_moments`).
     ``sources``: :func:`layer_sources` (act, K) computed beforehand (overwritten here), or None.
     ``skip``, ``branch``, ``odd``: a residual layer l+1 (xi, gamma) and layer l's three-point tensors
-    (P, Oa, Ob), each (N, N, N) (:func:`residual_step`); the state returned then has P', Oa', Ob' appended."""
+    (P, Oa, Ob), each (N, N, N) (:func:`residual_step`); the state returned then has P', Oa', Ob' appended.
+    ``history``: :func:`neuron_history` at this step (residual networks: the earlier layers' single weights
+    whose squares correlate B's chain terms with sigma'; :func:`history_correction`)."""
     N = K.shape[0]
     hom = act.homogeneous
     order = _pair_order(act, K)
@@ -358,6 +361,9 @@ def layer_step(act: Activation, C_W: float, lam_W: float, r: float, K: np.ndarra
     zf = Z.reshape(-1)
     B_new = r * Z[:, :, None, None] * Z[None, None, :, :] * B
     B_new += C_W**2 * Theta[:, None, :, None] * Theta[None, :, None, :] * Mdd
+    corr = history_correction(act, C_W, K, dS, history, tol=tol, block=block) if history else None
+    if corr is not None:  # the chain term r Z_ab Z_cd B, with the neuron histories correlated to sigma'
+        B_new += r * (Z[None, None] * corr + Z[:, :, None, None] * corr.transpose(2, 3, 0, 1))
     F_new = r * C_W**2 * p_transform(P1, F)
     F_new += C_W**2 * Theta[:, None, :, None] * Mds.transpose(0, 2, 1, 3)
     cov_ss, cov_ds, cov_dd = Mss, Mds, Mdd
@@ -405,8 +411,12 @@ def layer_step(act: Activation, C_W: float, lam_W: float, r: float, K: np.ndarra
     plain = (G1_new, V_new, H1_new, A_new, B_new, D_new, F_new)
     ops = dict(R2=R2, Q2=Q2, Z=Z, P1=P1, U=C_W * U1, Up=C_W * Up1, W3=W3, Wp3=Wp3, Sds=Sds)
     z3 = np.zeros((N,) * 3)
-    return residual_step(plain, ops, C_W, lam_W, r, float(skip), float(branch), K, Theta, G1, V, H1, A, B, D, F,
-                         *((z3, z3, z3) if odd is None else odd))
+    xi, gamma = float(skip), float(branch)
+    out = residual_step(plain, ops, C_W, lam_W, r, xi, gamma, K, Theta, G1, V, H1, A, B, D, F,
+                        *((z3, z3, z3) if odd is None else odd))
+    if corr is not None:  # the chain terms xi^2 gamma^2 r (Z_ab + Z_cd) B likewise
+        out[4][...] += r * xi**2 * gamma**2 * (corr + corr.transpose(2, 3, 0, 1))
+    return out
 
 
 def _pair_cols(N: int) -> tuple[np.ndarray, np.ndarray]:
@@ -520,6 +530,60 @@ def residual_step(plain, ops, C_W, lam_W, r, xi, gamma, K, Theta, G1, V, H1, A, 
     ObP = Ob_diag[:, :, None] * p0[:, None, :] + Ob * p1[:, None, :]
     Ob_new = r * x2 * xi * Ob + xi * g2 * C_W * (Theta[:, :, None] * Sds[:, None, :] + r * ObP)
     return G1_new, V_new, H1_new, A_new, B_new, D_new, F_new, P_new, Oa_new, Ob_new
+
+
+def sigma_prime_pairs(act: Activation, K: np.ndarray) -> np.ndarray:
+    """<sigma'_a sigma'_b> (N, N) at kernel K, by layer_step's pair rule."""
+    K = np.asarray(K, np.float64)
+    N = K.shape[0]
+    order, rtol = _pair_order(act, K), (1e-12 if act.smooth else 1e-9)
+    if N * N <= HOST_SETS:
+        return np.asarray(_pair_operators_host(act.fn, act.homogeneous, order, rtol, K)[1])
+    return np.asarray(_pair_operators(act.fn, derivative(act.fn), act.homogeneous, order, rtol, jnp.asarray(K))[1])
+
+
+def neuron_history(C_Ws, skips, branches, Ks, Ts, Dds, l: int) -> list[tuple]:
+    r"""The neuron histories seen by the step into layer l (0-based; from K^(l-1)) of a residual MLP.
+
+    A residual layer u (skip xi_u, branch gamma_u) adds to the off-diagonal NTK H_{ik;ac} of two
+    neurons the single-weight term xi_u gamma_u W^(u)_{ki} sigma'(z^(u-1)_{i;c}) Theta^(u-1)_{ac}, which the
+    skip path carries to every later layer.  Its square is a function of neuron i's own earlier
+    preactivation, so n E[H_{ik;ac} H_{ik;bd} | z_i] holds, besides B, the terms
+
+        sum_s h_s[a, b, c, d] sigma'(z^(s)_{i;c}) sigma'(z^(s)_{i;d}),
+        h_s = xi_u^2 gamma_u^2 C_W^(u) Theta^(s)_ac Theta^(s)_bd  (s = u - 1) at injection,
+        h_s <- (xi^4 + xi^2 gamma^2 Z_cd) h_s                     at every later layer,
+
+    (Z = C_W <sigma' sigma'>): the same propagation as B's own xi^4 and xi^2 gamma^2 Z_cd B terms.
+    Returns (K^(s), <s's'>^(s), Xi, h_s) for each s with E[z^(l-1) z^(s)] = Xi K^(s) (Xi: the product of
+    the skips in between); empty for a plain MLP.  Infinite-width quantities only: cheap to rebuild.
+    """
+    hist = []
+    for u in range(1, l):
+        xi, g = float(skips[u]), float(branches[u])
+        Z = C_Ws[u] * Dds[u - 1]
+        hist = [(Ks_, D_, X * xi, h * (xi**4 + xi**2 * g**2 * Z[None, None])) for Ks_, D_, X, h in hist if xi != 0.0]
+        if xi != 0.0:
+            T = np.asarray(Ts[u - 1], np.float64)
+            hist.append((np.asarray(Ks[u - 1], np.float64), Dds[u - 1], xi,
+                         xi**2 * g**2 * C_Ws[u] * T[:, None, :, None] * T[None, :, None, :]))
+    return hist
+
+
+def history_correction(act: Activation, C_W: float, K: np.ndarray, Dd: np.ndarray, history, *, tol: float = 1e-9,
+                       block: int = SET_BLOCK) -> np.ndarray:
+    r"""C_W sum_s h_s[a,b,c,d] (<s'_a s'_b s'^(s)_c s'^(s)_d> - <s'_a s'_b> <s'_c s'_d>^(s)), (N,)*4: what the
+    chain terms of B miss when they factor E[sigma'_a sigma'_b n H H] as Z_ab B (:func:`neuron_history`).
+    The joint moment is over the 2N preactivations (z^(l), z^(s)), covariance [[K, Xi K_s], [Xi K_s, K_s]]:
+    the four-input sources of :func:`efftheory.gaussian._sources.source_moments` on that kernel."""
+    N = K.shape[0]
+    corr = np.zeros((N,) * 4)
+    for K_s, Dd_s, Xi, h in history:
+        C = Xi * K_s
+        Kb = np.block([[np.asarray(K, np.float64), C], [C.T, K_s]])
+        Mdd = source_moments(act, Kb, tol=tol, order2=_pair_order(act, Kb), block=block)[2]
+        corr += h * (Mdd[:N, :N, N:, N:] - Dd[:, :, None, None] * Dd_s[None, None])
+    return C_W * corr
 
 
 def _triple_gather(N: int):
