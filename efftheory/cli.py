@@ -378,10 +378,6 @@ def _cmd_compare(args) -> int:
         raise UsageError(f"--depth: compare needs a hidden layer to vary (depth >= 2), got {args.depth}")
     widths = sorted(args.widths)
     net, crit = _network(args, args.depth, widths[0], args.output_width)
-    if net.residual:
-        raise UsageError("--skip/--branch: compare needs the first-order (1/n) theory, which is not implemented for "
-                         "residual MLPs yet; 'efftheory kernels --skip ... --branch ...' gives their infinite-width "
-                         "kernels")
     x, input_desc = _inputs(args)
     out = _out_dir(args.out)
     cache = _out_dir(args.cache, "--cache") if args.cache is not None else os.path.join(out, "cache")

@@ -241,17 +241,17 @@ class MLP:
         return any(_is_residual(x, g) for x, g in zip(self.skips, self.branches))
 
     def require_plain(self, what: str) -> "MLP":
-        """``self`` if it is a plain MLP, else ValueError: ``what`` (the first-order theory, until its residual
-        recursions exist) does not support skip connections yet."""
+        """``self`` if it is a plain MLP, else ValueError: ``what`` (finite_width_diagonal and dntk_statistics,
+        whose residual recursions do not exist yet) does not support skip connections yet."""
         if not self.residual:
             return self
         bad = next(la for la in self.layers(1) if la.residual)
         shown = "traced" if _is_traced(bad.skip) or _is_traced(bad.branch) else f"skip={bad.skip!r}, branch={bad.branch!r}"
         raise ValueError(
-            f"net: {what} does not support residual MLPs yet (skip/branch: layer {bad.index} has {shown}): the "
-            "first-order (1/n) theory of residual MLPs is not implemented.  infinite_width, the criticality "
-            "functions, sampling, the exact NTK and training support them.  (skip = 0 with branch != 1 is the plain "
-            "MLP with C_W, C_b, lambda_W, lambda_b multiplied by branch^2 in those layers.)")
+            f"net: {what} does not support residual MLPs yet (skip/branch: layer {bad.index} has {shown}): its "
+            "recursions for residual layers do not exist.  infinite_width, finite_width (first order in 1/n), the "
+            "criticality functions, compare, sampling, the exact NTK and training support them.  (skip = 0 with "
+            "branch != 1 is the plain MLP with C_W, C_b, lambda_W, lambda_b multiplied by branch^2 in those layers.)")
 
     def layers(self, input_dim: int) -> tuple[Layer, ...]:
         """One :class:`Layer` record per layer l = 1..L for inputs of dimension ``input_dim`` (n_0)."""

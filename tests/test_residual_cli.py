@@ -1,5 +1,6 @@
 """The command line with skip connections: ``efftheory kernels --skip --branch`` works and records them;
-``efftheory compare`` refuses residual MLPs (their first-order theory is not implemented yet)."""
+``efftheory compare --skip --branch`` runs the theory-versus-networks comparison and records them;
+finite_width_diagonal and dntk_statistics refuse residual MLPs (their residual recursions do not exist yet)."""
 
 import json
 import re
@@ -35,9 +36,8 @@ def test_kernels_with_skip_and_branch(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["compare", "--activation", "tanh", "--depth", "4", "--skip", "0.5", "--out", "OUT"],
-     r"--skip/--branch: compare needs the first-order \(1/n\) theory, which is not implemented for residual MLPs yet"),
-    (["compare", "--activation", "tanh", "--depth", "4", "--branch", "0.5", "--out", "OUT"], "--skip/--branch: compare"),
+    (["compare", "--activation", "tanh", "--depth", "2", "--skip", "0.5", "--out", "OUT"],
+     "--skip: a depth-2 MLP has no hidden"),
     (["kernels", "--activation", "tanh", "--depth", "2", "--skip", "0.5"], "--skip: a depth-2 MLP has no hidden"),
     (["kernels", "--activation", "tanh", "--depth", "4", "--branch", "0"], "--branch: expected a positive number"),
     (["kernels", "--activation", "relu", "--depth", "4", "--critical", "--skip", "1.5"],
@@ -52,23 +52,30 @@ def test_residual_usage_errors(argv, match, tmp_path, capsys):
     assert not (tmp_path / "o" / "report.json").exists()
 
 
-def test_first_order_theory_refuses_residual_nets():
+def test_diagonal_and_dntk_theory_refuse_residual_nets():
     net = et.MLP(4, 8, "tanh", skip=0.5, branch=0.8)
     x = np.ones((1, 3))
-    for fn, name in ((et.finite_width, "finite_width"), (et.finite_width_diagonal, "finite_width_diagonal"),
-                     (et.dntk_statistics, "dntk_statistics")):
+    for fn, name in ((et.finite_width_diagonal, "finite_width_diagonal"), (et.dntk_statistics, "dntk_statistics")):
         with pytest.raises(ValueError, match=rf"net: {name} does not support residual MLPs yet \(skip/branch: layer 2"):
             fn(net, x)
 
 
-def test_compare_api_refuses_residual_nets():
-    from efftheory.reports import compare
-
-    net = et.MLP(3, 8, "tanh", skip=0.5)
-    with pytest.raises(ValueError, match=r"net: compare does not support residual MLPs yet"):
-        compare.compare(net, np.ones((2, 3)), [8, 16, 32, 64], 4)
-    with pytest.raises(ValueError, match=r"net: compare_ntk_depth does not support residual MLPs yet"):
-        compare.compare_ntk_depth(net, np.ones((2, 3)), [3, 4], [8, 16], 4)
+def test_compare_with_skip_and_branch(tmp_path, capsys):
+    out = tmp_path / "r"
+    argv = ["compare", "--activation", "tanh", "--depth", "3", "--widths", "8,16,32", "--networks", "40",
+            "--inputs", "2", "--skip", "0.8", "--branch", "0.6", "--out", str(out)]
+    assert main(argv) == 0
+    data = json.loads((out / "report.json").read_text())
+    assert data["config"]["network"]["skip"] == 0.8 and data["config"]["network"]["branch"] == 0.6
+    net = et.MLP(3, 8, "tanh", skip=0.8, branch=0.6)
+    x = np.asarray(data["config"]["inputs"]["x"])
+    want = et.finite_width(net, x)
+    rows = [r for r in data["rows"] if r["statistic"] == "metric" and r["layer"] == 2 and r["width"] == 8]
+    assert rows
+    for r in rows:
+        a, b = r["entry"]
+        assert r["predicted_infinite"] == pytest.approx(float(want.K[1, a, b]), rel=1e-12)
+        assert r["predicted_first_order"] == pytest.approx(float(want.K[1, a, b] + want.G1[1, a, b] / 8), rel=1e-10)
 
 
 def test_sampled_distribution_keeps_skip_connections():

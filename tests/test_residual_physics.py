@@ -57,3 +57,89 @@ def test_residual_ensembles_approach_infinite_width(act, gamma2):
     assert np.max(metric_fit.a_stderr[:-1] / scale[:-1]) < 0.02
     assert np.max(metric_fit.a_stderr[-1] / scale[-1]) < 0.06
     assert np.max(ntk_fit.a_stderr / np.abs(inf.Theta[-1]).max()) < 0.06
+
+
+# ---------------------------------------------------------------------------------------------
+# first order in 1/n: every tensor of finite_width against width sweeps (docs/finite_width.md, "Residual layers")
+
+FO_X = np.array([[1.0, 0.3, -0.5], [0.2, -1.0, 0.8], [0.93, 0.42, -0.43]])  # one nearly collinear pair
+FO_DEPTH = 8
+FO_WIDTHS = (32, 64, 128, 256, 512)
+FO_M = 6000
+FO_CHECKS = 2 * (FO_DEPTH - 1) + 5  # metric and V at layers 2..8, NTK mean, A, B, D, F
+
+
+def _distinct(shape):
+    """One representative per orbit of the pair symmetries (for the Bonferroni count)."""
+    seen, keep = set(), []
+    for idx in np.ndindex(*shape):
+        if len(idx) == 2:
+            key = tuple(sorted(idx))
+        else:
+            p, q = tuple(sorted(idx[:2])), tuple(sorted(idx[2:]))
+            key = (min(p, q), max(p, q))
+        if key not in seen:
+            seen.add(key)
+            keep.append(idx)
+    return tuple(np.array(keep).T)
+
+
+def _fo_pulls(est, a_pred, c1_pred):
+    from scipy.stats import norm
+
+    v, s = np.asarray(est.value, np.float64), np.asarray(est.stderr, np.float64)
+    fit = E.width_sweep_fit(FO_WIDTHS, v, s, infinite=np.asarray(a_pred), first_order=np.asarray(c1_pred))
+    keep = _distinct(v.shape[1:])
+    pulls = np.concatenate([np.asarray(fit.a_pull)[keep], np.asarray(fit.c1_pull)[keep]])
+    return pulls, norm.isf(0.00135 / (pulls.size * FO_CHECKS * len(CASES)))
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{a}-gamma2={g}" for a, g in CASES])
+def first_order_case(request):
+    act, g2 = request.param
+    net = efftheory.MLP(FO_DEPTH, FO_WIDTHS[0], act, C_W=C_W[act], C_b=0.0, output_width=4,
+                        skip=np.sqrt(1.0 - g2), branch=np.sqrt(g2))
+    theory = efftheory.finite_width(net, FO_X)
+    sweep = E.sample(net, FO_X, FO_WIDTHS, FO_M, seed=7,
+                     statistics=("metric", "four_point", "ntk", "ntk_variance", "ntk_preactivation"),
+                     dtype=jnp.float32, progress=False)
+    return f"{act} gamma^2={g2}", net, theory, sweep
+
+
+@pytest.mark.physics
+def test_residual_first_order_against_width_sweeps(first_order_case, capsys):
+    """Protocol of docs/theory.md, as tests/test_finite_physics.py: fit a + c1/n + c2/n^2 over widths
+    32..512 (a factor of sixteen; at depth 8 the width-16 ensembles carry 1/n^3 terms that bias a free
+    intercept), a and c1 against K/Theta/0 and G1/V/H1/A/B/D/F within the Bonferroni limit of the whole
+    file's checks (about 4.9 standard errors per entry)."""
+    label, net, th, sw = first_order_case
+    L = FO_DEPTH - 1
+    out, worst = [], []
+
+    def check(name, est, a, c1):
+        pulls, limit = _fo_pulls(est, a, c1)
+        w = float(np.max(np.abs(pulls)))
+        worst.append((w, limit, name))
+        out.append(f"{label} {name}: worst pull {w:.2f} (limit {limit:.2f}), rms {np.sqrt(np.mean(pulls**2)):.2f}")
+
+    m, v = sw.estimate(E.metric), sw.estimate(E.four_point)
+    for l in range(1, FO_DEPTH):
+        check(f"metric l={l + 1}", type(m)(m.value[:, l], m.stderr[:, l]), th.K[l], th.G1[l])
+        check(f"V l={l + 1}", type(v)(v.value[:, l], v.stderr[:, l]), np.zeros_like(th.V[l]), th.V[l])
+    check("NTK mean", sw.estimate(E.ntk_mean), th.Theta[L], th.H1[L])
+    var, pre = sw.estimate(E.ntk_variance), sw.estimate(E.ntk_preactivation)
+    z4 = np.zeros_like(th.A[L])
+    check("A", var.cross_cov, z4, th.A[L])
+    check("B", var.offdiag, z4, th.B[L])
+    check("D", pre.cross_cov, z4, th.D[L])
+    check("F", pre.offdiag, z4, th.F[L])
+    # power: the plain MLP's first-order tensors (same C_W, C_b) are rejected by the same data
+    plain = efftheory.finite_width(net.replace(skip=0.0, branch=1.0), FO_X)
+    l = FO_DEPTH - 2
+    pv, limit = _fo_pulls(type(v)(v.value[:, l], v.stderr[:, l]), np.zeros_like(th.V[l]), plain.V[l])
+    out.append(f"{label} V l={l + 1} with the plain MLP's V: worst pull {np.max(np.abs(pv)):.2f}")
+    with capsys.disabled():
+        print("\n" + "\n".join(out))
+    bad = [f"{n}: {w:.2f} > {lim:.2f}" for w, lim, n in worst if w > lim]
+    assert not bad, f"{label}: " + "; ".join(bad)
+    assert np.max(np.abs(pv)) > limit, "the plain MLP's V went unnoticed: the check has no power"

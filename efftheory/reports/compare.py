@@ -708,7 +708,6 @@ def compare(net: MLP, x: ArrayLike, widths: Sequence[int], n_networks: int, seed
     from ..theory.finite import finite_width
 
     x, ws, M = _check_compare_args(net, x, widths, n_networks)
-    net.require_plain("compare")  # its first-order theory (finite_width) does not exist for residual MLPs yet
     dt = _check_dtype(dtype)
     seed = _validate.seed("seed", seed)
     cache_dir = _validate.optional_path("cache_dir", cache_dir)
@@ -805,8 +804,6 @@ def compare_ntk_depth(net: MLP, x: ArrayLike, depths: Sequence[int], widths: Seq
                       for i, d in enumerate(depths)))
     if len(set(ds)) != len(ds):
         raise ValueError(f"depths: expected distinct depths, got {ds}")
-    if isinstance(net, MLP):
-        net.require_plain("compare_ntk_depth")  # no first-order theory for residual MLPs yet
     deep = net.replace(depth=ds[-1])
     x, ws, M = _check_compare_args(deep, x, widths, n_networks)
     a = _validate.positive_int("input", input, minimum=0)
