@@ -65,7 +65,7 @@ def test_residual_ensembles_approach_infinite_width(act, gamma2):
 FO_X = np.array([[1.0, 0.3, -0.5], [0.2, -1.0, 0.8], [0.93, 0.42, -0.43]])  # one nearly collinear pair
 FO_DEPTH = 8
 FO_WIDTHS = (32, 64, 128, 256, 512)
-FO_M = 6000
+FO_M = 4000
 FO_CHECKS = 2 * (FO_DEPTH - 1) + 5  # metric and V at layers 2..8, NTK mean, A, B, D, F
 
 
@@ -143,3 +143,37 @@ def test_residual_first_order_against_width_sweeps(first_order_case, capsys):
     bad = [f"{n}: {w:.2f} > {lim:.2f}" for w, lim, n in worst if w > lim]
     assert not bad, f"{label}: " + "; ".join(bad)
     assert np.max(np.abs(pv)) > limit, "the plain MLP's V went unnoticed: the check has no power"
+
+
+# ---------------------------------------------------------------------------------------------
+# trained residual ensembles against the infinite-width frozen-NTK prediction (as tests/test_training_physics.py)
+
+@pytest.mark.physics
+def test_trained_residual_ensemble_extrapolates_to_the_infinite_width_prediction():
+    """erf, depth 4, xi = 0.8, gamma = 0.6: the circle task trained by full-batch gradient descent; the
+    ensemble mean and variance of the test predictions, fitted as a + c1/n + c2/n^2 over widths 32..512,
+    extrapolate to the infinite-width NTK ensemble's within 3 standard errors, resolved to 15% of the spread."""
+    from efftheory import compare_train as ct
+    from efftheory import datasets
+
+    ds = datasets.circle_regression(6, 6, seed=0)
+    widths, networks = (32, 64, 128, 256, 512), (1600, 800, 400, 200, 200)
+    net = efftheory.MLP(4, widths[0], "erf", C_W=2.0, C_b=0.3, skip=0.8, branch=0.6)
+    rep = ct.train_and_compare(net, ds.x_train, ds.y_train, ds.x_test, widths, networks, steps=100, seed=1,
+                               progress=False)
+    print(f"\n{rep.header()}\n{rep.table()}\n{rep.fit_table()}")
+    for stat, fit in (("mean", rep.mean_fit), ("variance", rep.variance_fit)):
+        pulls = np.asarray(fit.a_pull)
+        print(f"residual erf {stat}: extrapolation pulls {np.round(pulls.ravel(), 2)}")
+        assert np.all(np.abs(pulls) < 3), f"{stat}: extrapolation pulls {pulls.ravel()}"
+        scale = np.sqrt(rep.theory_variance) if stat == "mean" else rep.theory_variance
+        assert np.all(np.asarray(fit.a_stderr) < 0.15 * scale), f"{stat}: stderr {fit.a_stderr} vs {scale}"
+    # the plain network's prediction (same C_W, C_b, skip = 0, its own half stability bound) is a different
+    # answer that these data reject
+    from efftheory import predict
+
+    kern = predict.train_test_kernels(net.replace(skip=0.0, branch=1.0), ds.x_train, ds.x_test)
+    plain = predict.gradient_descent(kern, ds.y_train, learning_rate=0.5 * predict.stability_bound(kern), steps=100)
+    diff = np.abs(np.asarray(plain.mean[-1]) - np.asarray(rep.theory_mean)) / np.asarray(rep.mean_fit.a_stderr)
+    print(f"plain-MLP prediction against the residual extrapolation: up to {np.max(diff):.1f} standard errors")
+    assert np.max(diff) > 5, f"plain and residual predictions differ by at most {np.max(diff):.1f} standard errors"
