@@ -1,4 +1,4 @@
-"""Command line: ``efftheory compare | kernels | criticality | train`` (also ``python -m efftheory``).
+"""Command line: ``efftheory compare | kernels | criticality | train | launch`` (also ``python -m efftheory``).
 
     efftheory compare --activation tanh --depth 4 --widths 16,32,64,128 --networks 500 --out DIR
         samples ensembles at each width (float32 by default; finished chunks are written atomically to
@@ -16,6 +16,9 @@
         prints the test predictions' ensemble mean and variance beside the infinite-width NTK ensemble,
         width-sweep fits and the NTK's change over training, and writes DIR/report.json, DIR/table.txt,
         DIR/predictions.png, DIR/deviation.png, DIR/ntk_change.png.
+    efftheory launch --processes 2 -- compare ...
+        runs a command in several local processes (or, with --cluster, as one process of a cluster job):
+        efftheory.launch, docs/scaling.md.
 
 Bad arguments give a one-line error on stderr and exit status 2; so does a cache written for another
 configuration, or a corrupted chunk file (rerun with another --out/--cache, or delete the cache folder).
@@ -140,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{compare,kernels,criticality,train}")
+    sub = parser.add_subparsers(dest="command", metavar="{compare,kernels,criticality,train,launch}")
     sub.required = True
 
     c = sub.add_parser("compare", help="finite-width theory beside sampled networks across widths",
@@ -231,6 +234,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="folder of the resumable cache of trained chunks (default DIR/cache of --out)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(func=_cmd_train)
+
+    # handled by efftheory.launch before this parser (main); listed here for --help
+    sub.add_parser("launch", help="run compare or train in several processes: efftheory launch --processes P -- "
+                                  "compare ... (see 'efftheory launch --help')", add_help=False)
     return parser
 
 
@@ -240,15 +247,24 @@ def _err(msg: str) -> None:
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    """A progress line on stderr (process 0 only, with several processes: errors come from all)."""
+    from . import distributed
+
+    if distributed.process_index() == 0:
+        print(msg, file=sys.stderr, flush=True)
 
 
 def _out_dir(path: str, option: str = "--out") -> str:
-    """Create DIR (and parents) and check that a file can be written there."""
+    """Create DIR (and parents) and check that a file can be written there (process 0 only, with
+    several processes: the others write nothing)."""
     if not path or not str(path).strip():
         raise UsageError(f"{option}: expected a folder path, got an empty string")
     if "\x00" in path:
         raise UsageError(f"{option}: a path cannot contain a NUL character")
+    from . import distributed
+
+    if distributed.process_index() != 0:
+        return path
     try:
         os.makedirs(path, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path, prefix=".write-test-")
@@ -383,8 +399,14 @@ def _cmd_compare(args) -> int:
     cache = _out_dir(args.cache, "--cache") if args.cache is not None else os.path.join(out, "cache")
 
     from . import compare as cmp
+    from . import distributed
 
-    _check_cache(cache, _fingerprint(net, x, args))
+    lead = distributed.process_index() == 0
+    if args.distribution and distributed.active():
+        raise UsageError("--distribution: not available with several processes yet (efftheory launch); run it in "
+                         "one process")
+    if lead:
+        _check_cache(cache, _fingerprint(net, x, args))
     extra = {"inputs": input_desc, "critical": bool(args.critical),
              "command": "efftheory " + " ".join(_argv_for_report(args))}
     if crit is not None:
@@ -397,7 +419,10 @@ def _cmd_compare(args) -> int:
     _log(f"{PROG} compare: {_describe(net, crit)}; widths {','.join(map(str, widths))}; "
          f"{args.networks} networks per width; cache {cache}")
     report = cmp.compare(net, x, widths, args.networks, args.seed, dtype=args.dtype, cache_dir=cache,
-                         progress=not args.no_progress, log=_log, config_extra=extra, chunk=args.chunk)
+                         progress=not args.no_progress and lead, log=_log if lead else None, config_extra=extra,
+                         chunk=args.chunk)
+    if report is None:  # another process than 0: its share is done, process 0 reports
+        return 0
     print(report.header())
     print()
     print(report.table(all_rows=args.all_rows))
@@ -629,14 +654,20 @@ def _cmd_train(args) -> int:
         _log("note: docs/theory.md's protocol asks for at least 4 widths spanning a factor of 8; fits are indicative only")
     _log(f"{PROG} train: {_describe(net, crit)}{', last layer only' if args.last_layer else ''}; widths "
          f"{','.join(map(str, widths))}; {args.networks} networks per width, {args.steps} steps; cache {cache}")
+    from . import distributed
+
+    lead = distributed.process_index() == 0
     try:
         report = ct.train_and_compare(net, ds.x_train, ds.y_train, ds.x_test, widths, args.networks, steps=args.steps,
                                       learning_rate=args.learning_rate, seed=args.seed, record_every=args.record_every,
-                                      dtype=args.dtype, cache_dir=cache, progress=not args.no_progress, log=_log,
-                                      s_train=ds.s_train, s_test=ds.s_test, config_extra=extra)
+                                      dtype=args.dtype, cache_dir=cache, progress=not args.no_progress and lead,
+                                      log=_log if lead else None, s_train=ds.s_train, s_test=ds.s_test,
+                                      config_extra=extra)
     except KeyboardInterrupt:
         _err(f"interrupted; rerun the same command to resume from {cache}")
         return 130
+    if report is None:  # another process than 0: its share is done, process 0 reports
+        return 0
     print(report.header())
     print()
     print(report.table())
@@ -670,6 +701,11 @@ def _cache_of(args) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 bad arguments or cache mismatch)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch"]:  # its own parser: everything after "--" is the command to run
+        from . import launch
+
+        return launch.main(argv[1:])
     parser = _parser()
     try:
         args = parser.parse_args(argv)
@@ -678,6 +714,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except SystemExit as e:  # --help, --version
         return int(e.code or 0) if not isinstance(e.code, str) else 2
+    from . import distributed
+
+    try:  # several processes (efftheory launch, EFFTHEORY_* or Slurm variables): before any JAX work
+        distributed.initialize()
+    except ValueError as e:
+        _err(e)
+        return 2
     import jax
 
     from .empirical import CacheMismatchError
@@ -704,6 +747,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _err("interrupted" + (f"; rerun the same command to resume from {_cache_of(args)}"
                               if args.command == "compare" else ""))
         return 130
+    except distributed.DistributedError as e:
+        _err(f"process {distributed.process_index()}: {e}" + (f"; rerun the same command to resume from "
+                                                               f"{_cache_of(args)}" if args.command in ("compare", "train")
+                                                               else ""))
+        distributed.abort(e)  # not through jax.distributed's shutdown, which would wait for the dead process
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,12 +21,13 @@ devices from ``XLA_FLAGS=--xla_force_host_platform_device_count=4``), and cached
 device block) are shared between device counts.  The default chunk is capped at ceil(M / D) so that
 small ensembles still use every device; with that cap results agree with one device up to rounding.
 
-Several hosts: start every process with ``jax.distributed.initialize(...)`` (coordinator address,
-number of processes, process id; automatic on TPU pods and Slurm/Open MPI clusters) and run the same
-program in each.  ``jax.devices()`` then lists the devices of all hosts, the mesh spans them, and each
-finished step is gathered to every process (``jax.experimental.multihost_utils.process_allgather``), so
-every process returns the whole ensemble.  A ``cache_dir`` must then be on a filesystem all processes
-share; only process 0 writes it.
+Several processes (:mod:`efftheory.distributed`; ``efftheory launch``): each process runs every
+P-th step of networks still to be drawn, on its own devices (``jax.local_devices()``: the default mesh
+never spans processes), and the finished steps are exchanged through the coordinator's key-value
+store, so that every process returns the whole ensemble, bit-identical to one process with the same
+``chunk`` (the keys depend only on the network index).  Only process 0 reads and writes ``cache_dir``
+(it need not be on a shared filesystem): it writes its own steps as they finish and the other
+processes' steps once they are gathered, at the end of each width.
 
 Two ways to draw a network (``method``):
 
@@ -57,6 +58,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike, DTypeLike
 
 from .. import _io, _validate
+from .. import distributed as _dist
 from .._progress import tqdm
 from .._pytree import result
 from .._sharding import shard_map
@@ -180,8 +182,12 @@ def default_chunk(net: MLP, N: int, n0: int, statistics: str | Sequence[str] = (
 
 # --------------------------------------------------------------------------------------- sampling
 def network_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The 1-d mesh ("networks",) over ``devices`` (default: all of ``jax.devices()``, every host's)."""
-    devs = jax.devices() if devices is None else list(devices)
+    """The 1-d mesh ("networks",) over ``devices`` (default: all of ``jax.devices()``; with several
+    processes (:mod:`efftheory.distributed`) this process's ``jax.local_devices()``)."""
+    if devices is None:
+        devs = jax.local_devices() if _dist.active() else jax.devices()
+    else:
+        devs = list(devices)
     if not devs or not all(isinstance(d, jax.Device) for d in devs):
         raise ValueError(f"devices: expected a non-empty sequence of jax devices or None, got {devices!r}")
     if len(set(devs)) != len(devs):
@@ -300,6 +306,11 @@ def _run(net, x, n_networks, seed, fold, statistics, method, chunk, dtype_name, 
     bar = tqdm(total=n_networks, unit="net", desc=f"widths {net.widths}", disable=not progress, delay=1.0,
                leave=False)
     pending = None
+    dist = _dist.active()
+    mine: set[int] = set()  # blocks this process drew (with several processes)
+
+    def blocks_of(gstart):
+        return [(s, min(s + chunk, n_networks)) for s in range(gstart, min(gstart + step, n_networks), chunk)]
 
     def finish(item):
         gstart, blocks, out = item
@@ -310,12 +321,14 @@ def _run(net, x, n_networks, seed, fold, statistics, method, chunk, dtype_name, 
                 _cache.save_chunk(_cache.chunk_path(cache_dir, stem, start, stop), part, config, digest, start,
                                   stop)
             done[start] = part
+            mine.add(start)
             bar.update(stop - start)
 
     try:
+        todo = []
         for gstart in range(0, n_networks, step):
-            blocks = [(s, min(s + chunk, n_networks)) for s in range(gstart, min(gstart + step, n_networks), chunk)]
-            if cache_dir is not None:
+            blocks = blocks_of(gstart)
+            if cache_dir is not None and writer:  # with several processes only process 0 reads the cache
                 hits = {}
                 for start, stop in blocks:
                     expected = {k: ((stop - start,) + shapes[k].shape[1:], shapes[k].dtype) for k in names}
@@ -326,12 +339,30 @@ def _run(net, x, n_networks, seed, fold, statistics, method, chunk, dtype_name, 
                         done[start] = hits[start]
                         bar.update(stop - start)
                     continue
+            todo.append(gstart)
+        if dist:  # process 0's list of steps still to draw; every P-th one is this process's
+            tag = _dist.next_tag("sample")
+            todo = _dist.agree(f"{tag}/todo", todo)
+            todo = [g for i, g in enumerate(todo) if _dist.owner(i) == _dist.process_index()]
+        for gstart in todo:
             out = fn(base, np.uint32(gstart), xd)  # dispatched asynchronously
             if pending is not None:
                 finish(pending)
-            pending = (gstart, blocks, out)
+            pending = (gstart, blocks_of(gstart), out)
         if pending is not None:
             finish(pending)
+            pending = None
+        if dist:
+            have = done if writer else {s: done[s] for s in mine}  # process 0 also passes on the cached blocks
+            for got in _dist.gather(f"{tag}/blocks", have):
+                for start, part in got.items():
+                    if start not in done:
+                        done[start] = part
+                        bar.update(next(iter(part.values())).shape[0])
+                        if cache_dir is not None and writer:
+                            stop = start + next(iter(part.values())).shape[0]
+                            _cache.save_chunk(_cache.chunk_path(cache_dir, stem, start, stop), part, config,
+                                              digest, start, stop)
     finally:
         bar.close()
     stats = {k: np.concatenate([done[s][k] for s in starts]) for k in names}
@@ -408,7 +439,7 @@ def _prepare(net, x, n_networks, seed, statistics, method, chunk, dtype, cache_d
         chunk = _validate.positive_int("chunk", chunk)
     cache_dir = _validate.optional_path("cache_dir", cache_dir)
     _validate.flag("progress", progress)
-    if cache_dir is not None:
+    if cache_dir is not None and _dist.process_index() == 0:  # with several processes, process 0 owns the files
         _check_cache_dir(cache_dir)
     return x, M, seed, statistics, method, chunk, dtype_name, cache_dir
 

@@ -30,8 +30,12 @@ chunks trains at once, device i the ``chunk`` networks starting at group start +
 above (they do not depend on the device count).  Each device runs exactly the one-device program, so a
 run with the same ``chunk`` is bit-identical to one device, seed for seed (tests/test_sharding.py), and
 cached chunks and checkpoints (one file per device block) are shared between device counts.  Several
-hosts: as in :mod:`.ensemble` (``jax.distributed.initialize`` in every process; records gathered to
-every process; only process 0 writes the cache, which must be on a shared filesystem).
+processes (:mod:`efftheory.distributed`): as in :mod:`.ensemble`, each process trains every P-th group
+still to train on its own devices, the records are exchanged through the coordinator's key-value
+store (every process returns the whole, bit-identical, training), and only process 0 reads and
+writes the cache: finished chunks of its own groups at once, the others' after the gather, and
+checkpoints only of the groups it trains itself (an interrupted multi-process run resumes the other
+processes' groups from their start).
 
 With ``cache_dir`` the run is resumable: each finished chunk is written atomically as in
 :mod:`.cache` (``train-...`` files), and while a chunk trains its state (parameters and the records
@@ -55,6 +59,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike, DTypeLike
 
 from .. import _io, _validate
+from .. import distributed as _dist
 from .._progress import tqdm
 from .._pytree import result
 from .._sharding import shard_map
@@ -458,12 +463,23 @@ def train(net: MLP, x_train: ArrayLike, y_train: ArrayLike, x_test: ArrayLike, *
 
     starts = list(range(0, M, chunk))   # one block of networks per device and group: the cache's unit
     done = {}
+    dist = _dist.active()
+    mine: set[int] = set()  # blocks this process trained (with several processes)
     bar = tqdm(total=T * len(starts), unit="step", desc=f"train widths {net.widths}", disable=not progress,
                delay=1.0, leave=False)
+
+    def blocks_of(gstart):
+        return [(s_, min(s_ + chunk, M)) for s_ in range(gstart, min(gstart + D * chunk, M), chunk)]
+
+    def save(start, stop, part):
+        _cache.save_chunk(_cache.chunk_path(cache_dir, stem, start, stop), part, config, digest, start, stop)
+        _remove(_cache.chunk_path(cache_dir, stem + "-checkpoint", start, start + chunk))
+
     try:
+        todo = []
         for gstart in range(0, M, D * chunk):
-            blocks = [(s_, min(s_ + chunk, M)) for s_ in range(gstart, min(gstart + D * chunk, M), chunk)]
-            if cache is not None:
+            blocks = blocks_of(gstart)
+            if cache is not None and writer:  # with several processes only process 0 reads the cache
                 hits = {}
                 for start, stop in blocks:
                     expected = {"f_all": ((stop - start, R, N, k), dt), "loss": ((stop - start, R), dt),
@@ -475,17 +491,31 @@ def train(net: MLP, x_train: ArrayLike, y_train: ArrayLike, x_test: ArrayLike, *
                     for start, _ in blocks:
                         done[start] = hits[start]
                         bar.update(T)
-                        if writer:
-                            _remove(_cache.chunk_path(cache_dir, stem + "-checkpoint", start, start + chunk))
+                        _remove(_cache.chunk_path(cache_dir, stem + "-checkpoint", start, start + chunk))
                     continue
+            todo.append(gstart)
+        if dist:  # process 0's list of groups still to train; every P-th one is this process's
+            tag = _dist.next_tag("train")
+            todo = _dist.agree(f"{tag}/todo", todo)
+            todo = [g for i, g in enumerate(todo) if _dist.owner(i) == _dist.process_index()]
+        for gstart in todo:
+            blocks = blocks_of(gstart)
             outs, ckpts = _run_group(fns, net, base, gstart, blocks, chunk, D, xd_train, yd, xd_all, eta_d,
-                                     rec_steps, cache, bar, ckpt_s)
+                                     rec_steps, cache if writer else None, bar, ckpt_s)
             for start, stop in blocks:
                 if cache is not None and writer:
-                    _cache.save_chunk(_cache.chunk_path(cache_dir, stem, start, stop), outs[start], config, digest,
-                                      start, stop)
-                    _remove(ckpts.get(start))
+                    save(start, stop, outs[start])
                 done[start] = outs[start]
+                mine.add(start)
+        if dist:
+            have = done if writer else {s_: done[s_] for s_ in mine}  # process 0 also passes on cached blocks
+            for got in _dist.gather(f"{tag}/blocks", have):
+                for start, part in got.items():
+                    if start not in done:
+                        done[start] = part
+                        bar.update(T)
+                        if cache is not None and writer:
+                            save(start, start + part["loss"].shape[0], part)
     finally:
         bar.close()
     arr = {n: np.concatenate([done[s][n] for s in starts]).astype(np.float64) for n in names}

@@ -1272,7 +1272,7 @@ SET_BLOCK = 1 << 14  # sets of three or four inputs processed at once
 SET_BYTES = 24 << 10  # memory of the work items of one set (measured: ~15 KiB, tanh, N = 16-24)
 
 
-def source_moments(act, K, *, tol: float = TOL, order2: int | None = None, block: int = SET_BLOCK):
+def source_moments(act, K, *, tol: float = TOL, order2: int | None = None, block: int = SET_BLOCK, part=None):
     """Mss, Mds, Mdd (each (N,)*4, float64) at kernel K (N, N): see the module docstring.
 
     Args:
@@ -1286,6 +1286,9 @@ def source_moments(act, K, *, tol: float = TOL, order2: int | None = None, block
       block: sets of three or four inputs processed at once.  Memory beyond the three outputs grows
         with it (the work items of a block: about ``SET_BYTES`` per set), not with N; the values do
         not depend on it (every rule is chosen per set, the shared ranges per K).
+      part: several processes (:class:`efftheory.distributed.Part`): this process computes the sets of
+        three and four inputs ``part.select(n_sets)`` and ``part.gather`` exchanges the values, so
+        that every process returns the whole result.
     """
     from ._rules import rule_size
 
@@ -1302,14 +1305,28 @@ def source_moments(act, K, *, tol: float = TOL, order2: int | None = None, block
         setup = (_smooth_setup(sig, k, np.diag(K), patterns, tol)
                  if k >= 3 and act.smooth and not _exact_kinked(act) else None)
         step = block if k >= 3 else len(sets)  # one- and two-input sets: N^2 at most, in one go
-        for lo in range(0, len(sets), step):
+        mine = part.select(len(sets)) if part is not None and k >= 3 else None
+        todo = sets if mine is None else sets[mine]
+        got = []
+        for lo in range(0, len(todo), step):
             check_stop()
-            sub = sets[lo:lo + step]
+            sub = todo[lo:lo + step]
             if k <= 2:
                 vals = _moments_low(act, sig, dsig, K, sub, patterns, order2)
             else:
                 vals = _moments_kd(act, sig, dsig, K, sub, patterns, tol, setup, host=len(sets) <= HOST_SETS)
-            for name, m, pid in plan:
-                idx = sub[:, m]
-                out[name][idx[:, 0], idx[:, 1], idx[:, 2], idx[:, 3]] = vals[:, pid]
+            if mine is None:
+                _fill(out, plan, sub, vals)
+            else:
+                got.append(vals)
+        if mine is not None:
+            empty = np.empty((0, len(patterns)))
+            idx, vals = part.gather(mine, np.concatenate(got) if got else empty, key=f"k{k}")
+            _fill(out, plan, sets[idx], vals)
     return out["ss"], out["ds"], out["dd"]
+
+
+def _fill(out, plan, sub, vals):
+    for name, m, pid in plan:
+        idx = sub[:, m]
+        out[name][idx[:, 0], idx[:, 1], idx[:, 2], idx[:, 3]] = vals[:, pid]

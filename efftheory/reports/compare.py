@@ -681,7 +681,7 @@ def _check_given_theory(theory, net: MLP, x) -> None:
 
 def compare(net: MLP, x: ArrayLike, widths: Sequence[int], n_networks: int, seed: int = 0, *, dtype: str = "float32",
             cache_dir: str | os.PathLike | None = None, progress: bool = True, log: Callable[[str], Any] | None = None,
-            config_extra: dict | None = None, theory: FiniteWidth | None = None, chunk: int | None = None) -> Report:
+            config_extra: dict | None = None, theory: FiniteWidth | None = None, chunk: int | None = None) -> Report | None:
     """Sample ensembles at every width, compute the theory once, and compare (module docstring).
 
     Args:
@@ -701,9 +701,11 @@ def compare(net: MLP, x: ArrayLike, widths: Sequence[int], n_networks: int, seed
         depend on it.
 
     Returns:
-      A :class:`Report`.
+      A :class:`Report`; with several processes (:mod:`efftheory.distributed`) all of them compute
+      their share of the theory and of the ensembles, and only process 0 returns the report (the
+      others return None and write nothing).
     """
-
+    from .. import distributed
     from .. import empirical as em
     from ..theory.finite import finite_width
 
@@ -734,6 +736,8 @@ def compare(net: MLP, x: ArrayLike, widths: Sequence[int], n_networks: int, seed
     sweep = em.sample(base, x, ws, M, seed, statistics=_SAMPLED, dtype=dt, progress=progress, chunk=chunk,
                       cache_dir=cache_dir)
     timings["sampling"] = time.perf_counter() - t0
+    if distributed.process_index() != 0:
+        return None
     _check_sampled(sweep, np.dtype(dt).name)
 
     t0 = time.perf_counter()

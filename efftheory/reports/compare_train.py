@@ -560,11 +560,13 @@ def train_and_compare(net: MLP, x_train: ArrayLike, y_train: ArrayLike, x_test: 
                       record_every: int | None = None, dtype: DTypeLike = "float32",
                       cache_dir: str | os.PathLike | None = None, progress: bool = True,
                       log: Callable[[str], object] | None = None, s_train: ArrayLike | None = None,
-                      s_test: ArrayLike | None = None, config_extra: dict | None = None) -> TrainingReport:
+                      s_test: ArrayLike | None = None, config_extra: dict | None = None) -> TrainingReport | None:
     """:func:`training_sweep` then :func:`compare_training`; ``learning_rate=None`` takes half the
     infinite-width stability bound, 1/lambda_max(Theta_train).  The learning rate is checked against the
-    bound before any network trains (ValueError naming it)."""
-    from .. import predict
+    bound before any network trains (ValueError naming it).  With several processes
+    (:mod:`efftheory.distributed`) all of them train their share and only process 0 returns the
+    report; the others return None."""
+    from .. import distributed, predict
 
     ws, Ms = _check_sweep_args(net, widths, n_networks)
     kern = predict.train_test_kernels(net, x_train, x_test)
@@ -575,6 +577,8 @@ def train_and_compare(net: MLP, x_train: ArrayLike, y_train: ArrayLike, x_test: 
     sweep = training_sweep(net, x_train, y_train, x_test, ws, Ms, steps=steps, learning_rate=eta, seed=seed,
                            record_every=record_every, dtype=dtype, cache_dir=cache_dir, progress=progress, log=log)
     t_train = time.perf_counter() - t0
+    if distributed.process_index() != 0:
+        return None
     report = compare_training(sweep, config_extra=config_extra, s_train=s_train, s_test=s_test)
     report.timings["training"] = t_train
     return report

@@ -11,7 +11,11 @@ how they run:
   layer step runs; an interrupted run cancels them (:mod:`efftheory._cancel`) and waits for them;
 * store (:func:`config`, :class:`efftheory.theory._store.LayerStore`): each finished layer written to
   disk, a run resumed from its last finished layer, a store of another computation refused;
-* progress: a bar over layers.
+* progress: a bar over layers;
+* several processes (:mod:`efftheory.distributed`): each layer's sets of three and four inputs are
+  split over the processes (:class:`efftheory.distributed.Part`) and the values exchanged, so that
+  every process holds every layer's sources and runs the same layer steps.  Only process 0 opens the
+  store; on a resumed run it passes the finished layers to the others.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import distributed as _dist
 from .._cancel import cancel_with
 from .._io import array_sha256, text_sha256
 from .._precision import enable_x64 as _enable_x64
@@ -192,7 +197,10 @@ def run_layers(net: MLP, x: np.ndarray, inf, *, tol: float, memory: float | None
     names = STATE + (("P", "Oa", "Ob") if residual else ())
     if residual:
         zero = zero + (np.zeros((N,) * 3),) * 3
-    if store is not None:
+    dist = _dist.active()
+    tag = _dist.next_tag("finite") if dist else ""
+    owns_store = store is not None and (not dist or _dist.process_index() == 0)
+    if owns_store:
         K_max = float(np.max(np.diagonal(Ks, axis1=1, axis2=2)))
         disk = LayerStore(store, config(net, x, tol, K_max), L, N, names=names)
         if disk.done == 0:
@@ -209,6 +217,14 @@ def run_layers(net: MLP, x: np.ndarray, inf, *, tol: float, memory: float | None
                 h[l] = a
 
         keep(0, zero)
+    if dist and store is not None:  # process 0's finished layers, to the others
+        done = [disk.layer(l) for l in range(first)] if owns_store else None
+        done = _dist.agree(f"{tag}/store", done)
+        if not owns_store:
+            for l, st in enumerate(done):
+                keep(l, st)
+            first, state = len(done), (done[-1] if len(done) < L else None)
+    ratios = net.width_ratios()
     ratios = net.width_ratios()
     if residual:  # <sigma' sigma'> of every layer, for the neuron histories of B (finite.neuron_history)
         from .finite import neuron_history, sigma_prime_pairs
@@ -223,7 +239,8 @@ def run_layers(net: MLP, x: np.ndarray, inf, *, tol: float, memory: float | None
 
     def start(l):
         if l < L and l not in ahead:
-            ahead[l] = Ahead(functools.partial(sources, net.sigma, Ks[l - 1], tol=tol, block=block))
+            part = {"part": _dist.Part(f"{tag}/L{l}")} if dist else {}
+            ahead[l] = Ahead(functools.partial(sources, net.sigma, Ks[l - 1], tol=tol, block=block, **part))
 
     try:
         for l in layers:
@@ -241,9 +258,9 @@ def run_layers(net: MLP, x: np.ndarray, inf, *, tol: float, memory: float | None
     finally:  # interrupted (or failed): stop the sources still computing before leaving
         for a in ahead.values():
             a.cancel()
-        if store is not None:
+        if owns_store:
             disk.close()
-    if store is not None:
+    if owns_store:
         out = disk.arrays()
         out["G1"], out["H1"] = jnp.asarray(out["G1"]), jnp.asarray(out["H1"])
     else:

@@ -56,6 +56,7 @@ from numpy.typing import ArrayLike
 
 from .._pytree import result
 from ..activations import Activation
+from ..distributed import Part
 from ..gaussian import HOST_SETS, SET_BLOCK, derivative, hermite_moments2, rule_size, source_moments, whiten2
 from ..network import MLP
 from . import _schedule
@@ -317,11 +318,13 @@ def _pair_order(act, K):
     return None if act.homogeneous else rule_size(act, float(np.max(np.diag(K))))
 
 
-def layer_sources(act: Activation, K: ArrayLike, *, tol: float = 1e-9,
-                  block: int = SET_BLOCK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def layer_sources(act: Activation, K: ArrayLike, *, tol: float = 1e-9, block: int = SET_BLOCK,
+                  part: Part | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The single-neuron moments Mss, Mds, Mdd of :func:`efftheory.gaussian._sources.source_moments` that
-    :func:`layer_step` at kernel K needs (each (N,)*4; its 2-input rule as layer_step's)."""
-    return source_moments(act, K, tol=tol, order2=_pair_order(act, K), block=block)
+    :func:`layer_step` at kernel K needs (each (N,)*4; its 2-input rule as layer_step's).  ``part``
+    (several processes, :class:`efftheory.distributed.Part`): this process computes its share of the
+    sets of three and four inputs and every process returns the whole result."""
+    return source_moments(act, K, tol=tol, order2=_pair_order(act, K), block=block, part=part)
 
 
 def layer_step(act: Activation, C_W: float, lam_W: float, r: float, K: np.ndarray, Theta: np.ndarray, G1: np.ndarray,
