@@ -225,7 +225,6 @@ def run_layers(net: MLP, x: np.ndarray, inf, *, tol: float, memory: float | None
                 keep(l, st)
             first, state = len(done), (done[-1] if len(done) < L else None)
     ratios = net.width_ratios()
-    ratios = net.width_ratios()
     if residual:  # <sigma' sigma'> of every layer, for the neuron histories of B (finite.neuron_history)
         from .finite import neuron_history, sigma_prime_pairs
 
