@@ -10,6 +10,7 @@ import pytest
 
 import efftheory as et
 from efftheory.gaussian import _sources as sources
+from efftheory.gaussian import _tables as tables
 
 
 def _kernel(N, seed, collinear=True):
@@ -273,9 +274,9 @@ def test_sets_of_three_compile_one_program_per_table_size(monkeypatch):
     monkeypatch.setattr(sources, "HOST_SETS", 0)
     monkeypatch.setattr(sources, "HOST_WORK", 0)
     made = []
-    for name in ("_nested_rows_kernel", "tabled_rows_kernel"):
-        orig = getattr(sources, name)
-        monkeypatch.setattr(sources, name, lambda *a, _o=orig: made.append(_o(*a)) or made[-1])
+    for mod, name in ((sources, "_nested_rows_kernel"), (tables, "tabled_rows_kernel")):
+        orig = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _o=orig: made.append(_o(*a)) or made[-1])
     rng = np.random.default_rng(3)
     for scale in (0.2, 1.0, 3.0, 6.0):
         x = rng.normal(size=(3, 3))
@@ -283,3 +284,34 @@ def test_sets_of_three_compile_one_program_per_table_size(monkeypatch):
         sources.source_moments(et.get_activation("tanh"), K)
     programs = sum(f._cache_size() for f in {id(f): f for f in made}.values())
     assert 1 <= programs <= 5, programs  # nested + the tabulated kernel's table sizes (4096 * 4^j <= 2^18)
+
+
+def test_small_four_input_groups_compile_one_block_program(monkeypatch):
+    """Small four-input nested groups (at most sources.BLOCK_WORK evaluations) run the block kernel
+    (issue #22): the outer grid is padded to one size in blocks and the block and item counts are
+    run-time values, so inputs of very different geometry (nearly collinear, scales 0.3 to 5: other
+    grids and inner rules, no tables) compile at most one program per inner rule shape (1, 4, 8
+    Gauss-Hermite nodes or the padded trapezoid), and give the per-shape kernel's moments to 1e-14."""
+    monkeypatch.setattr(sources, "HOST_SETS", 0)
+    monkeypatch.setattr(sources, "HOST_WORK", 0)
+    monkeypatch.setattr(sources, "table_spacing", lambda *a, **k: 0.0)  # every set nested
+    made, calls = [], []
+    orig = sources._nested_blocks_kernel
+    monkeypatch.setattr(sources, "_nested_blocks_kernel", lambda *a: made.append(orig(*a)) or made[-1])
+    run = sources._run_blocks
+    monkeypatch.setattr(sources, "_run_blocks", lambda *a: calls.append(1) or run(*a))
+    act = et.get_activation("tanh")
+    rng = np.random.default_rng(5)
+    for scale, spread in ((1.0, 0.05), (0.3, 1.0), (5.0, 0.3)):
+        x = rng.normal(size=(1, 3)) + spread * rng.normal(size=(5, 3))  # spread 0.05: nearly collinear
+        K = x @ x.T / 3 + 0.01 * np.eye(5)
+        K = scale * K / K.diagonal().max()
+        blocks = sources.source_moments(act, K)
+        monkeypatch.setattr(sources, "BLOCK_WORK", -1)  # the per-shape kernel
+        per_shape = sources.source_moments(act, K)
+        monkeypatch.setattr(sources, "BLOCK_WORK", 1 << 24)
+        for a, b in zip(blocks, per_shape):
+            assert np.max(np.abs(a - b)) <= 1e-14 * max(1.0, np.max(np.abs(b))), scale
+    assert len(calls) >= 3, calls
+    programs = sum(f._cache_size() for f in {id(f): f for f in made}.values())
+    assert 1 <= programs <= 4, programs

@@ -153,3 +153,37 @@ def test_default_choice_tabulates_wide_sets():
     dx = _tables.table_spacing(fn, PAIRS, 20.0, np.diagonal(S, axis1=1, axis2=2).ravel(), 1e-9)
     ntab = sources._conditional_factor(S, 1e-9, 6.5, dx)[4]
     assert np.mean(ntab > 0) > 0.5
+
+
+def test_lookup_on_cell_boundaries():
+    """An outer node whose last member falls exactly on a table point (a cell boundary), one rounding
+    step either side of it, or on the table's ends +-R (where the cell index is clipped) reads the
+    table correctly: the compiled lookup (_tables._interpolate) and the numpy one of small work
+    (_tables.host_tabled) agree with direct evaluation to rounding (at a table point the local
+    polynomial interpolates, so no interpolation error remains)."""
+    fn = et.get_activation("tanh").fn
+    sd, R = 0.4, 2.0
+    xk, wk = normal_rule(24)
+    pts = int(_tables.table_points(np.array([R]), 0.05)[0])
+    dx = 2.0 * R / (pts - 6)
+    lo = -R - 2.0 * dx
+    grid = lo + dx * np.arange(pts)  # as call_tables and host_tabled place the points
+    on = grid[2:pts - 3]  # every cell boundary of [-R, R], its ends included
+    mu = np.concatenate([on, np.nextafter(on, -np.inf), np.nextafter(on, np.inf), [-R, R]])
+    ref = {p: _direct(fn, p, mu, sd, xk, wk) for p in PAIRS}
+    # compiled: one item, c = 1 (its last member is the outer node itself), the aux of call_tables
+    tab = _tables.build_tables(fn, PAIRS, grid, np.full(pts, sd), xk, wk)
+    Lb = np.array([[[1.0, 0.0], [1.0, sd]]])
+    aux = np.array([[lo, 1.0 / dx, pts - 5.0]])
+    h = _tables._interpolate(tab, PAIRS, jnp.asarray(Lb), jnp.asarray(aux), jnp.zeros(1, jnp.int32),
+                             jnp.asarray(mu[None, :]))
+    # numpy: items of one set of two members, the last at mu (one outer node of weight 1)
+    Li = np.zeros((mu.size, 2, 2))
+    Li[:, 1, 0] = mu
+    sets = np.array([[[1.0, 0.0], [0.0, sd]]])
+    for p in PAIRS:
+        got = np.asarray(h[p]).reshape(-1)
+        host = _tables.host_tabled(fn, (((0, 0), p),), PAIRS, Li, np.zeros(mu.size, int), np.ones((1, 1)),
+                                   np.ones(1), xk, wk, np.array([R]), sets, np.array([pts]))[:, 0]
+        assert np.max(np.abs(got - ref[p])) < 1e-13, (p, np.max(np.abs(got - ref[p])))
+        assert np.max(np.abs(host - ref[p])) < 1e-13, (p, np.max(np.abs(host - ref[p])))

@@ -68,11 +68,11 @@ from .._precision import enable_x64 as _enable_x64
 from ._constants import FIXED_TAIL, SOURCE_TAIL, SOURCE_TOL
 from ._hermite import polar_monomials_jnp, trapezoid_monomials_jnp, whiten2
 from ._rules import derivative, normal_rule
+from ._tables import HOST_BUDGET as _HOST_BUDGET
 from ._tables import (
     INNER_BLOCK,
     ROW_GRID,
     ROW_NODES,
-    TABLE_CHUNK,
     _members,
     inner_blocks,
     monomial,
@@ -81,11 +81,18 @@ from ._tables import (
     row_step,
     sd_values,
     sharded,
-    table_rows,
     table_spacing,
-    tabled_kernel,
-    tabled_rows_kernel,
 )
+from ._tables import TABLE_ROWS as _TABLE_ROWS
+from ._tables import host_patterns as _host_patterns
+from ._tables import host_tabled as _host_tabled
+from ._tables import row_steps as _row_steps
+from ._tables import run_tabled as _run_tabled
+from ._tables import run_tabled_rows as _run_tabled_rows
+from ._tables import settle as _settle
+from ._tables import split as _split
+from ._tables import split_rows as _split_rows
+from ._tables import table_points as _table_points
 
 __all__ = ["source_moments", "SOURCE_KINDS", "rule_for_scale", "AccuracyWarning"]
 
@@ -620,12 +627,6 @@ def _rule_extent(kind, n, tail: float):
     return np.where(kind == 1, tail, gh[np.minimum(n, _GH_LADDER[-1])])
 
 
-def _table_points(R, dx: float):
-    """Table points for half-width R at spacing <= dx: two more below -R, three above R (see
-    :func:`_run_tabled`), at least 16.  Not padded: the kernel counts a table's points at run time."""
-    return np.maximum(np.ceil(2.0 * R / dx) + 6, 16.0).astype(np.int64)
-
-
 @functools.lru_cache(maxsize=None)
 def _perm_maps(k: int):
     """maps[j][p]: the kernel-order pattern that equals pattern p of the set when member j is
@@ -664,33 +665,121 @@ def _nested_moments(sig, pattern_key, nchunks, L, steps, X, W, xk, wk, nblocks):
     last direction, in ``nblocks`` (traced) blocks of INNER_BLOCK nodes (zero-weight padded) when
     it is longer than that, else whole (:func:`_inner_rule`), so that the compiled kernel does not
     depend on its length.  The last member's factors are summed over xk first (conditional
-    moments, one per exponent pair it carries), then every pattern over the outer grid.
-    Sub-batches (leading axis of L) and outer-grid chunks are visited in loops so that the working
-    set of one step (b * M / nchunks * block nodes) stays in cache.
+    moments, one per exponent pair it carries), then every pattern over the outer grid
+    (:func:`_nested_chunk`).  Sub-batches (leading axis of L) and outer-grid chunks are visited in
+    loops so that the working set of one step (b * M / nchunks * block nodes) stays in cache.
     """
     k = L.shape[2]
     last = sorted({pat[k - 1] for pat in pattern_key})
-    nb = min(xk.shape[0], INNER_BLOCK)
 
     def chunk(Lb, Xc, Wc):
-        c, sd = Lb[:, k - 1, :k - 1], Lb[:, k - 1, k - 1]
-        zo = jnp.einsum("cij,jm->icm", Lb[:, :k - 1, :k - 1], Xc)  # (k-1, b, m)
-        mu = jnp.einsum("cj,jm->cm", c, Xc)
-
-        def block(j, h):
-            x = jax.lax.dynamic_slice_in_dim(xk, j * nb, nb)
-            w = jax.lax.dynamic_slice_in_dim(wk, j * nb, nb)
-            zl = mu[None] + sd[None, :, None] * x[:, None, None]  # (nb, b, m)
-            sl, dl = jax.jvp(sig, (zl,), (jnp.ones_like(zl),))
-            wb = jnp.broadcast_to(w[:, None, None], zl.shape)
-            return tuple(a + jnp.sum(monomial(sl, dl, e0, e1, wb), axis=0) for a, (e0, e1) in zip(h, last))
-
-        zero = tuple(jnp.zeros_like(mu) for _ in last)
-        h = block(0, zero) if xk.shape[0] <= INNER_BLOCK else jax.lax.fori_loop(0, nblocks, block, zero)
-        h = dict(zip(last, h))
-        return pattern_sums(sig, pattern_key, zo, h, Wc)
+        return _nested_chunk(sig, pattern_key, last, Lb, Xc, Wc, xk, wk, nblocks)
 
     return over_items(chunk, len(pattern_key), nchunks, X, W, steps, L)
+
+
+def _nested_chunk(sig, pattern_key, last, Lb, Xc, Wc, xk, wk, nblocks):
+    """(b, P): the nested rule's pattern sums of the items Lb (b, k, k) over the outer nodes Xc
+    (k-1, m), Wc (m): the last member's conditional moments (exponent pairs ``last``) summed over
+    the inner rule xk, wk (whole when it has at most INNER_BLOCK nodes, else ``nblocks`` traced
+    blocks of them), then every pattern over the nodes."""
+    k = Lb.shape[1]
+    nb = min(xk.shape[0], INNER_BLOCK)
+    c, sd = Lb[:, k - 1, :k - 1], Lb[:, k - 1, k - 1]
+    zo = jnp.einsum("cij,jm->icm", Lb[:, :k - 1, :k - 1], Xc)  # (k-1, b, m)
+    mu = jnp.einsum("cj,jm->cm", c, Xc)
+
+    def block(j, h):
+        x = jax.lax.dynamic_slice_in_dim(xk, j * nb, nb)
+        w = jax.lax.dynamic_slice_in_dim(wk, j * nb, nb)
+        zl = mu[None] + sd[None, :, None] * x[:, None, None]  # (nb, b, m)
+        sl, dl = jax.jvp(sig, (zl,), (jnp.ones_like(zl),))
+        wb = jnp.broadcast_to(w[:, None, None], zl.shape)
+        return tuple(a + jnp.sum(monomial(sl, dl, e0, e1, wb), axis=0) for a, (e0, e1) in zip(h, last))
+
+    zero = tuple(jnp.zeros_like(mu) for _ in last)
+    h = block(0, zero) if xk.shape[0] <= INNER_BLOCK else jax.lax.fori_loop(0, nblocks, block, zero)
+    return pattern_sums(sig, pattern_key, zo, dict(zip(last, h)), Wc)
+
+
+# ---------------------------------------------------------------------------------------------
+# block kernel: the small four-input nested groups, one compiled program whatever their grids
+
+
+BLOCK_WORK = 1 << 24  # four-input nested groups with at most this many node evaluations run the block kernel
+BLOCK_NODES = 64      # outer-grid nodes per block of the block kernel
+BLOCK_GRID = 1 << 13  # outer-grid nodes it takes (zero-weight padded): larger grids run the per-shape kernel
+BLOCK_ITEMS = 1 << 12  # items per device and call of the block kernel (its item array: one size)
+
+
+def _block_rows(nk: int) -> int:
+    """Items a step of the block kernel takes, each at one block of BLOCK_NODES outer nodes, for an
+    inner rule of nk nodes (whole up to INNER_BLOCK, else in blocks of INNER_BLOCK): _CHUNK
+    evaluations a step, as the per-shape kernel's sub-batches."""
+    return max(1, _CHUNK // (BLOCK_NODES * min(nk, INNER_BLOCK)))
+
+
+@functools.lru_cache(maxsize=None)
+def _nested_blocks_kernel(sig, pattern_key, mesh):
+    """The jitted :func:`_nested_blocks`: items L and steps (D,) split over the D devices of
+    ``mesh``, the block count, the outer grid and the inner rule replicated."""
+    return sharded(functools.partial(_nested_blocks, sig, pattern_key), mesh, 1, 6)
+
+
+def _nested_blocks(sig, pattern_key, L, steps, nblk, X, W, xk, wk, nblocks):
+    """vals (I, P) of the items L (I, k, k), in which only member k-1 sees direction k-1, over the
+    outer grid X (k-1, B, BLOCK_NODES), W (B, BLOCK_NODES), of which the items use the first
+    ``nblk`` blocks (traced); ``steps`` (traced): :func:`_block_rows` items times one block each
+    (:func:`efftheory.gaussian._tables.row_step`).  Each step is :func:`_nested_chunk` of its items
+    and block, so the compiled program depends on sigma, the patterns and the inner rule's shape
+    (1, 4 or 8 Gauss-Hermite nodes, or the padded trapezoid) only, not on the grid, batch or N."""
+    k = L.shape[1]
+    I = L.shape[0]
+    R = _block_rows(xk.shape[0])
+    last = sorted({pat[k - 1] for pat in pattern_key})
+
+    def step(q, out):
+        i0, b = row_step(q, R, nblk, I)
+        vals = _nested_chunk(sig, pattern_key, last, jax.lax.dynamic_slice_in_dim(L, i0, R), X[:, b], W[b],
+                             xk, wk, nblocks)
+        return jax.lax.dynamic_update_slice_in_dim(out, jax.lax.dynamic_slice_in_dim(out, i0, R) + vals, i0, 0)
+
+    return jax.lax.fori_loop(0, steps, step, jnp.zeros((I, len(pattern_key)), X.dtype))
+
+
+@functools.lru_cache(maxsize=16)
+def _block_grid(rules: tuple):
+    """The outer grid of :func:`_rest_grid` in blocks of BLOCK_NODES nodes, zero-weight padded to
+    BLOCK_GRID nodes (one compiled shape): X (k-1, B, g), W (B, g) and nblk, the blocks that hold
+    its nodes; None when the grid is larger than BLOCK_GRID."""
+    X, W = _rest_grid(rules)
+    real = math.prod(_rule(r)[0].size for r in rules)
+    if real > BLOCK_GRID:
+        return None
+    Xb, Wb = np.zeros((X.shape[0], BLOCK_GRID)), np.zeros(BLOCK_GRID)
+    Xb[:, :real], Wb[:real] = X[:, :real], W[:real]
+    g = BLOCK_NODES
+    return Xb.reshape(X.shape[0], BLOCK_GRID // g, g), Wb.reshape(BLOCK_GRID // g, g), -(-real // g)
+
+
+def _run_blocks(results, sig, key, mesh, grid, Li, wi, oi, xk, wk):
+    """The items (Li, wi, oi) of one small four-input nested group through the block kernel
+    (:func:`_nested_blocks`), appended to ``results`` (:func:`_settle`); ``grid``: (X, W, nblk) of
+    :func:`_block_grid`.  The per-shape kernel (:func:`_nested_moments`) compiles one program per
+    (grid size, batch, inner rule): about 16 at N = 16, depth 10, for groups whose integrals take
+    less time than their compilation.  Not used for large groups: measured ~10% slower warm there."""
+    D = mesh.devices.size
+    X, W, nblk = grid
+    inner = tuple(jnp.asarray(a) for a in _inner_rule(xk, wk))
+    R = _block_rows(xk.size)
+    kernel = _nested_blocks_kernel(sig, key, mesh)
+    X, W = jnp.asarray(X), jnp.asarray(W)
+    per_call = D * BLOCK_ITEMS
+    for start in range(0, Li.shape[0], per_call):
+        stop = min(start + per_call, Li.shape[0])
+        (Lb,), cnts = _split_rows(D, BLOCK_ITEMS, Li[start:stop])
+        _settle(results, (oi[start:stop], wi[start:stop], cnts, BLOCK_ITEMS,
+                          kernel(Lb, _row_steps(cnts, nblk, R), np.int32(nblk), X, W, *inner)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -866,6 +955,10 @@ def _smooth_sets(sig, S, patterns, tol, half: bool, setup, host: bool = False):
             Li, wi, oi = Li[o], wi[o], oi[o]
             _run_tabled(results, sig, key, pairs, nchunks, mesh, cap, b, Li, wi, oi, X, W, xk, wk, R, L, ntab)
             continue
+        grid = _block_grid(rules[:-1]) if work <= BLOCK_WORK else None
+        if grid is not None:  # small four-input nested group: the block kernel, one program per inner rule shape
+            _run_blocks(results, sig, key, mesh, grid, Li, wi, oi, xk, wk)
+            continue
         kernel = _nested_kernel(sig, key, nchunks, mesh)
         inner = tuple(jnp.asarray(a) for a in _inner_rule(xk, wk))
         for start in range(0, Li.shape[0], D * per_dev):
@@ -900,7 +993,8 @@ def _run_rows(results, sig, key, pairs, mesh, tabled, rules, Li, wi, oi, xk, wk,
     per_call = D * max(1, min(_ROW_ITEMS, _CALL // per_item))
     if tabled:
         o = np.argsort(oi, kind="stable")
-        _run_tabled_rows(results, sig, key, pairs, mesh, per_call, Li[o], wi[o], oi[o], grid, xk, wk, R, L, ntab)
+        _run_tabled_rows(results, sig, key, pairs, mesh, per_call, _ROW_ITEMS, rows_per_step, Li[o], wi[o], oi[o], grid,
+                         xk, wk, R, L, ntab)
         return
     kernel = _nested_rows_kernel(sig, key, rows_per_step, mesh)
     inner = tuple(jnp.asarray(a) for a in inner_blocks(xk, wk))
@@ -911,32 +1005,12 @@ def _run_rows(results, sig, key, pairs, mesh, tabled, rules, Li, wi, oi, xk, wk,
                           kernel(Lb, _row_steps(cnts, nblk, rows_per_step), np.int32(nblk), grid[0], grid[1], *inner)))
 
 
-_IN_FLIGHT = 2  # kernel calls dispatched ahead of the one being collected
-
 # ---------------------------------------------------------------------------------------------
 # small work on the host: numpy, no compiled kernel per shape
 
 
 HOST_SETS = 70  # set sizes with at most this many sets (every size at N <= 8: C(8, 4) = 70) run in numpy
 HOST_WORK = 1 << 17  # and groups of items with at most this many node evaluations (a kernel shape's compilation costs more)
-_HOST_BUDGET = 1 << 17  # items x nodes (x inner nodes) per numpy step: ~1 MB arrays (tests/test_memory.py)
-
-
-def _host_patterns(pattern_key, so, do, h, W):
-    """(n, P): sum over nodes of W h_{e_last} prod_i g_{e_i} for so, do (k-1, n, m), h {pair: (n, m)}."""
-    k = so.shape[0] + 1
-    cache = {}
-    out = []
-    for pat in pattern_key:
-        f = h[pat[k - 1]] * W
-        for i in range(k - 1):
-            if pat[i] != (0, 0):
-                key = (i,) + tuple(pat[i])
-                if key not in cache:
-                    cache[key] = monomial(so[i], do[i], pat[i][0], pat[i][1])
-                f = f * cache[key]
-        out.append(f.sum(axis=-1))
-    return np.stack(out, -1)
 
 
 def _host_nested(sig, pattern_key, Li, X, W, xk, wk):
@@ -957,194 +1031,12 @@ def _host_nested(sig, pattern_key, Li, X, W, xk, wk):
     return out
 
 
-def _host_tables(sig, pairs, mu, sd, xk, wk):
-    """Lagrange coefficients (M, 6 P) of h_e at the points mu (M,) (one set's, equispaced) with
-    conditional deviation sd: :func:`efftheory.gaussian._tables.build_tables` in numpy."""
-    from ._tables import INTERP_ORDER, lagrange_to_monomial
-
-    M = mu.size
-    v = np.empty((M, len(pairs)))
-    step = max(1, _HOST_BUDGET // xk.size)
-    for lo in range(0, M, step):
-        z = mu[lo:lo + step, None] + sd * xk[None, :]
-        s, d = sd_values(sig, z)
-        v[lo:lo + step] = np.stack([monomial(s, d, e0, e1, np.ones_like(z)) @ wk for e0, e1 in pairs], -1)
-    vp = np.pad(v, ((2, INTERP_ORDER - 2), (0, 0)))
-    window = np.stack([vp[q:q + M] for q in range(INTERP_ORDER)], 0)  # (6, M, P)
-    coef = np.einsum("rq,qmp->mpr", lagrange_to_monomial(), window)  # (M, P, 6)
-    return coef.reshape(M, INTERP_ORDER * len(pairs))
-
-
-def _host_tabled(sig, pattern_key, pairs, Li, oi, X, W, xk, wk, R, L, ntab):
-    """The tabulated kernel (:func:`efftheory.gaussian._tables._tabled_moments`) in numpy: values (n, P) of the
-    items Li (n, k, k) owned by the sets oi, each set's table built once."""
-    from ._tables import INTERP_ORDER
-
-    n, k = Li.shape[0], Li.shape[1]
-    out = np.empty((n, len(pattern_key)))
-    for s in np.unique(oi):
-        rows = np.nonzero(oi == s)[0]
-        pts = int(ntab[s])
-        dx = 2.0 * R[s] / (pts - 6)
-        lo = -R[s] - 2.0 * dx
-        tab = _host_tables(sig, pairs, lo + dx * np.arange(pts), L[s, k - 1, k - 1], xk, wk)
-        step = max(1, _HOST_BUDGET // X.shape[1])
-        for a in range(0, rows.size, step):
-            Lb = Li[rows[a:a + step]]
-            zo = np.einsum("cij,jm->icm", Lb[:, :k - 1, :k - 1], X)
-            u = (np.einsum("cj,jm->cm", Lb[:, k - 1, :k - 1], X) - lo) * (1.0 / dx)
-            i = np.clip(np.floor(u), 2.0, float(pts - 5))
-            t = u - i
-            coef = tab[np.minimum(i.astype(np.int64), tab.shape[0] - 1)]  # (b, m, 6 P)
-            h = {}
-            for j, p in enumerate(pairs):
-                a_ = coef[..., INTERP_ORDER * j:INTERP_ORDER * (j + 1)]
-                hp = a_[..., INTERP_ORDER - 1]
-                for r in range(INTERP_ORDER - 2, -1, -1):
-                    hp = a_[..., r] + t * hp
-                h[p] = hp
-            so, do = sd_values(sig, zo)
-            out[rows[a:a + step]] = _host_patterns(pattern_key, so, do, h, W)
-    return out
-
-
-
-def _settle(results: list, call: tuple) -> None:
-    """Append a dispatched call (owners, weights, counts, per-device items, values) to ``results`` and
-    wait for all but the last _IN_FLIGHT: JAX runs calls asynchronously, and every queued call holds
-    its inputs (items, tables: up to ~40 MB each), so an unbounded queue would hold a block's worth."""
-    check_stop()
-    results.append(call)
-    if len(results) > _IN_FLIGHT:
-        done = results[-_IN_FLIGHT - 1]
-        results[-_IN_FLIGHT - 1] = done[:4] + (np.asarray(done[4]),)
-
-
-def _shares(n: int, D: int) -> list[slice]:
-    """The items of a call of n that device d gets, d < D: consecutive runs of ceil(n / D)."""
-    share = -(-n // D)
-    return [slice(min(d * share, n), min((d + 1) * share, n)) for d in range(D)]
-
-
-def _split(items, D, cap, b, *extra):
-    """Items (n, ...) of one call spread evenly over D devices (:func:`_shares`): arrays
-    (D * cap, b, ...) (zero padded), steps (D,) (sub-batches each device runs) and the item counts
-    per device."""
-    shares = _shares(items.shape[0], D)
-    cnts = [sl.stop - sl.start for sl in shares]
-    out = []
-    for a in (items,) + extra:
-        buf = np.zeros((D, cap * b) + a.shape[1:], a.dtype)
-        for d, sl in enumerate(shares):
-            buf[d, :cnts[d]] = a[sl]
-        out.append(buf.reshape((D * cap, b) + a.shape[1:]))
-    steps = np.array([-(-c // b) for c in cnts], dtype=np.int32)
-    return (*out, steps, cnts)
-
-
-_TABLE_ROWS = 1 << 18  # table points per call of the tabulated kernel (6 P float64 coefficients each)
-
-
-def _run_tabled(results, sig, key, pairs, nchunks, mesh, cap, b, Li, wi, oi, X, W, xk, wk, R, L, ntab):
-    """Calls of the tabulated kernel over the items (Li, wi, oi) of one group (owners in
-    increasing order, several items per set), appended to ``results`` (:func:`_settle`).  Each call
-    covers sets with at most _TABLE_ROWS table points in all; each device builds the tables of the
-    sets its share of the items belongs to (a set split between two devices is built on both) and
-    looks them up."""
-    k = Li.shape[1]
-    D = mesh.devices.size
-    kernel = tabled_kernel(sig, key, pairs, nchunks, mesh)
-    inner = tuple(jnp.asarray(a) for a in inner_blocks(xk, wk))
-    start = 0
-    while start < Li.shape[0]:
-        stop = min(start + D * cap * b, Li.shape[0])
-        stop, aux, row, mu, sdv, tchunks = _call_tables(oi, start, stop, ntab, R, L, k, D)
-        Lb, ab, rb, steps, cnts = _split(Li[start:stop], D, cap, b, aux, row)
-        _settle(results, (oi[start:stop], wi[start:stop], cnts, cap * b,
-                          kernel(Lb, ab, rb, mu, sdv, tchunks, steps, X, W, *inner)))
-        start = stop
-
-
-def _call_tables(oi, start: int, stop: int, ntab, R, L, k: int, D: int):
-    """The tables of one call of a tabulated kernel over the items start..stop (owners ``oi``): the call
-    ends before the first set whose table no longer fits in _TABLE_ROWS points.  Returns the new stop,
-    each item's aux (lo, 1 / dx, last cell) and first table row on its device, the table points mu, sd
-    (D * rows,) and the chunks of them each device uses (D,)."""
-    sets, first = np.unique(oi[start:stop], return_index=True)
-    pts = ntab[sets]
-    fit = int(np.searchsorted(np.cumsum(pts), _TABLE_ROWS, side="right"))
-    if fit < sets.size:  # end the call before the first set whose table does not fit
-        stop, sets, pts = start + first[fit], sets[:fit], pts[:fit]
-    # points lo + dx j, j < pts: [-R, R] is cells 2..pts-5 (two points below, three above)
-    dx = 2.0 * R[sets] / (pts - 6)
-    lo, sd = -R[sets] - 2.0 * dx, L[sets, k - 1, k - 1]
-    local = np.searchsorted(sets, oi[start:stop])
-    aux = np.stack([lo[local], 1.0 / dx[local], (pts[local] - 5).astype(np.float64)], 1)
-    row = np.zeros(stop - start, dtype=np.int32)
-    points = []
-    for mine in _shares(stop - start, D):  # each device's items, as _split gives them
-        ds, inv = np.unique(local[mine], return_inverse=True)
-        p = pts[ds]
-        offs = np.cumsum(p) - p
-        row[mine] = offs[inv]
-        j = np.arange(int(p.sum())) - np.repeat(offs, p)
-        points.append((np.repeat(lo[ds], p) + np.repeat(dx[ds], p) * j, np.repeat(sd[ds], p)))
-    rows = table_rows(max(m.size for m, _ in points))
-    mu, sdv = np.zeros((D, rows)), np.zeros((D, rows))
-    for d, (m, v) in enumerate(points):
-        mu[d, :m.size], sdv[d, :m.size] = m, v
-    tchunks = np.array([-(-m.size // TABLE_CHUNK) for m, _ in points], dtype=np.int32)
-    return stop, aux, row, mu.reshape(-1), sdv.reshape(-1), tchunks
-
-
-def _split_rows(D: int, I: int, *arrays):
-    """The items (n, ...) of one call spread evenly over D devices (:func:`_shares`): arrays
-    (D * I, ...) (zero padded) and the item counts per device (each at most I)."""
-    shares = _shares(arrays[0].shape[0], D)
-    cnts = [sl.stop - sl.start for sl in shares]
-    out = []
-    for a in arrays:
-        buf = np.zeros((D, I) + a.shape[1:], a.dtype)
-        for d, sl in enumerate(shares):
-            buf[d, :cnts[d]] = a[sl]
-        out.append(buf.reshape((D * I,) + a.shape[1:]))
-    return out, cnts
-
-
-def _row_steps(cnts, nblk: int, R: int):
-    """Loop steps per device for cnts items of nblk blocks, R items a step: (D,) int32."""
-    return np.array([-(-c // R) * nblk for c in cnts], dtype=np.int32)
-
-
 def _rows_per_step(k: int, tabled: bool) -> int:
     """Items a step of the row kernels takes (each at one block of ROW_NODES[k] nodes): _CHUNK_TABLED
     nodes a step for the tabulated kernel, _CHUNK nodes times inner nodes for the nested one."""
     if tabled:
         return _CHUNK_TABLED // ROW_NODES[k]
     return max(1, _CHUNK // (ROW_NODES[k] * INNER_BLOCK))
-
-
-def _run_tabled_rows(results, sig, key, pairs, mesh, per_call, Li, wi, oi, grid, xk, wk, R, L, ntab):
-    """Calls of the tabulated kernel over the items (Li, wi, oi) of one group (owners in
-    increasing order, several items per set), appended to ``results`` (:func:`_settle`).  Each call
-    covers at most ``per_call`` items and sets with at most _TABLE_ROWS table points in all; each
-    device builds the tables of the sets its share of the items belongs to (a set split between two
-    devices is built on both) and looks them up.  ``grid``: (X, W, nblk) of :func:`_row_grid`."""
-    k = Li.shape[1]
-    D = mesh.devices.size
-    rows_per_step = _rows_per_step(k, True)
-    kernel = tabled_rows_kernel(sig, key, pairs, rows_per_step, mesh)
-    inner = tuple(jnp.asarray(a) for a in inner_blocks(xk, wk))
-    X, W, nblk = grid
-    start = 0
-    while start < Li.shape[0]:
-        stop = min(start + per_call, Li.shape[0])
-        stop, aux, row, mu, sdv, tchunks = _call_tables(oi, start, stop, ntab, R, L, k, D)
-        (Lb, ab, rb), cnts = _split_rows(D, _ROW_ITEMS, Li[start:stop], aux, row)
-        _settle(results, (oi[start:stop], wi[start:stop], cnts, _ROW_ITEMS,
-                          kernel(Lb, ab, rb, mu, sdv, tchunks,
-                                 _row_steps(cnts, nblk, rows_per_step), np.int32(nblk), X, W, *inner)))
-        start = stop
 
 
 def _polar_sets(sig, dsig, L2, patterns):

@@ -39,12 +39,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._cancel import check_stop
 from .._sharding import shard_map
 from ._rules import derivative, normal_rule
 
 __all__ = ["table_spacing", "build_tables", "tabled_kernel", "pattern_sums", "over_items", "sharded",
            "monomial", "inner_blocks", "reduce_patterns", "table_rows", "tabled_rows_kernel", "row_step",
-           "TABLE_CHUNK", "INNER_MAX", "INNER_BLOCK"]
+           "TABLE_CHUNK", "INNER_MAX", "INNER_BLOCK", "TABLE_ROWS", "table_points", "call_tables", "run_tabled",
+           "run_tabled_rows", "host_tables", "host_tabled", "host_patterns", "settle", "shares", "split",
+           "split_rows", "row_steps", "HOST_BUDGET", "IN_FLIGHT"]
 
 _SAFETY = 1.25          # max |g^(6)| between grid points of table_spacing's scan
 INTERP_ORDER = 6             # points of the local interpolation (degree 5): cell i uses points i-2..i+3
@@ -149,9 +152,9 @@ def lagrange_to_monomial() -> np.ndarray:
     return np.linalg.inv(np.vander(t, INTERP_ORDER, increasing=True))
 
 
-def table_rows(M: int) -> int:
-    """Rows of a table of M points: the next TABLE_CHUNK * 4^j >= M (few compiled shapes)."""
-    rows = TABLE_CHUNK
+def table_rows(M: int, least: int = TABLE_CHUNK) -> int:
+    """Rows of a table of M points: the next ``least`` * 4^j >= M (few compiled shapes)."""
+    rows = least
     while rows < M:
         rows *= 4
     return rows
@@ -163,7 +166,8 @@ def build_tables(sig, pairs, mu, sd, xk, wk):
     (at most INNER_MAX nodes): (rows, 6 P) with rows = :func:`table_rows` (M).  Row j holds, pair
     by pair, the coefficients a_0..a_5 of p(t) = sum_r a_r t^r, the polynomial through the values
     at points j-2..j+3 (t = 0 at point j, 1 at point j+1): meaningful for 2 <= j <= (set's
-    points) - 4, the only rows a lookup reaches; rows past M are meaningless.
+    points) - 4, the only rows a lookup reaches; rows past M are meaningless (past the chunks of
+    TABLE_CHUNK points in use: zero, their coefficients are not formed).
 
     The compiled program depends on the number of rows and ``pairs`` only: the points in use and
     the inner nodes are counted at run time.  (The tabulated kernel builds its tables itself, on
@@ -208,10 +212,17 @@ def _table_coefficients(sig, pairs, mu, sd, nchunks, xk, wk, nblocks):
 
     v = jax.lax.fori_loop(0, nchunks, chunk, jnp.zeros((rows, len(pairs)), mu.dtype))
     vp = jnp.pad(v, ((2, INTERP_ORDER - 2), (0, 0)))  # (rows + 6, P): row j + 2 is point j
-    window = [vp[q:q + rows] for q in range(INTERP_ORDER)]  # points j-2..j+3 of every row j
     C = lagrange_to_monomial()
-    coef = [sum(float(C[r, q]) * window[q] for q in range(INTERP_ORDER) if C[r, q] != 0.0) for r in range(INTERP_ORDER)]
-    return jnp.stack(coef, 2).reshape(rows, INTERP_ORDER * len(pairs))  # a sum per coefficient: XLA fuses it
+
+    def coefficients(c, tab):  # the chunks in use only: the rows past them are never read
+        seg = jax.lax.dynamic_slice_in_dim(vp, c * TABLE_CHUNK, TABLE_CHUNK + INTERP_ORDER - 1)
+        window = [seg[q:q + TABLE_CHUNK] for q in range(INTERP_ORDER)]  # points j-2..j+3 of every row j
+        coef = [sum(float(C[r, q]) * window[q] for q in range(INTERP_ORDER) if C[r, q] != 0.0)
+                for r in range(INTERP_ORDER)]  # a sum per coefficient: XLA fuses it
+        block = jnp.stack(coef, 2).reshape(TABLE_CHUNK, INTERP_ORDER * len(pairs))
+        return jax.lax.dynamic_update_slice_in_dim(tab, block, c * TABLE_CHUNK, 0)
+
+    return jax.lax.fori_loop(0, nchunks, coefficients, jnp.zeros((rows, INTERP_ORDER * len(pairs)), mu.dtype))
 
 
 _build_tables = jax.jit(_table_coefficients, static_argnums=(0, 1))
@@ -416,3 +427,217 @@ def tabled_kernel(sig, pattern_key, pairs, nchunks, mesh):
     steps split over the devices of ``mesh`` (each device builds the tables of its own items), the
     outer grid and the inner rule replicated."""
     return sharded(functools.partial(_tabled_moments, sig, pattern_key, pairs, nchunks), mesh, 6, 5)
+
+# ---------------------------------------------------------------------------------------------
+# the calls of the tabulated kernels (tables per call, items spread over the devices) and their numpy
+# twins for small work
+
+
+IN_FLIGHT = 2  # kernel calls dispatched ahead of the one being collected
+
+
+HOST_BUDGET = 1 << 17  # items x nodes (x inner nodes) per numpy step: ~1 MB arrays (tests/test_memory.py)
+
+
+def host_patterns(pattern_key, so, do, h, W):
+    """(n, P): sum over nodes of W h_{e_last} prod_i g_{e_i} for so, do (k-1, n, m), h {pair: (n, m)}."""
+    k = so.shape[0] + 1
+    cache = {}
+    out = []
+    for pat in pattern_key:
+        f = h[pat[k - 1]] * W
+        for i in range(k - 1):
+            if pat[i] != (0, 0):
+                key = (i,) + tuple(pat[i])
+                if key not in cache:
+                    cache[key] = monomial(so[i], do[i], pat[i][0], pat[i][1])
+                f = f * cache[key]
+        out.append(f.sum(axis=-1))
+    return np.stack(out, -1)
+
+
+def host_tables(sig, pairs, mu, sd, xk, wk):
+    """Lagrange coefficients (M, 6 P) of h_e at the points mu (M,) (one set's, equispaced) with
+    conditional deviation sd: :func:`build_tables` in numpy."""
+    M = mu.size
+    v = np.empty((M, len(pairs)))
+    step = max(1, HOST_BUDGET // xk.size)
+    for lo in range(0, M, step):
+        z = mu[lo:lo + step, None] + sd * xk[None, :]
+        s, d = sd_values(sig, z)
+        v[lo:lo + step] = np.stack([monomial(s, d, e0, e1, np.ones_like(z)) @ wk for e0, e1 in pairs], -1)
+    vp = np.pad(v, ((2, INTERP_ORDER - 2), (0, 0)))
+    window = np.stack([vp[q:q + M] for q in range(INTERP_ORDER)], 0)  # (6, M, P)
+    coef = np.einsum("rq,qmp->mpr", lagrange_to_monomial(), window)  # (M, P, 6)
+    return coef.reshape(M, INTERP_ORDER * len(pairs))
+
+
+def host_tabled(sig, pattern_key, pairs, Li, oi, X, W, xk, wk, R, L, ntab):
+    """The tabulated kernel (:func:`_tabled_moments`) in numpy: values (n, P) of the
+    items Li (n, k, k) owned by the sets oi, each set's table built once."""
+    n, k = Li.shape[0], Li.shape[1]
+    out = np.empty((n, len(pattern_key)))
+    for s in np.unique(oi):
+        rows = np.nonzero(oi == s)[0]
+        pts = int(ntab[s])
+        dx = 2.0 * R[s] / (pts - 6)
+        lo = -R[s] - 2.0 * dx
+        tab = host_tables(sig, pairs, lo + dx * np.arange(pts), L[s, k - 1, k - 1], xk, wk)
+        step = max(1, HOST_BUDGET // X.shape[1])
+        for a in range(0, rows.size, step):
+            Lb = Li[rows[a:a + step]]
+            zo = np.einsum("cij,jm->icm", Lb[:, :k - 1, :k - 1], X)
+            u = (np.einsum("cj,jm->cm", Lb[:, k - 1, :k - 1], X) - lo) * (1.0 / dx)
+            i = np.clip(np.floor(u), 2.0, float(pts - 5))
+            t = u - i
+            coef = tab[np.minimum(i.astype(np.int64), tab.shape[0] - 1)]  # (b, m, 6 P)
+            h = {}
+            for j, p in enumerate(pairs):
+                a_ = coef[..., INTERP_ORDER * j:INTERP_ORDER * (j + 1)]
+                hp = a_[..., INTERP_ORDER - 1]
+                for r in range(INTERP_ORDER - 2, -1, -1):
+                    hp = a_[..., r] + t * hp
+                h[p] = hp
+            so, do = sd_values(sig, zo)
+            out[rows[a:a + step]] = host_patterns(pattern_key, so, do, h, W)
+    return out
+
+
+def settle(results: list, call: tuple) -> None:
+    """Append a dispatched call (owners, weights, counts, per-device items, values) to ``results`` and
+    wait for all but the last IN_FLIGHT: JAX runs calls asynchronously, and every queued call holds
+    its inputs (items, tables: up to ~40 MB each), so an unbounded queue would hold a block's worth."""
+    check_stop()
+    results.append(call)
+    if len(results) > IN_FLIGHT:
+        done = results[-IN_FLIGHT - 1]
+        results[-IN_FLIGHT - 1] = done[:4] + (np.asarray(done[4]),)
+
+
+def shares(n: int, D: int) -> list[slice]:
+    """The items of a call of n that device d gets, d < D: consecutive runs of ceil(n / D)."""
+    share = -(-n // D)
+    return [slice(min(d * share, n), min((d + 1) * share, n)) for d in range(D)]
+
+
+def split(items, D, cap, b, *extra):
+    """Items (n, ...) of one call spread evenly over D devices (:func:`shares`): arrays
+    (D * cap, b, ...) (zero padded), steps (D,) (sub-batches each device runs) and the item counts
+    per device."""
+    parts = shares(items.shape[0], D)
+    cnts = [sl.stop - sl.start for sl in parts]
+    out = []
+    for a in (items,) + extra:
+        buf = np.zeros((D, cap * b) + a.shape[1:], a.dtype)
+        for d, sl in enumerate(parts):
+            buf[d, :cnts[d]] = a[sl]
+        out.append(buf.reshape((D * cap, b) + a.shape[1:]))
+    steps = np.array([-(-c // b) for c in cnts], dtype=np.int32)
+    return (*out, steps, cnts)
+
+
+TABLE_ROWS = 1 << 18  # table points per call of the tabulated kernel (6 P float64 coefficients each)
+TABLE_LEAST = 1 << 14  # fewest table rows of a four-input tabulated call: 4096-row tables padded to 16384
+#                        (9 fewer programs at N = 16, depth 10; the coefficients are formed for the rows in use only)
+
+
+def run_tabled(results, sig, key, pairs, nchunks, mesh, cap, b, Li, wi, oi, X, W, xk, wk, R, L, ntab):
+    """Calls of the tabulated kernel over the items (Li, wi, oi) of one group (owners in
+    increasing order, several items per set), appended to ``results`` (:func:`settle`).  Each call
+    covers sets with at most TABLE_ROWS table points in all; each device builds the tables of the
+    sets its share of the items belongs to (a set split between two devices is built on both) and
+    looks them up."""
+    k = Li.shape[1]
+    D = mesh.devices.size
+    kernel = tabled_kernel(sig, key, pairs, nchunks, mesh)
+    inner = tuple(jnp.asarray(a) for a in inner_blocks(xk, wk))
+    start = 0
+    while start < Li.shape[0]:
+        stop = min(start + D * cap * b, Li.shape[0])
+        stop, aux, row, mu, sdv, tchunks = call_tables(oi, start, stop, ntab, R, L, k, D, TABLE_LEAST)
+        Lb, ab, rb, steps, cnts = split(Li[start:stop], D, cap, b, aux, row)
+        settle(results, (oi[start:stop], wi[start:stop], cnts, cap * b,
+                          kernel(Lb, ab, rb, mu, sdv, tchunks, steps, X, W, *inner)))
+        start = stop
+
+
+def call_tables(oi, start: int, stop: int, ntab, R, L, k: int, D: int, least: int = TABLE_CHUNK):
+    """The tables of one call of a tabulated kernel over the items start..stop (owners ``oi``): the call
+    ends before the first set whose table no longer fits in TABLE_ROWS points.  Returns the new stop,
+    each item's aux (lo, 1 / dx, last cell) and first table row on its device, the table points mu, sd
+    (D * rows,) and the chunks of them each device uses (D,)."""
+    sets, first = np.unique(oi[start:stop], return_index=True)
+    pts = ntab[sets]
+    fit = int(np.searchsorted(np.cumsum(pts), TABLE_ROWS, side="right"))
+    if fit < sets.size:  # end the call before the first set whose table does not fit
+        stop, sets, pts = start + first[fit], sets[:fit], pts[:fit]
+    # points lo + dx j, j < pts: [-R, R] is cells 2..pts-5 (two points below, three above)
+    dx = 2.0 * R[sets] / (pts - 6)
+    lo, sd = -R[sets] - 2.0 * dx, L[sets, k - 1, k - 1]
+    local = np.searchsorted(sets, oi[start:stop])
+    aux = np.stack([lo[local], 1.0 / dx[local], (pts[local] - 5).astype(np.float64)], 1)
+    row = np.zeros(stop - start, dtype=np.int32)
+    points = []
+    for mine in shares(stop - start, D):  # each device's items, as split gives them
+        ds, inv = np.unique(local[mine], return_inverse=True)
+        p = pts[ds]
+        offs = np.cumsum(p) - p
+        row[mine] = offs[inv]
+        j = np.arange(int(p.sum())) - np.repeat(offs, p)
+        points.append((np.repeat(lo[ds], p) + np.repeat(dx[ds], p) * j, np.repeat(sd[ds], p)))
+    rows = table_rows(max(m.size for m, _ in points), least)
+    mu, sdv = np.zeros((D, rows)), np.zeros((D, rows))
+    for d, (m, v) in enumerate(points):
+        mu[d, :m.size], sdv[d, :m.size] = m, v
+    tchunks = np.array([-(-m.size // TABLE_CHUNK) for m, _ in points], dtype=np.int32)
+    return stop, aux, row, mu.reshape(-1), sdv.reshape(-1), tchunks
+
+
+def split_rows(D: int, I: int, *arrays):
+    """The items (n, ...) of one call spread evenly over D devices (:func:`shares`): arrays
+    (D * I, ...) (zero padded) and the item counts per device (each at most I)."""
+    parts = shares(arrays[0].shape[0], D)
+    cnts = [sl.stop - sl.start for sl in parts]
+    out = []
+    for a in arrays:
+        buf = np.zeros((D, I) + a.shape[1:], a.dtype)
+        for d, sl in enumerate(parts):
+            buf[d, :cnts[d]] = a[sl]
+        out.append(buf.reshape((D * I,) + a.shape[1:]))
+    return out, cnts
+
+
+def row_steps(cnts, nblk: int, R: int):
+    """Loop steps per device for cnts items of nblk blocks, R items a step: (D,) int32."""
+    return np.array([-(-c // R) * nblk for c in cnts], dtype=np.int32)
+
+
+def run_tabled_rows(results, sig, key, pairs, mesh, per_call, items, rows_per_step, Li, wi, oi, grid, xk, wk, R, L,
+                    ntab):
+    """Calls of the tabulated kernel over the items (Li, wi, oi) of one group (owners in
+    increasing order, several items per set), appended to ``results`` (:func:`settle`).  Each call
+    covers at most ``per_call`` items and sets with at most TABLE_ROWS table points in all; each
+    device builds the tables of the sets its share of the items belongs to (a set split between two
+    devices is built on both) and looks them up.  ``items``: the kernel's item arrays per device,
+    ``rows_per_step`` its items a loop step; ``grid``: (X, W, nblk) of
+    :func:`efftheory.gaussian._sources._row_grid`."""
+    k = Li.shape[1]
+    D = mesh.devices.size
+    kernel = tabled_rows_kernel(sig, key, pairs, rows_per_step, mesh)
+    inner = tuple(jnp.asarray(a) for a in inner_blocks(xk, wk))
+    X, W, nblk = grid
+    start = 0
+    while start < Li.shape[0]:
+        stop = min(start + per_call, Li.shape[0])
+        stop, aux, row, mu, sdv, tchunks = call_tables(oi, start, stop, ntab, R, L, k, D)
+        (Lb, ab, rb), cnts = split_rows(D, items, Li[start:stop], aux, row)
+        settle(results, (oi[start:stop], wi[start:stop], cnts, items,
+                         kernel(Lb, ab, rb, mu, sdv, tchunks,
+                                row_steps(cnts, nblk, rows_per_step), np.int32(nblk), X, W, *inner)))
+        start = stop
+
+
+def table_points(R, dx: float):
+    """Table points for half-width R at spacing <= dx: two more below -R, three above R (see
+    :func:`run_tabled`), at least 16.  Not padded: the kernel counts a table's points at run time."""
+    return np.maximum(np.ceil(2.0 * R / dx) + 6, 16.0).astype(np.int64)
