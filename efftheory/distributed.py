@@ -417,6 +417,13 @@ def agree(key: str, value: Any = None, source: int = 0) -> Any:
     return fetch(key, source, readers=process_count() - 1)
 
 
+def my_share(key: str, items: list) -> list:
+    """Process 0's list ``items`` (work still to do, e.g. the steps missing from a cache), agreed by all
+    processes under ``key``, cut to this process's round-robin share: every P-th item from its index on."""
+    items = agree(key, items)
+    return [g for i, g in enumerate(items) if owner(i) == process_index()]
+
+
 def barrier(key: str) -> None:
     """Return once every process has reached ``barrier(key)`` (DistributedError if one died)."""
     gather(key, None)

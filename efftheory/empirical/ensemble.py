@@ -342,8 +342,7 @@ def _run(net, x, n_networks, seed, fold, statistics, method, chunk, dtype_name, 
             todo.append(gstart)
         if dist:  # process 0's list of steps still to draw; every P-th one is this process's
             tag = _dist.next_tag("sample")
-            todo = _dist.agree(f"{tag}/todo", todo)
-            todo = [g for i, g in enumerate(todo) if _dist.owner(i) == _dist.process_index()]
+            todo = _dist.my_share(f"{tag}/todo", todo)
         for gstart in todo:
             out = fn(base, np.uint32(gstart), xd)  # dispatched asynchronously
             if pending is not None:

@@ -496,8 +496,7 @@ def train(net: MLP, x_train: ArrayLike, y_train: ArrayLike, x_test: ArrayLike, *
             todo.append(gstart)
         if dist:  # process 0's list of groups still to train; every P-th one is this process's
             tag = _dist.next_tag("train")
-            todo = _dist.agree(f"{tag}/todo", todo)
-            todo = [g for i, g in enumerate(todo) if _dist.owner(i) == _dist.process_index()]
+            todo = _dist.my_share(f"{tag}/todo", todo)
         for gstart in todo:
             blocks = blocks_of(gstart)
             outs, ckpts = _run_group(fns, net, base, gstart, blocks, chunk, D, xd_train, yd, xd_all, eta_d,
