@@ -318,6 +318,17 @@ def _pair_order(act, K):
     return None if act.homogeneous else rule_size(act, float(np.max(np.diag(K))))
 
 
+def _pair_ops(act: Activation, K: np.ndarray) -> tuple[np.ndarray, ...]:
+    """:func:`_pair_operators` at kernel K as numpy arrays, by the host rule for small work (numpy, no
+    compiled program per (N, rule)) and the compiled one above it."""
+    order, rtol = _pair_order(act, K), (1e-12 if act.smooth else 1e-9)
+    if K.shape[0] ** 2 <= HOST_SETS:
+        ops = _pair_operators_host(act.fn, act.homogeneous, order, rtol, np.asarray(K, np.float64))
+    else:
+        ops = _pair_operators(act.fn, derivative(act.fn), act.homogeneous, order, rtol, jnp.asarray(K))
+    return tuple(np.asarray(o) for o in ops)
+
+
 def layer_sources(act: Activation, K: ArrayLike, *, tol: float = 1e-9, block: int = SET_BLOCK,
                   part: Part | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The single-neuron moments Mss, Mds, Mdd of :func:`efftheory.gaussian._sources.source_moments` that
@@ -341,14 +352,7 @@ def layer_step(act: Activation, C_W: float, lam_W: float, r: float, K: np.ndarra
     ``history``: :func:`neuron_history` at this step (residual networks: the earlier layers' single weights
     whose squares correlate B's chain terms with sigma'; :func:`history_correction`)."""
     N = K.shape[0]
-    hom = act.homogeneous
-    order = _pair_order(act, K)
-    rtol = 1e-12 if act.smooth else 1e-9
-    if N * N <= HOST_SETS:  # small work: numpy, no compiled program per (N, rule)
-        ops = _pair_operators_host(act.fn, hom, order, rtol, np.asarray(K, np.float64))
-    else:
-        ops = _pair_operators(act.fn, derivative(act.fn), hom, order, rtol, jnp.asarray(K))
-    S, dS, R2, Rp2, T4, Tp4, P1, U1, Up1, W3, Wp3, Sds = (np.asarray(o) for o in ops)
+    S, dS, R2, Rp2, T4, Tp4, P1, U1, Up1, W3, Wp3, Sds = _pair_ops(act, K)
     Z = C_W * dS
     R2, Rp2 = C_W / 2 * R2, C_W / 2 * Rp2
     Q2 = (lam_W / C_W) * R2 + Theta[:, :, None, None] * Rp2  # Q = (lambda_W / C_W) R + diag(Theta) R'
@@ -537,12 +541,7 @@ def residual_step(plain, ops, C_W, lam_W, r, xi, gamma, K, Theta, G1, V, H1, A, 
 
 def sigma_prime_pairs(act: Activation, K: np.ndarray) -> np.ndarray:
     """<sigma'_a sigma'_b> (N, N) at kernel K, by layer_step's pair rule."""
-    K = np.asarray(K, np.float64)
-    N = K.shape[0]
-    order, rtol = _pair_order(act, K), (1e-12 if act.smooth else 1e-9)
-    if N * N <= HOST_SETS:
-        return np.asarray(_pair_operators_host(act.fn, act.homogeneous, order, rtol, K)[1])
-    return np.asarray(_pair_operators(act.fn, derivative(act.fn), act.homogeneous, order, rtol, jnp.asarray(K))[1])
+    return _pair_ops(act, np.asarray(K, np.float64))[1]
 
 
 def neuron_history(C_Ws, skips, branches, Ks, Ts, Dds, l: int) -> list[tuple]:
