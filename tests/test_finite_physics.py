@@ -24,6 +24,7 @@ For each activation: 3 inputs (one nearly collinear pair, cosine 0.99), depth 5,
 
 import numpy as np
 import pytest
+from _tensor_checks import distinct
 from scipy.stats import norm
 
 import efftheory as et
@@ -44,21 +45,6 @@ CASES = {
 }
 
 
-def _distinct(shape):
-    """Index of one representative per orbit of the pair symmetries (for the Bonferroni count)."""
-    seen, keep = set(), []
-    for idx in np.ndindex(*shape):
-        if len(idx) == 2:
-            key = tuple(sorted(idx))
-        else:
-            p, q = tuple(sorted(idx[:2])), tuple(sorted(idx[2:]))
-            key = (min(p, q), max(p, q))
-        if key not in seen:
-            seen.add(key)
-            keep.append(idx)
-    return tuple(np.array(keep).T)
-
-
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request):
     act, C_W, C_b = CASES[request.param]
@@ -73,7 +59,7 @@ def case(request):
 def _pulls(widths, est, a_pred, c1_pred):
     v, s = np.asarray(est.value, dtype=np.float64), np.asarray(est.stderr, dtype=np.float64)
     fit = em.width_sweep_fit(widths, v, s, infinite=np.asarray(a_pred), first_order=np.asarray(c1_pred))
-    keep = _distinct(v.shape[1:])
+    keep = distinct(v.shape[1:])
     pulls = np.concatenate([np.asarray(fit.a_pull)[keep], np.asarray(fit.c1_pull)[keep]])
     return pulls, norm.isf(0.00135 / (pulls.size * CHECKS_PER_CASE * len(CASES)))
 
@@ -83,7 +69,7 @@ def _check(name, widths, est, a_pred, c1_pred, *, slope_check=True):
     v, s = np.asarray(est.value, dtype=np.float64), np.asarray(est.stderr, dtype=np.float64)
     a_pred, c1_pred = np.asarray(a_pred), np.asarray(c1_pred)
     fit = em.width_sweep_fit(widths, v, s, infinite=a_pred, first_order=c1_pred)
-    keep = _distinct(v.shape[1:])
+    keep = distinct(v.shape[1:])
     pulls = np.concatenate([np.asarray(fit.a_pull)[keep], np.asarray(fit.c1_pull)[keep]])
     m = pulls.size
     limit = norm.isf(0.00135 / (m * CHECKS_PER_CASE * len(CASES)))

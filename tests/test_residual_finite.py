@@ -16,6 +16,7 @@ The NTK's mean is linear in the weights' second moments too: H1 = 0.
 
 import numpy as np
 import pytest
+from _tensor_checks import assert_pair_symmetries
 
 import efftheory as et
 
@@ -62,17 +63,7 @@ def test_deep_linear_residual_is_exact(C_b, skip, branch):
 def test_residual_tensors_have_the_symmetries():
     x = np.array([[1.0, 0.3, -0.5], [0.2, -1.0, 0.8], [0.93, 0.42, -0.43]])
     for act, C_W in (("tanh", 1.0), ("relu", 2.0)):
-        r = et.finite_width(et.MLP(4, 10, act, C_W=C_W, C_b=0.05, skip=0.8, branch=0.6), x)
-        for T in (r.V, r.A):
-            np.testing.assert_allclose(T, T.transpose(0, 2, 1, 3, 4), atol=1e-12)
-            np.testing.assert_allclose(T, T.transpose(0, 3, 4, 1, 2), atol=1e-12)
-        np.testing.assert_allclose(r.B, r.B.transpose(0, 3, 4, 1, 2), atol=1e-12)
-        np.testing.assert_allclose(r.B, r.B.transpose(0, 2, 1, 4, 3), atol=1e-12)
-        np.testing.assert_allclose(r.D, r.D.transpose(0, 2, 1, 3, 4), atol=1e-12)
-        np.testing.assert_allclose(r.D, r.D.transpose(0, 1, 2, 4, 3), atol=1e-12)
-        np.testing.assert_allclose(r.F, r.F.transpose(0, 3, 4, 1, 2), atol=1e-12)
-        np.testing.assert_allclose(r.G1, r.G1.transpose(0, 2, 1), atol=1e-12)
-        np.testing.assert_allclose(r.H1, r.H1.transpose(0, 2, 1), atol=1e-12)
+        assert_pair_symmetries(et.finite_width(et.MLP(4, 10, act, C_W=C_W, C_b=0.05, skip=0.8, branch=0.6), x))
 
 
 def test_residual_identical_inputs_are_finite_and_consistent():

@@ -12,6 +12,7 @@ layer's single neuron).
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _tensor_checks import distinct
 
 import efftheory
 from efftheory import empirical as E
@@ -69,27 +70,12 @@ FO_M = 4000
 FO_CHECKS = 2 * (FO_DEPTH - 1) + 5  # metric and V at layers 2..8, NTK mean, A, B, D, F
 
 
-def _distinct(shape):
-    """One representative per orbit of the pair symmetries (for the Bonferroni count)."""
-    seen, keep = set(), []
-    for idx in np.ndindex(*shape):
-        if len(idx) == 2:
-            key = tuple(sorted(idx))
-        else:
-            p, q = tuple(sorted(idx[:2])), tuple(sorted(idx[2:]))
-            key = (min(p, q), max(p, q))
-        if key not in seen:
-            seen.add(key)
-            keep.append(idx)
-    return tuple(np.array(keep).T)
-
-
 def _fo_pulls(est, a_pred, c1_pred):
     from scipy.stats import norm
 
     v, s = np.asarray(est.value, np.float64), np.asarray(est.stderr, np.float64)
     fit = E.width_sweep_fit(FO_WIDTHS, v, s, infinite=np.asarray(a_pred), first_order=np.asarray(c1_pred))
-    keep = _distinct(v.shape[1:])
+    keep = distinct(v.shape[1:])
     pulls = np.concatenate([np.asarray(fit.a_pull)[keep], np.asarray(fit.c1_pull)[keep]])
     return pulls, norm.isf(0.00135 / (pulls.size * FO_CHECKS * len(CASES)))
 
@@ -114,7 +100,7 @@ def _zero_intercept_pulls(est, c1_pred):
     A = np.stack([W**0, 1 / W, 1 / W**2], 1)
     v = np.asarray(est.value, np.float64)[1:] * W.reshape(-1, *[1] * (est.value.ndim - 1))
     s = np.asarray(est.stderr, np.float64)[1:] * W.reshape(-1, *[1] * (est.value.ndim - 1))
-    keep = _distinct(v.shape[1:])
+    keep = distinct(v.shape[1:])
     pulls = []
     for y, e, c in zip(v[(slice(None),) + keep].T, s[(slice(None),) + keep].T, np.asarray(c1_pred)[keep]):
         w = 1 / e**2
