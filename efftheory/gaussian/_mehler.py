@@ -162,14 +162,20 @@ def _padded_T(C):
     return jnp.pad(C, ((0, 0), (0, pad))).T
 
 
-def _parity_series(R, C, n: int, parity: int):
+def _parity_series(R, C, n, parity: int):
     """sum_{k<n} C[a,k] C[b,k] R^k; for parity p in (0, 1) only the k = p mod 2 terms, as R^p times a
-    series in R^2 (half the work for odd or even functions)."""
+    series in R^2 (half the work for odd or even functions).  ``n`` may be traced: the coefficients
+    from k = n on are zeroed and the loop runs over the chunks that hold the others, so that one
+    compiled program serves every series length (the terms summed, and their order, are those of
+    the slice C[:, :n])."""
     if parity < 0:
-        CT = _padded_T(C[:, :n])
-        return _series_impl(R, CT, CT.shape[0] // _CHUNK)
-    CT = _padded_T(C[:, parity:n:2])
-    out = _series_impl(R * R, CT, CT.shape[0] // _CHUNK)
+        CT = _padded_T(C)
+        CT = jnp.where((jnp.arange(CT.shape[0]) < n)[:, None], CT, 0.0)
+        return _series_impl(R, CT, (n + _CHUNK - 1) // _CHUNK)
+    CT = _padded_T(C[:, parity::2])
+    CT = jnp.where((parity + 2 * jnp.arange(CT.shape[0]) < n)[:, None], CT, 0.0)
+    terms = (n - parity + 1) // 2  # k = parity + 2 i < n
+    out = _series_impl(R * R, CT, (terms + _CHUNK - 1) // _CHUNK)
     return R * out if parity == 1 else out
 
 
@@ -181,9 +187,10 @@ def _correlations(K):
     return jnp.where(s > 0, jnp.clip(K / jnp.where(s > 0, s, 1.0), -1.0, 1.0), 0.0)
 
 
-@functools.partial(jax.jit, static_argnums=(5, 6, 7))
-def _series_pair(K, C, D, m2, dm2, n: int, parities: tuple[int, int], check: bool, limits):
-    """(S, dS, count): the series (M) with the terms k < n for sigma and sigma', exact diagonals, and
+@functools.partial(jax.jit, static_argnums=(6, 7))
+def _series_pair(K, C, D, m2, dm2, n, parities: tuple[int, int], check: bool, limits):
+    """(S, dS, count): the series (M) with the terms k < n (traced: one program for every n) for sigma and
+    sigma', exact diagonals, and
     the number of pairs a < b where the bound (B) fails (|rho| above a product of limits)."""
     R = _correlations(K)
     eye = jnp.eye(K.shape[0], dtype=bool)
@@ -298,6 +305,13 @@ def _sample_pairs(N: int) -> tuple[np.ndarray, np.ndarray]:
     return ia, (ia + rng.integers(1, N, _SAMPLE_PAIRS)) % N
 
 
+def _ladder_rows(theta):
+    """theta (len(ns) + 1, N) padded to len(TERM_LADDER) + 1 rows (the last row kept last; the padding
+    repeats it), so that :func:`_rejected_fraction` compiles once whatever the candidate lengths."""
+    pad = len(TERM_LADDER) + 1 - theta.shape[0]
+    return np.concatenate([theta[:-1], np.repeat(theta[-1:], pad + 1, axis=0)]) if pad > 0 else theta
+
+
 @jax.jit
 def _rejected_fraction(K, ia, ib, tc, td):
     """Fraction of the sampled pairs outside the limits, for every candidate n (tc, td: (J + 1, N))."""
@@ -335,7 +349,8 @@ def pair_moments_mehler(act, K, *, tol: float = TOL, max_terms: int = MAX_TERMS,
         C, D, m2, dm2 = coefficients(act.fn, d, n_max, smooth=act.smooth, n_nodes=n_nodes)
         Ch, Dh, m2h, dm2h = (np.asarray(v) for v in (C, D, m2, dm2))
         theta_c, theta_d = _thresholds(Ch, m2h, tol, ns), _thresholds(Dh, dm2h, tol, ns)
-        frac = np.asarray(_rejected_fraction(K, ia_s, ib_s, jnp.asarray(theta_c), jnp.asarray(theta_d)))
+        frac = np.asarray(_rejected_fraction(K, ia_s, ib_s, *(jnp.asarray(_ladder_rows(t)) for t in (theta_c, theta_d))))
+        frac = frac[:len(ns)]
         P = N * (N - 1) // 2
         cost = np.array(ns, dtype=float) * N * N + frac * P * _NODE_COST * order * order
         j = int(np.argmin(cost))
@@ -347,7 +362,7 @@ def pair_moments_mehler(act, K, *, tol: float = TOL, max_terms: int = MAX_TERMS,
     n = ns[j]
     parities = (_parity(Ch, m2h), _parity(Dh, dm2h))
     limits = jnp.asarray(np.stack([theta_c[j], theta_d[j], theta_c[-1], theta_d[-1]]))
-    S, dS, count = _series_pair(K, C, D, m2, dm2, n, parities, N > 1, limits)
+    S, dS, count = _series_pair(K, C, D, m2, dm2, np.int32(n), parities, N > 1, limits)
     ia = ib = np.zeros(0, dtype=np.int64)
     if int(count):
         ia, ib = np.nonzero(np.asarray(_outside_mask(K, limits)))
