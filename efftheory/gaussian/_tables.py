@@ -538,7 +538,7 @@ def split(items, D, cap, b, *extra):
 
 TABLE_ROWS = 1 << 18  # table points per call of the tabulated kernel (6 P float64 coefficients each)
 TABLE_LEAST = 1 << 16  # fewest table rows of a four-input tabulated call: 4096- and 16384-row tables padded to 65536
-#                        (tanh, N = 16, depth 10: 76 -> 67 programs, first call 19.9 -> 16.6-17.0 s, warm 4.16 -> 4.21-4.25 s;
+#                        (tanh, N = 16, depth 10: 76 -> 67 programs, first call 19.9 -> 16.7-17.0 s, warm +3%;
 #                        2^18 gave 69 programs but warm +27%: zeroing and padding the unused rows costs per call; the
 #                        coefficients are formed for the rows in use only)
 
