@@ -204,3 +204,31 @@ def test_series_function():
     R = np.clip(rng.uniform(-1, 1, size=(5, 5)), -1, 1)
     want = sum(np.outer(C[:, k], C[:, k]) * R**k for k in range(20))
     np.testing.assert_allclose(np.asarray(mehler.series(R, C)), want, rtol=1e-13, atol=1e-15)
+
+
+def test_series_length_is_traced_and_sums_the_right_terms():
+    """_parity_series with a traced length n sums exactly the terms k < n of the given parity (checked against a
+    direct numpy sum), and _series_pair compiles one program for every n (issue #22: it compiled one per n)."""
+    import jax
+
+    rng = np.random.default_rng(3)
+    N, m = 5, 65
+    C = rng.normal(size=(N, m)) / (1.0 + np.arange(m))
+    A = rng.normal(size=(N, N))
+    R = np.clip(np.corrcoef(A), -1.0, 1.0)
+    k = np.arange(m)
+    for parity in (-1, 0, 1):
+        fn = jax.jit(mehler._parity_series, static_argnums=(3,))
+        for n in (16, 23, 48, 64):
+            keep = (k < n) & ((k % 2 == parity) if parity >= 0 else True)
+            direct = np.einsum("ak,bk,abk->ab", C * keep, C, R[:, :, None] ** k)
+            got = np.asarray(fn(jnp.asarray(R), jnp.asarray(C), np.int32(n), parity))
+            np.testing.assert_allclose(got, direct, rtol=1e-13, atol=1e-15)
+    K = A @ A.T + N * np.eye(N)
+    m2 = np.ones(N)
+    limits = jnp.ones((4, N))
+    before = mehler._series_pair._cache_size()
+    for n in (16, 32, 64):
+        mehler._series_pair(jnp.asarray(K), jnp.asarray(C), jnp.asarray(C), jnp.asarray(m2), jnp.asarray(m2),
+                             np.int32(n), (-1, -1), True, limits)
+    assert mehler._series_pair._cache_size() - before == 1
