@@ -187,3 +187,43 @@ def test_lookup_on_cell_boundaries():
                                    np.ones(1), xk, wk, np.array([R]), sets, np.array([pts]))[:, 0]
         assert np.max(np.abs(got - ref[p])) < 1e-13, (p, np.max(np.abs(got - ref[p])))
         assert np.max(np.abs(host - ref[p])) < 1e-13, (p, np.max(np.abs(host - ref[p])))
+
+
+def test_four_input_tables_compile_one_program_per_table_size(tables_everywhere, monkeypatch):
+    """Sets of four inputs whose outer grids differ in size (here at least three sizes) run the
+    tabulated kernel (_tables._tabled_pairs) with the grid, the items and the chunks per item as
+    run-time values: it is traced (one compiled program each time) once per table size, not once per
+    grid size and batch as the kernel it replaced (11-13 programs at N = 16, depth 10).  The values
+    are the numpy path's (sources.HOST_SETS) to rounding."""
+    traces, grids = [], set()
+    kernel = _tables._tabled_pairs
+
+    def counting(*a):
+        traces.append(a[3].shape)  # L: (items, k, k)
+        return kernel(*a)
+
+    grid = sources._pair_grid_np
+
+    def recording(X, W, real):
+        grids.add(real)
+        return grid(X, W, real)
+
+    monkeypatch.setattr(_tables, "_tabled_pairs", counting)
+    monkeypatch.setattr(sources, "_pair_grid_np", recording)
+    _tables.tabled_kernel.cache_clear()
+    sources._pair_grid.cache_clear()
+    try:
+        rng = np.random.default_rng(7)
+        x = rng.normal(size=(6, 3)) * np.array([[0.3], [0.6], [1.0], [1.4], [2.0], [2.6]])
+        K = x @ x.T / 3 + 0.05
+        act = et.get_activation("tanh")
+        got = sources.source_moments(act, K)
+    finally:
+        _tables.tabled_kernel.cache_clear()
+        sources._pair_grid.cache_clear()
+    assert len(grids) >= 3, grids
+    assert 1 <= len(traces) <= 2, (traces, grids)
+    monkeypatch.setattr(sources, "HOST_SETS", 1 << 30)
+    host = sources.source_moments(act, K)
+    for a, b in zip(got, host):
+        assert np.max(np.abs(a - b)) < 1e-13 * max(1.0, np.max(np.abs(b)))

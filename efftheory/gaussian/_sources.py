@@ -86,6 +86,7 @@ from ._tables import (
 from ._tables import TABLE_ROWS as _TABLE_ROWS
 from ._tables import host_patterns as _host_patterns
 from ._tables import host_tabled as _host_tabled
+from ._tables import pair_grid as _pair_grid_np
 from ._tables import row_steps as _row_steps
 from ._tables import run_tabled as _run_tabled
 from ._tables import run_tabled_rows as _run_tabled_rows
@@ -863,6 +864,15 @@ def _row_grid(rules: tuple):
     return Xb.reshape(k - 1, cap // g, g), Wb.reshape(cap // g, g), -(-real // g)
 
 
+@functools.lru_cache(maxsize=16)
+def _pair_grid(rules: tuple):
+    """The outer grid of :func:`_rest_grid` in chunks for the four-input tabulated kernel
+    (:func:`efftheory.gaussian._tables.pair_grid`), as device arrays: (Xs, Ws, chunks in use)."""
+    X, W = _rest_grid(rules)
+    Xs, Ws, nch = _pair_grid_np(X, W, math.prod(_rule(r)[0].size for r in rules))
+    return jnp.asarray(Xs), jnp.asarray(Ws), nch
+
+
 _ROW_ITEMS = 1 << 13  # items per device and call of the row kernels (their item arrays: one size)
 _CHUNK = 1 << 12         # nodes (times inner nodes) per loop step of the nested kernel
 _CHUNK_TABLED = 1 << 14  # nodes per loop step of the tabulated kernel
@@ -953,7 +963,7 @@ def _smooth_sets(sig, S, patterns, tol, half: bool, setup, host: bool = False):
         if tabled:  # set by set: each call builds the tables of a run of sets
             o = np.argsort(oi, kind="stable")
             Li, wi, oi = Li[o], wi[o], oi[o]
-            _run_tabled(results, sig, key, pairs, nchunks, mesh, cap, b, Li, wi, oi, X, W, xk, wk, R, L, ntab)
+            _run_tabled(results, sig, key, pairs, mesh, Li, wi, oi, _pair_grid(rules[:-1]), xk, wk, R, L, ntab)
             continue
         grid = _block_grid(rules[:-1]) if work <= BLOCK_WORK else None
         if grid is not None:  # small four-input nested group: the block kernel, one program per inner rule shape

@@ -47,7 +47,7 @@ __all__ = ["table_spacing", "build_tables", "tabled_kernel", "pattern_sums", "ov
            "monomial", "inner_blocks", "reduce_patterns", "table_rows", "tabled_rows_kernel", "row_step",
            "TABLE_CHUNK", "INNER_MAX", "INNER_BLOCK", "TABLE_ROWS", "table_points", "call_tables", "run_tabled",
            "run_tabled_rows", "host_tables", "host_tabled", "host_patterns", "settle", "shares", "split",
-           "split_rows", "row_steps", "HOST_BUDGET", "IN_FLIGHT"]
+           "split_rows", "row_steps", "HOST_BUDGET", "IN_FLIGHT", "pair_grid", "pair_list"]
 
 _SAFETY = 1.25          # max |g^(6)| between grid points of table_spacing's scan
 INTERP_ORDER = 6             # points of the local interpolation (degree 5): cell i uses points i-2..i+3
@@ -67,19 +67,23 @@ def _sd_kernel(sig):
 
 def sd_values(sig, z):
     """sigma(z), sigma'(z) as numpy float64 arrays of z's shape, through :func:`_sd_kernel` on
-    zero-padded chunks of _HOST_CHUNK values (so that no shape of z costs a compilation)."""
+    chunks of _HOST_CHUNK values, the last zero-padded (so that no shape of z costs a compilation).
+    Every chunk is dispatched before the first is read: JAX runs them while this thread slices the
+    next (measured 14.4 -> 8 ns a value, tanh, 2 cores; the kernel alone: 6.3)."""
     z = np.asarray(z, dtype=np.float64)
     flat = z.reshape(-1)
     n = flat.size
-    s, d = np.empty(n), np.empty(n)
     fn = _sd_kernel(sig)
-    buf = np.zeros(_HOST_CHUNK)
-    for lo in range(0, n, _HOST_CHUNK):
-        hi = min(lo + _HOST_CHUNK, n)
-        buf[:hi - lo] = flat[lo:hi]
-        buf[hi - lo:] = 0.0
-        a, b = fn(buf)
-        s[lo:hi], d[lo:hi] = np.asarray(a)[:hi - lo], np.asarray(b)[:hi - lo]
+    full = n - n % _HOST_CHUNK
+    calls = [fn(flat[lo:lo + _HOST_CHUNK]) for lo in range(0, full, _HOST_CHUNK)]
+    if full < n:
+        buf = np.zeros(_HOST_CHUNK)
+        buf[:n - full] = flat[full:]
+        calls.append(fn(buf))
+    if not calls:
+        return np.zeros(z.shape), np.zeros(z.shape)
+    s = np.concatenate([np.asarray(a) for a, _ in calls])[:n]
+    d = np.concatenate([np.asarray(b) for _, b in calls])[:n]
     return s.reshape(z.shape), d.reshape(z.shape)
 
 
@@ -295,48 +299,67 @@ def _members(L, X, rows):
                       for i in rows])
 
 
-def _tabled_moments(sig, pattern_key, pairs, nchunks, L, aux, row, mu, sd, tchunks, steps, X, W, xk, wk, nblocks):
-    """vals[s, c, p] for items L (cap, b, k, k) (outer members in rows 0..k-2, the last member's
-    regression coefficients c in row k-1), its table's first ``row`` (cap, b) and ``aux``
-    (cap, b, 3) = (lo, 1 / dx, last cell) of that table (cells from 2: see :func:`build_tables`);
-    X (k-1, M), W (M) the outer grid, in ``nchunks`` chunks.  The tables are built first, from
-    their points mu, sd (rows,) (``tchunks`` (1,) chunks of them in use) and the inner rule
-    (xk, wk, nblocks) (:func:`_table_coefficients`).
+PAIR_NODES = 64    # outer nodes per chunk of the four-input tabulated kernel (its grids' sizes are multiples of 64)
+PAIR_STEP = 256    # (item, chunk) pairs per loop step: 16384 outer nodes
+PAIR_CHUNKS = 128  # chunks of the outer grid a program takes (zero-weight padded; more for a grid of over 8128 nodes)
 
-    One loop over (sub-batch, chunk) steps.  sigma and sigma' of the outer members are computed
-    one step ahead, in a pass of their own that XLA vectorises (inside the fused reduction of
-    :func:`reduce_patterns` they were scalar: 17 of 30 ns a node), and carried into the step that
-    uses them."""
-    k = L.shape[2]
-    m = X.shape[1] // nchunks
-    Xs = X.reshape(k - 1, nchunks, m).transpose(1, 0, 2)
-    Ws = W.reshape(nchunks, m)
+
+def _tabled_pairs(sig, pattern_key, pairs, L, aux, row, pi, pc, mu, sd, tchunks, steps, Xs, Ws, xk, wk, nblocks):
+    """vals (I, P) for items L (I, k, k) (outer members in rows 0..k-2, the last member's regression
+    coefficients in row k-1), each with ``aux`` (I, 3) = (lo, 1 / dx, last cell) and the first row
+    ``row`` (I,) of its table, over the outer grid Xs (C, k-1, m), Ws (C, m) in chunks of m nodes.
+    The work is a list of (item, chunk) pairs pi, pc (Q,), PAIR_STEP of them per loop step, the
+    first ``steps`` (traced) steps in use; a padding pair names a zero-weight chunk.  The tables are
+    built first, from their points mu, sd (rows,) (``tchunks`` (1,) chunks of them in use) and the
+    inner rule (xk, wk, nblocks) (:func:`_table_coefficients`).
+
+    The grid size, the items and the chunks each item takes are run-time values: one compiled
+    program per table size serves every group of four-input sets (the kernel it replaces, with the
+    grid and the batch as shapes, compiled 11-13 programs at N = 16, depth 10, 0.5 s each).  A step's
+    pairs may belong to different items and chunks: their grid columns are gathered, once, in a pass
+    one step ahead that forms sigma and sigma' of the outer members and the last member's table
+    position and carries them into the step that uses them (XLA vectorises that pass; inside the fused
+    reduction of :func:`reduce_patterns` sigma was scalar, and a second gather of the columns for the
+    position cost 35% more time, tanh, N = 16, depth 10)."""
+    k = L.shape[1]
     tab = _table_coefficients(sig, pairs, mu, sd, tchunks[0], xk, wk, nblocks)
 
-    def outer(q):
-        s = jnp.minimum(q // nchunks, L.shape[0] - 1)  # past the last step: a value never used
-        z = _members(L[s], Xs[q % nchunks], range(k - 1))
-        return jax.jvp(sig, (z,), (jnp.ones_like(z),))
+    def work(q):  # items and chunks (B,) of step q; past the last: the final ones, never used
+        sl = lambda a: jax.lax.dynamic_slice_in_dim(a, q * PAIR_STEP, PAIR_STEP)
+        return sl(pi), sl(pc)
+
+    def outer(q):  # the members at step q's nodes: sigma, sigma' (k-1, B, m) and the table position u (B, m)
+        i, c = work(q)
+        ab = aux[i]
+        z = _members(L[i], jnp.moveaxis(Xs[c], 1, 0), range(k))
+        so, do = jax.jvp(sig, (z[:k - 1],), (jnp.ones_like(z[:k - 1]),))
+        return so, do, (z[k - 1] - ab[:, 0, None]) * ab[:, 1, None]
 
     def step(q, carry):
-        out, so, do = carry
-        s, c = q // nchunks, q % nchunks
-        h = _interpolate(tab, pairs, L[s], aux[s], row[s], Xs[c])  # (b, m) per pair
+        out, so, do, u = carry
+        i, c = work(q)
+        h = _lookup(tab, pairs, u, aux[i][:, 2, None], row[i])  # (B, m) per pair
         vals = reduce_patterns(pattern_key, so, do, h, Ws[c])
-        return (out.at[s].add(vals), *outer(q + 1))
+        return (out.at[i].add(vals), *outer(q + 1))
 
-    out = jnp.zeros(L.shape[:2] + (len(pattern_key),), X.dtype)
-    return jax.lax.fori_loop(0, steps * nchunks, step, (out, *outer(0)))[0]
-
+    out = jnp.zeros((L.shape[0], len(pattern_key)), Xs.dtype)
+    return jax.lax.fori_loop(0, steps, step, (out, *outer(0)))[0]
 
 
 def _interpolate(tab, pairs, Lb, ab, rb, Xc):
     """The conditional moments of every pair at the items' outer nodes, read off their tables: the last
-    member's position u in table cells (aux ``ab`` = (lo, 1 / dx, last cell)), the table row ``rb`` + cell,
-    and the INTERP_ORDER coefficients of that cell evaluated by Horner's rule.  {pair: (b, m)}."""
+    member's position u in table cells (aux ``ab`` = (lo, 1 / dx, last cell)), then :func:`_lookup`.
+    {pair: (b, m)}."""
     k = Lb.shape[1]
     u = (_members(Lb, Xc, (k - 1,))[0] - ab[:, 0, None]) * ab[:, 1, None]
-    i = jnp.clip(jnp.floor(u), 2.0, ab[:, 2, None])
+    return _lookup(tab, pairs, u, ab[:, 2, None], rb)
+
+
+def _lookup(tab, pairs, u, last, rb):
+    """{pair: (b, m)}: the tables at positions u (b, m) in cells (the last cell in use ``last``): the
+    table row ``rb`` (b,) + cell, and the INTERP_ORDER coefficients of that cell evaluated by Horner's
+    rule."""
+    i = jnp.clip(jnp.floor(u), 2.0, last)
     t = u - i
     coef = tab.at[rb[:, None] + i.astype(rb.dtype)].get(mode="clip")  # (b, m, INTERP_ORDER P)
     h = {}
@@ -417,16 +440,17 @@ def sharded(moments, mesh, n_items: int, n_shared: int):
     def local(*a):
         return moments(*a[:n_items], a[n_items][0], *a[n_items + 1:])
 
+    local.__name__ = local.__qualname__ = getattr(moments, "func", moments).__name__  # names the compiled program
     return jax.jit(shard_map(local, mesh=mesh, in_specs=(spec("d"),) * (n_items + 1) + (spec(),) * n_shared,
                               out_specs=spec("d"), check=False))
 
 
 @functools.lru_cache(maxsize=None)
-def tabled_kernel(sig, pattern_key, pairs, nchunks, mesh):
-    """The jitted :func:`_tabled_moments`: items (L, aux, row), table points (mu, sd, tchunks) and
-    steps split over the devices of ``mesh`` (each device builds the tables of its own items), the
-    outer grid and the inner rule replicated."""
-    return sharded(functools.partial(_tabled_moments, sig, pattern_key, pairs, nchunks), mesh, 6, 5)
+def tabled_kernel(sig, pattern_key, pairs, mesh):
+    """The jitted :func:`_tabled_pairs`: items (L, aux, row), pairs (pi, pc), table points
+    (mu, sd, tchunks) and steps split over the devices of ``mesh`` (each device builds the tables of
+    its own items), the chunked outer grid and the inner rule replicated."""
+    return sharded(functools.partial(_tabled_pairs, sig, pattern_key, pairs), mesh, 8, 5)
 
 # ---------------------------------------------------------------------------------------------
 # the calls of the tabulated kernels (tables per call, items spread over the devices) and their numpy
@@ -543,23 +567,60 @@ TABLE_LEAST = 1 << 16  # fewest table rows of a four-input tabulated call: 4096-
 #                        coefficients are formed for the rows in use only)
 
 
-def run_tabled(results, sig, key, pairs, nchunks, mesh, cap, b, Li, wi, oi, X, W, xk, wk, R, L, ntab):
-    """Calls of the tabulated kernel over the items (Li, wi, oi) of one group (owners in
-    increasing order, several items per set), appended to ``results`` (:func:`settle`).  Each call
-    covers sets with at most TABLE_ROWS table points in all; each device builds the tables of the
-    sets its share of the items belongs to (a set split between two devices is built on both) and
-    looks them up."""
+PAIR_CALL = 1 << 15   # (item, chunk) pairs per device and call of the four-input tabulated kernel: 2^21 outer nodes
+PAIR_ITEMS = 1 << 13  # items per device and call (its item arrays: one size)
+
+
+def pair_grid(X, W, real: int):
+    """The outer grid X (k-1, >= real), W of a group in chunks of PAIR_NODES nodes, zero-weight
+    padded to PAIR_CHUNKS chunks (or the next power of two holding one chunk more): Xs (C, k-1, m),
+    Ws (C, m), and the chunks that hold the ``real`` nodes.  The chunks past them (the last at least)
+    carry zero weight: padding pairs name the last."""
+    m = PAIR_NODES
+    nch = -(-real // m)
+    C = PAIR_CHUNKS
+    while C < nch + 1:
+        C *= 2
+    Xp, Wp = np.zeros((X.shape[0], C * m)), np.zeros(C * m)
+    Xp[:, :real], Wp[:real] = X[:, :real], W[:real]
+    return Xp.reshape(X.shape[0], C, m).transpose(1, 0, 2).copy(), Wp.reshape(C, m), nch
+
+
+def pair_list(cnts, nch: int, zero_chunk: int):
+    """The (item, chunk) pairs of each device's cnts[d] items, nch chunks each, item by item:
+    pi, pc (D * PAIR_CALL,) int32 (padding pairs: item 0, the zero-weight chunk) and the loop steps
+    per device (D,)."""
+    D = len(cnts)
+    pi = np.zeros((D, PAIR_CALL), np.int32)
+    pc = np.full((D, PAIR_CALL), zero_chunk, np.int32)
+    for d, c in enumerate(cnts):
+        pi[d, :c * nch] = np.repeat(np.arange(c, dtype=np.int32), nch)
+        pc[d, :c * nch] = np.tile(np.arange(nch, dtype=np.int32), c)
+    steps = np.array([-(-c * nch // PAIR_STEP) for c in cnts], dtype=np.int32)
+    return pi.reshape(-1), pc.reshape(-1), steps
+
+
+def run_tabled(results, sig, key, pairs, mesh, Li, wi, oi, grid, xk, wk, R, L, ntab):
+    """Calls of the four-input tabulated kernel (:func:`_tabled_pairs`) over the items (Li, wi, oi)
+    of one group (owners in increasing order, several items per set), appended to ``results``
+    (:func:`settle`); ``grid``: (Xs, Ws, chunks) of :func:`pair_grid`.  Each call covers at most
+    PAIR_ITEMS items and PAIR_CALL pairs per device and sets with at most TABLE_ROWS table points in
+    all; each device builds the tables of the sets its share of the items belongs to (a set split
+    between two devices is built on both) and looks them up."""
     k = Li.shape[1]
     D = mesh.devices.size
-    kernel = tabled_kernel(sig, key, pairs, nchunks, mesh)
+    kernel = tabled_kernel(sig, key, pairs, mesh)
     inner = tuple(jnp.asarray(a) for a in inner_blocks(xk, wk))
+    Xs, Ws, nch = grid
+    per_call = D * min(PAIR_ITEMS, PAIR_CALL // nch)
     start = 0
     while start < Li.shape[0]:
-        stop = min(start + D * cap * b, Li.shape[0])
+        stop = min(start + per_call, Li.shape[0])
         stop, aux, row, mu, sdv, tchunks = call_tables(oi, start, stop, ntab, R, L, k, D, TABLE_LEAST)
-        Lb, ab, rb, steps, cnts = split(Li[start:stop], D, cap, b, aux, row)
-        settle(results, (oi[start:stop], wi[start:stop], cnts, cap * b,
-                          kernel(Lb, ab, rb, mu, sdv, tchunks, steps, X, W, *inner)))
+        (Lb, ab, rb), cnts = split_rows(D, PAIR_ITEMS, Li[start:stop], aux, row)
+        pi, pc, steps = pair_list(cnts, nch, Xs.shape[0] - 1)
+        settle(results, (oi[start:stop], wi[start:stop], cnts, PAIR_ITEMS,
+                         kernel(Lb, ab, rb, pi, pc, mu, sdv, tchunks, steps, Xs, Ws, *inner)))
         start = stop
 
 
