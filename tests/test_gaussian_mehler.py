@@ -68,11 +68,12 @@ def degenerate_kernel(seed=0):
     return 0.5 * (K + K.T)  # bitwise symmetric (a BLAS product need not be)
 
 
+@pytest.mark.parametrize("host", [False, True], ids=["compiled", "numpy"])
 @pytest.mark.parametrize("name", sorted(NUMPY))
-def test_pair_moments_match_scipy(name):
+def test_pair_moments_match_scipy(name, host):
     act = get_activation(name)
     K = degenerate_kernel()
-    S, dS, info = mehler.pair_moments_mehler(act, K, return_info=True)
+    S, dS, info = mehler.pair_moments_mehler(act, K, return_info=True, host=host)
     S, dS = np.asarray(S), np.asarray(dS)
     f, df = NUMPY[name]
     N = K.shape[0]
@@ -90,13 +91,14 @@ def test_pair_moments_match_scipy(name):
     np.testing.assert_array_equal(dS, dS.T)
 
 
+@pytest.mark.parametrize("host", [False, True], ids=["compiled", "numpy"])
 @pytest.mark.parametrize("rho", [-1.0, -0.999999, -0.97, -0.5, 0.0, 0.3, 0.9, 0.99999, 1.0])
-def test_correlation_sweep_tanh_large_variance(rho):
+def test_correlation_sweep_tanh_large_variance(rho, host):
     """tanh at K = 3 (slowly decaying coefficients): series or fallback, 1e-8 of scipy for any rho."""
     act = get_activation("tanh")
     k1, k2 = 3.0, 2.2
     K = np.array([[k1, rho * math.sqrt(k1 * k2)], [rho * math.sqrt(k1 * k2), k2]])
-    S, dS = (np.asarray(v) for v in mehler.pair_moments_mehler(act, K))
+    S, dS = (np.asarray(v) for v in mehler.pair_moments_mehler(act, K, host=host))
     f, df = NUMPY["tanh"]
     for got, g in ((S, f), (dS, df)):
         want = scipy_pair(g, g, k1, k2, K[0, 1])
@@ -104,22 +106,24 @@ def test_correlation_sweep_tanh_large_variance(rho):
         assert abs(got[0, 1] - want) < 1e-8 * scale
 
 
-def test_identical_inputs_equal_diagonal():
+@pytest.mark.parametrize("host", [False, True], ids=["compiled", "numpy"])
+def test_identical_inputs_equal_diagonal(host):
     v = np.array([0.7, -1.1, 0.4])
     x = np.stack([v, v, v])
     K = x @ x.T / 3
     for name in NUMPY:
-        S, dS = (np.asarray(a) for a in mehler.pair_moments_mehler(get_activation(name), K))
+        S, dS = (np.asarray(a) for a in mehler.pair_moments_mehler(get_activation(name), K, host=host))
         np.testing.assert_allclose(S, S[0, 0], rtol=1e-12)
         np.testing.assert_allclose(dS, dS[0, 0], rtol=1e-12)
 
 
-def test_zero_inputs():
+@pytest.mark.parametrize("host", [False, True], ids=["compiled", "numpy"])
+def test_zero_inputs(host):
     """Zero variance: <sigma(0) sigma(z_b)> = sigma(0) <sigma(z_b)>."""
     K = np.array([[0.0, 0.0, 0.0], [0.0, 1.7, 0.4], [0.0, 0.4, 0.0 + 0.9]])
     K[2, 2] = 0.9
     for name, (f, df) in NUMPY.items():
-        S, dS = (np.asarray(a) for a in mehler.pair_moments_mehler(get_activation(name), K))
+        S, dS = (np.asarray(a) for a in mehler.pair_moments_mehler(get_activation(name), K, host=host))
         m1 = si.quad(lambda u: _phi(u) * f(math.sqrt(1.7) * u), -12, 12, epsabs=1e-15)[0]
         dm1 = si.quad(lambda u: _phi(u) * df(math.sqrt(1.7) * u), -12, 12, epsabs=1e-15)[0]
         assert S[0, 0] == pytest.approx(f(0.0) ** 2, abs=1e-14)
@@ -170,11 +174,12 @@ def test_bound_is_honoured_with_few_terms():
     assert info.parities == (1, 0)  # tanh is odd, its derivative even
 
 
-def test_kinked_callable_close_to_closed_form():
+@pytest.mark.parametrize("host", [False, True], ids=["compiled", "numpy"])
+def test_kinked_callable_close_to_closed_form(host):
     relu = get_activation("relu")
     generic = Activation("relu_callable", relu.fn, smooth=False)
     K = degenerate_kernel(2)[:-1, :-1]  # not the zero input: sigma'(0) of relu is a convention (1/2 in jax)
-    S, dS = (np.asarray(v) for v in mehler.pair_moments_mehler(generic, K))
+    S, dS = (np.asarray(v) for v in mehler.pair_moments_mehler(generic, K, host=host))
     d = np.diag(K)
     k11, k22 = np.broadcast_to(d[:, None], K.shape), np.broadcast_to(d[None, :], K.shape)
     # a kink converges like h^2 in the 1-d and 2-d rules (gaussian.rule_size): ~1e-6 and ~1e-3 here
@@ -232,3 +237,42 @@ def test_series_length_is_traced_and_sums_the_right_terms():
         mehler._series_pair(jnp.asarray(K), jnp.asarray(C), jnp.asarray(C), jnp.asarray(m2), jnp.asarray(m2),
                              np.int32(n), (-1, -1), True, limits)
     assert mehler._series_pair._cache_size() - before == 1
+
+
+@pytest.mark.parametrize("name", ["tanh", "gelu", "callable"])
+def test_numpy_twin_equals_the_compiled_path(name):
+    """pair_moments_mehler(host=True) (numpy, what infinite_width runs for N <= HOST_N) sums the same
+    terms as the compiled path: equal to rounding (1e-14 of the scale) on a kernel with identical,
+    nearly collinear, anti-collinear and zero inputs, its fallback pairs included, with the same
+    series length, parities, node count and fallback pairs."""
+    act = get_activation(lambda z: jnp.tanh(z)) if name == "callable" else get_activation(name)
+    K = degenerate_kernel(4)
+    Sc, dSc, ic = mehler.pair_moments_mehler(act, K, return_info=True)
+    Sh, dSh, ih = mehler.pair_moments_mehler(act, K, return_info=True, host=True)
+    assert isinstance(Sh, np.ndarray) and ih == ic and ic.fallback_pairs > 0, (ih, ic)
+    for h, c in ((Sh, Sc), (dSh, dSc)):
+        c = np.asarray(c)
+        dg = np.maximum(np.diag(c), 1e-6 * np.diag(c).max())
+        assert np.max(np.abs(h - c) / np.sqrt(np.outer(dg, dg))) < 1e-14
+        np.testing.assert_array_equal(h, h.T)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_infinite_width_numpy_recursion_equals_the_compiled_one(residual, monkeypatch):
+    """infinite_width's Mehler recursion for few inputs (numpy, N <= HOST_N) against the compiled one
+    (forced with MEHLER_HOST_N = 0): every layer of K and Theta equal to 1e-13 relative, for a plain
+    and a residual MLP with identical and collinear inputs, and kept layers."""
+    from efftheory.theory import infinite
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(12, 4))
+    x[3], x[7] = x[1], -2.0 * x[2]
+    kw = dict(skip=0.8, branch=0.6) if residual else {}
+    net = et.MLP(6, 32, lambda z: jnp.tanh(z) + 0.1 * z, C_W=1.3, C_b=0.05, **kw)
+    host = et.infinite_width(net, x, layers=[1, 4, 6])
+    monkeypatch.setattr(infinite, "MEHLER_HOST_N", 0)
+    compiled = et.infinite_width(net, x, layers=[1, 4, 6])
+    assert host.layers == compiled.layers == (1, 4, 6)
+    for name in ("K", "Theta"):
+        h, c = np.asarray(getattr(host, name)), np.asarray(getattr(compiled, name))
+        assert np.max(np.abs(h - c)) < 1e-13 * np.max(np.abs(c)), name

@@ -60,9 +60,10 @@ import numpy as np
 
 from ._constants import MEHLER_TAIL, MEHLER_TOL
 from ._rules import derivative, expect2_multi, normal_rule, rule_size
+from ._tables import HOST_BUDGET, sd_values
 
 __all__ = ["hermite_functions", "coefficients", "series", "pair_moments_mehler", "expect_pairs", "MehlerInfo",
-           "TOL", "MAX_TERMS"]
+           "TOL", "MAX_TERMS", "HOST_N", "expect_pairs_host"]
 
 TAIL = MEHLER_TAIL   # 13: the 1-d rule spans |x| <= 13: the integrand h_k^2 phi is below exp(-x^2/4) ~ 5e-19 there
 TOL = MEHLER_TOL     # 1e-11: default bound (B), relative to sqrt(<f_a^2> <f_b^2>)
@@ -251,6 +252,79 @@ def expect_pairs(act, k11, k22, k12, *, order: int | None = None):
     return out[0, :P], out[1, :P]
 
 
+# ---------------------------------------------------------------------------------------------
+# numpy twins for few inputs (HOST_N): the same sums without a compiled program per series length,
+# node count and N; sigma and sigma' through the one compiled evaluator of sd_values
+
+
+HOST_N = 64  # up to this many inputs pair_moments_mehler runs in numpy (and infinite_width's Mehler layers)
+
+
+def _coefficients_host(fn, d, n_nodes: int, n_terms: int):
+    """:func:`coefficients` in numpy: (C, D, m2, dm2) at the variances d (N,)."""
+    uniq, inv = np.unique(d, return_inverse=True)
+    u, w, Hw = hermite_functions(n_nodes, n_terms)
+    F, dF = sd_values(fn, np.sqrt(uniq)[:, None] * u[None, :])
+    return tuple(v[inv] for v in (F @ Hw.T, dF @ Hw.T, (F * F) @ w, (dF * dF) @ w))
+
+
+def _correlations_host(K):
+    d = np.diagonal(K)
+    s = np.sqrt(d[:, None] * d[None, :])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(s > 0, np.clip(K / np.where(s > 0, s, 1.0), -1.0, 1.0), 0.0)
+
+
+def _parity_series_host(R, C, n: int, parity: int):
+    """:func:`_parity_series` in numpy: sum_{k<n} C[a,k] C[b,k] R^k by Horner's rule (for parity
+    p in (0, 1) the k = p mod 2 terms, as R^p times a series in R^2)."""
+    CT, X = (C[:, :n].T, R) if parity < 0 else (C[:, parity:n:2].T, R * R)
+    acc = np.zeros_like(R)
+    for c in CT[::-1]:
+        acc = np.multiply.outer(c, c) + X * acc
+    return R * acc if parity == 1 else acc
+
+
+def _outside_host(R, limits):
+    rho = np.abs(R)
+    ok = np.ones(R.shape, dtype=bool)
+    for t in limits:
+        ok &= rho <= np.multiply.outer(t, t)
+    return np.triu(~ok, 1)
+
+
+def _rejected_fraction_host(K, ia, ib, tc, td):
+    """:func:`_rejected_fraction` in numpy (no pairs, a single input: none rejected)."""
+    if np.size(ia) == 0:
+        return np.zeros(tc.shape[0] - 1)
+    d = np.diagonal(K)
+    s = np.sqrt(np.maximum(d[ia] * d[ib], 0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rho = np.abs(np.where(s > 0, K[ia, ib] / np.where(s > 0, s, 1.0), 0.0))
+    far = (rho > tc[-1, ia] * tc[-1, ib]) | (rho > td[-1, ia] * td[-1, ib])
+    bad = far[None, :] | (rho > tc[:-1, ia] * tc[:-1, ib]) | (rho > td[:-1, ia] * td[:-1, ib])
+    return np.mean(bad, axis=1)
+
+
+def expect_pairs_host(act, k11, k22, k12, *, order: int):
+    """:func:`expect_pairs` in numpy (the same tensor rule, pair by pair in blocks): z1 = a u,
+    z2 = b u + c v with a, b, c the Cholesky factor of each pair's covariance."""
+    u, w = normal_rule(order)
+    a = np.sqrt(np.maximum(k11, 0.0))
+    b = np.where(a > 0, k12 / np.where(a > 0, a, 1.0), 0.0)
+    c = np.sqrt(np.maximum(k22 - b * b, 0.0))
+    s1, d1 = sd_values(act.fn, a[:, None] * u[None, :])  # (P, n): z1 at node i
+    out_s, out_d = np.empty(a.size), np.empty(a.size)
+    step = max(1, HOST_BUDGET // (order * order))
+    for lo in range(0, a.size, step):
+        sl = slice(lo, lo + step)
+        z2 = b[sl, None, None] * u[None, :, None] + c[sl, None, None] * u[None, None, :]
+        s2, d2 = sd_values(act.fn, z2)
+        out_s[sl] = np.einsum("pi,pij,i,j->p", s1[sl], s2, w, w)
+        out_d[sl] = np.einsum("pi,pij,i,j->p", d1[sl], d2, w, w)
+    return out_s, out_d
+
+
 @dataclasses.dataclass(frozen=True)
 class MehlerInfo:
     """How one layer was evaluated: series terms n (k < n), parities of sigma and sigma' (-1: none,
@@ -323,7 +397,8 @@ def _rejected_fraction(K, ia, ib, tc, td):
     return jnp.mean(bad, axis=1)
 
 
-def pair_moments_mehler(act, K, *, tol: float = TOL, max_terms: int = MAX_TERMS, return_info: bool = False):
+def pair_moments_mehler(act, K, *, tol: float = TOL, max_terms: int = MAX_TERMS, return_info: bool = False,
+                        host: bool = False):
     """(S, dS) with S_ab = <sigma(z_a) sigma(z_b)>_K and dS_ab = <sigma'(z_a) sigma'(z_b)>_K, K (N, N).
 
     Mehler series (M) wherever the bound (B) is below ``tol`` times sqrt(<sigma_a^2><sigma_b^2>)
@@ -333,45 +408,77 @@ def pair_moments_mehler(act, K, *, tol: float = TOL, max_terms: int = MAX_TERMS,
     computed up to k = 64 and up to ``max_terms`` only when fewer do not suffice.
     Not jittable (n and the rejected pairs are chosen on the host).  With ``return_info`` also a
     :class:`MehlerInfo`.
+
+    ``host``: the same sums in numpy, returned as numpy arrays, with sigma evaluated by the one
+    compiled program of :func:`efftheory.gaussian._tables.sd_values` (infinite_width takes it for
+    N <= HOST_N: for few inputs the compiled programs, one per series length, node count and N, cost
+    more to compile than the whole recursion).
     """
-    K = jnp.asarray(K, dtype=jnp.float64)
+    K = np.asarray(K, dtype=np.float64) if host else jnp.asarray(K, dtype=jnp.float64)
     N = K.shape[0]
-    d = np.maximum(np.asarray(jnp.diagonal(K)), 0.0)
+    d = np.maximum(np.asarray(np.diagonal(K) if host else jnp.diagonal(K)), 0.0)
     d_max = float(d.max()) if N else 0.0
     max_terms = max(_CHUNK, int(max_terms))
     order = rule_size(act, d_max)
-    ia_s, ib_s = (jnp.asarray(v) for v in _sample_pairs(N))
+    ia_s, ib_s = _sample_pairs(N)
+    if not host:
+        ia_s, ib_s = jnp.asarray(ia_s), jnp.asarray(ib_s)
     for n_max in sorted({min(64, max_terms), max_terms}):
         ns = [n for n in TERM_LADDER if n <= n_max] or [_CHUNK]
         n_nodes = _n_nodes(d_max, n_max, act.smooth)
         if N <= _ROUND_N:  # powers of two only: layers whose variances differ a little share a program
             n_nodes = min(_NODE_LADDER[-1], 1 << (n_nodes - 1).bit_length())
-        C, D, m2, dm2 = coefficients(act.fn, d, n_max, smooth=act.smooth, n_nodes=n_nodes)
+        if host:
+            C, D, m2, dm2 = _coefficients_host(act.fn, d, n_nodes, n_max)
+        else:
+            C, D, m2, dm2 = coefficients(act.fn, d, n_max, smooth=act.smooth, n_nodes=n_nodes)
         Ch, Dh, m2h, dm2h = (np.asarray(v) for v in (C, D, m2, dm2))
         theta_c, theta_d = _thresholds(Ch, m2h, tol, ns), _thresholds(Dh, dm2h, tol, ns)
-        frac = np.asarray(_rejected_fraction(K, ia_s, ib_s, *(jnp.asarray(_ladder_rows(t)) for t in (theta_c, theta_d))))
+        if host:
+            frac = _rejected_fraction_host(K, ia_s, ib_s, theta_c, theta_d)
+        else:
+            frac = np.asarray(_rejected_fraction(K, ia_s, ib_s, *(jnp.asarray(_ladder_rows(t))
+                                                                  for t in (theta_c, theta_d))))
         frac = frac[:len(ns)]
         P = N * (N - 1) // 2
         cost = np.array(ns, dtype=float) * N * N + frac * P * _NODE_COST * order * order
         j = int(np.argmin(cost))
         if frac[j] == 0.0:
             break
-    if N <= _ROUND_N:  # few inputs: compiling a new series length costs more than the extra terms
+    if N <= _ROUND_N:  # few inputs: compiling a new series length costs more than the extra terms (and
+        #                the numpy twin sums the same terms, so that its values are the compiled ones to rounding)
         target = _CHUNK << (ns[j] // _CHUNK - 1).bit_length()
         j = next((i for i, m in enumerate(ns) if m >= target), len(ns) - 1)
     n = ns[j]
     parities = (_parity(Ch, m2h), _parity(Dh, dm2h))
-    limits = jnp.asarray(np.stack([theta_c[j], theta_d[j], theta_c[-1], theta_d[-1]]))
-    S, dS, count = _series_pair(K, C, D, m2, dm2, np.int32(n), parities, N > 1, limits)
-    ia = ib = np.zeros(0, dtype=np.int64)
-    if int(count):
-        ia, ib = np.nonzero(np.asarray(_outside_mask(K, limits)))
-        s, ds = expect_pairs(act, d[ia], d[ib], np.asarray(K)[ia, ib], order=order)
-        S, dS = _scatter_sym(S, dS, jnp.asarray(ia), jnp.asarray(ib), s, ds)
+    limits = np.stack([theta_c[j], theta_d[j], theta_c[-1], theta_d[-1]])
+    if host:
+        S, dS, ia, ib = _series_pair_host(K, C, D, m2, dm2, n, parities, limits)
+        if ia.size:
+            s, ds = expect_pairs_host(act, d[ia], d[ib], K[ia, ib], order=order)
+            S[ia, ib], S[ib, ia], dS[ia, ib], dS[ib, ia] = s, s, ds, ds
+    else:
+        limits = jnp.asarray(limits)
+        S, dS, count = _series_pair(K, C, D, m2, dm2, np.int32(n), parities, N > 1, limits)
+        ia = ib = np.zeros(0, dtype=np.int64)
+        if int(count):
+            ia, ib = np.nonzero(np.asarray(_outside_mask(K, limits)))
+            s, ds = expect_pairs(act, d[ia], d[ib], np.asarray(K)[ia, ib], order=order)
+            S, dS = _scatter_sym(S, dS, jnp.asarray(ia), jnp.asarray(ib), s, ds)
     if return_info:
         return S, dS, MehlerInfo(terms=n, parities=parities, nodes=n_nodes, fallback_pairs=int(ia.size),
                                  pairs=N * (N - 1) // 2)
     return S, dS
+
+
+def _series_pair_host(K, C, D, m2, dm2, n: int, parities, limits):
+    """:func:`_series_pair` in numpy: (S, dS, ia, ib), the pairs a < b (ia, ib) where the bound fails."""
+    R = _correlations_host(K)
+    S, dS = _parity_series_host(R, C, n, parities[0]), _parity_series_host(R, D, n, parities[1])
+    np.fill_diagonal(S, m2)
+    np.fill_diagonal(dS, dm2)
+    ia, ib = np.nonzero(_outside_host(R, limits)) if K.shape[0] > 1 else (np.zeros(0, int),) * 2
+    return S, dS, ia, ib
 
 
 @functools.partial(jax.jit, donate_argnums=(0, 1))  # in place: a fresh copy of S and dS cost ~10 ms a layer

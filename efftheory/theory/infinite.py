@@ -31,6 +31,7 @@ from numpy.typing import ArrayLike
 from .. import _validate
 from .._pytree import result
 from ..gaussian import pair_kernel, pair_moments_mehler
+from ..gaussian._mehler import HOST_N as MEHLER_HOST_N
 from ..network import MLP
 from . import _traced
 
@@ -222,6 +223,35 @@ def _closed_form_step_full(kernel, C, C_W, C_b, lam_W, lam_b):
     return jax.lax.complex(C_b + C_W * S, lam_b + lam_W * S + C_W * dS * T)
 
 
+def _mehler_host(net: MLP, G, layers, hp, keep) -> InfiniteWidth:
+    """The Mehler recursion of :func:`infinite_width` for few inputs (N <= MEHLER_HOST_N), in numpy:
+    the same layer maps and pair moments (:func:`efftheory.gaussian.pair_moments_mehler` with
+    ``host=True``), to rounding the compiled path's values, without its compiled programs (a fresh
+    process compiled 39 of them at N = 64, depth 10, for a user callable)."""
+    G = np.asarray(G)
+    K, Theta = hp[0][1] + hp[0][0] * G, hp[0][3] + hp[0][2] * G
+    Ks, Ts = ([K], [Theta]) if 1 in keep else ([], [])
+    for l in range(1, net.depth):
+        if not np.all(np.isfinite(np.diagonal(K))):
+            raise KernelOverflowError(_OVERFLOW)
+        S, dS = pair_moments_mehler(net.sigma, K, host=True)
+        C_W, C_b, lam_W, lam_b = hp[l]
+        K1, T1 = C_b + C_W * S, lam_b + lam_W * S + C_W * dS * Theta
+        if layers[l].residual:
+            xi2, gamma2 = float(layers[l].skip) ** 2, float(layers[l].branch) ** 2
+            K, Theta = xi2 * K + gamma2 * K1, xi2 * Theta + gamma2 * T1
+        else:
+            K, Theta = K1, T1
+        if l + 1 in keep:
+            Ks.append(K)
+            Ts.append(Theta)
+    Ks, Ts = np.stack(Ks), np.stack(Ts)
+    if not (np.all(np.isfinite(Ks)) and np.all(np.isfinite(Ts))):
+        raise KernelOverflowError(_OVERFLOW)
+    return InfiniteWidth(K=jnp.asarray(Ks), Theta=jnp.asarray(Ts), net=net,
+                         layers=None if len(keep) == net.depth else keep)
+
+
 @jax.jit
 def _packed_first_layer(G, C_W, C_b, lam_W, lam_b):
     return jax.lax.complex(C_b + C_W * G, lam_b + lam_W * G)
@@ -382,6 +412,8 @@ def infinite_width(net: MLP, x: ArrayLike, *, layers: Sequence[int] | None = Non
     hp = [_hyperparameters(layer) for layer in layers]
     if net.sigma.has_closed_form:
         return _closed_form(net, G, layers, hp, keep)
+    if G.shape[0] <= MEHLER_HOST_N:
+        return _mehler_host(net, G, layers, hp, keep)
     K, Theta = _first_layer(G, *hp[0])
     Ks, Ts = _Layers(len(keep), K), _Layers(len(keep), Theta)
     if 1 in keep:
