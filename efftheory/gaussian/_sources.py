@@ -707,7 +707,9 @@ def _nested_chunk(sig, pattern_key, last, Lb, Xc, Wc, xk, wk, nblocks):
 # block kernel: the small four-input nested groups, one compiled program whatever their grids
 
 
-BLOCK_WORK = 1 << 24  # four-input nested groups with at most this many node evaluations run the block kernel
+BLOCK_WORK = 1 << 62  # four-input nested groups with at most this many node evaluations run the block kernel: all
+#                       (the limit was 2^24; lifted, tanh depth 10, fresh process: N = 32: 50 -> 38 programs, first
+#                       call 61.7 -> 58.8 s, warm 54.6 -> 54.9-55.5 s; N = 24, depth 6: 47 -> 39, warm +3-5%)
 BLOCK_NODES = 64      # outer-grid nodes per block of the block kernel
 BLOCK_GRID = 1 << 13  # outer-grid nodes it takes (zero-weight padded): larger grids run the per-shape kernel
 BLOCK_ITEMS = 1 << 12  # items per device and call of the block kernel (its item array: one size)
@@ -768,7 +770,8 @@ def _run_blocks(results, sig, key, mesh, grid, Li, wi, oi, xk, wk):
     (:func:`_nested_blocks`), appended to ``results`` (:func:`_settle`); ``grid``: (X, W, nblk) of
     :func:`_block_grid`.  The per-shape kernel (:func:`_nested_moments`) compiles one program per
     (grid size, batch, inner rule): about 16 at N = 16, depth 10, for groups whose integrals take
-    less time than their compilation.  Not used for large groups: measured ~10% slower warm there."""
+    less time than their compilation.  Large groups run it too: a few percent slower warm there
+    (N = 24 and 32, tanh, depth 6 and 10) for a program count that no longer grows with N."""
     D = mesh.devices.size
     X, W, nblk = grid
     inner = tuple(jnp.asarray(a) for a in _inner_rule(xk, wk))
