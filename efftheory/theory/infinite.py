@@ -383,7 +383,9 @@ def infinite_width(net: MLP, x: ArrayLike, *, layers: Sequence[int] | None = Non
     Closed-form activations: one compiled step per layer (:mod:`efftheory.gaussian._fastmath` for relu, abs
     and erf).  Any other activation goes through the Mehler series of :mod:`efftheory.gaussian._mehler` (N
     one-dimensional rules and a power series in the correlation per layer, the two-dimensional rule
-    only for the pairs where the series' error bound fails).
+    only for the pairs where the series' error bound fails); for at most ``MEHLER_HOST_N`` (64) inputs
+    that recursion runs in numpy (the same sums, to rounding; sigma through one compiled evaluator), so a
+    fresh process compiles a fixed handful of programs whatever N and depth.
 
     ``layers`` keeps only some layers (1-based numbers, or "last"): the result then holds
     len(layers) N^2 numbers per kernel instead of L N^2 (all layers are still computed).
