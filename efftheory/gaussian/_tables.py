@@ -497,7 +497,7 @@ def host_tables(sig, pairs, mu, sd, xk, wk):
 
 
 def host_tabled(sig, pattern_key, pairs, Li, oi, X, W, xk, wk, R, L, ntab):
-    """The tabulated kernel (:func:`_tabled_moments`) in numpy: values (n, P) of the
+    """The tabulated kernel (:func:`_tabled_pairs`) in numpy: values (n, P) of the
     items Li (n, k, k) owned by the sets oi, each set's table built once."""
     n, k = Li.shape[0], Li.shape[1]
     out = np.empty((n, len(pattern_key)))
