@@ -228,20 +228,19 @@ def _mehler_host(net: MLP, G, layers, hp, keep) -> InfiniteWidth:
     the same layer maps and pair moments (:func:`efftheory.gaussian.pair_moments_mehler` with
     ``host=True``), to rounding the compiled path's values, without its compiled programs (a fresh
     process compiled 39 of them at N = 64, depth 10, for a user callable)."""
-    G = np.asarray(G)
-    K, Theta = hp[0][1] + hp[0][0] * G, hp[0][3] + hp[0][2] * G
+    first, update, residual = (f.__wrapped__ for f in (_first_layer, _update, _residual))  # the same maps, unjitted
+    K, Theta = first(np.asarray(G), *hp[0])
     Ks, Ts = ([K], [Theta]) if 1 in keep else ([], [])
     for l in range(1, net.depth):
         if not np.all(np.isfinite(np.diagonal(K))):
             raise KernelOverflowError(_OVERFLOW)
         S, dS = pair_moments_mehler(net.sigma, K, host=True)
-        C_W, C_b, lam_W, lam_b = hp[l]
-        K1, T1 = C_b + C_W * S, lam_b + lam_W * S + C_W * dS * Theta
         if layers[l].residual:
-            xi2, gamma2 = float(layers[l].skip) ** 2, float(layers[l].branch) ** 2
-            K, Theta = xi2 * K + gamma2 * K1, xi2 * Theta + gamma2 * T1
+            xi, gamma = float(layers[l].skip), float(layers[l].branch)
+            K1, T1 = update(S, dS, Theta, *hp[l])
+            K, Theta = residual(K, K1, xi, gamma), residual(Theta, T1, xi, gamma)
         else:
-            K, Theta = K1, T1
+            K, Theta = update(S, dS, Theta, *hp[l])
         if l + 1 in keep:
             Ks.append(K)
             Ts.append(Theta)
